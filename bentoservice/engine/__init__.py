@@ -1,0 +1,1 @@
+"""Generation: continuous batching over one base model with many LoRA adapters."""

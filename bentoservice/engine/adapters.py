@@ -1,0 +1,173 @@
+"""LoRA adapters over one base model: validate a PEFT folder, put it in a slot, pick slots per request."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from bentoservice.engine.errors import AdapterError, UnknownAdapter
+from bentoservice.engine.lora import BatchedLoraLinear, LoraBatch
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight$")
+
+
+@dataclass
+class PreparedAdapter:
+    """A validated adapter, read from disk, not yet in the model."""
+
+    name: str
+    source: str
+    rank: int
+    alpha: float
+    scale: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({path.rsplit(".", 1)[-1] for path in self.weights})
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    source: str
+    slot: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+
+
+class AdapterManager:
+    """Owns the batched LoRA layers of one model. Mutations run on the engine thread only."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
+        self.model = model
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.batch = LoraBatch()
+        self.loaded: dict[str, LoadedAdapter] = {}
+        self.default: str | None = None
+        self._layers: dict[str, BatchedLoraLinear] = {}
+
+    # -- reading (any thread) -----------------------------------------------------------------
+
+    def prepare(self, name: str, folder: Path, source: str | None = None) -> PreparedAdapter:
+        config = self._read_config(folder)
+        weights_file = folder / "adapter_model.safetensors"
+        if not weights_file.is_file():
+            raise AdapterError(f"{folder} has no adapter_model.safetensors")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(str(weights_file)).items():
+            match = _KEY.match(key)
+            if match is None:
+                raise AdapterError(f"unsupported tensor {key!r} in the adapter (only LoRA A/B of Linear layers)")
+            pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        if not pairs:
+            raise AdapterError("the adapter holds no LoRA weights")
+        rank = int(config["r"])
+        if rank > self.max_rank:
+            raise AdapterError(f"adapter rank {rank} exceeds max_lora_rank {self.max_rank}")
+        weights = {path: self._check_pair(path, pair, rank) for path, pair in pairs.items()}
+        alpha = float(config.get("lora_alpha", rank))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        return PreparedAdapter(name, source or str(folder), rank, alpha, scale, weights)
+
+    @staticmethod
+    def _read_config(folder: Path) -> dict:
+        file = folder / "adapter_config.json"
+        if not file.is_file():
+            raise AdapterError(f"{folder} has no adapter_config.json")
+        try:
+            config = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"adapter_config.json is not valid JSON: {exc}") from exc
+        if str(config.get("peft_type", "LORA")).upper() != "LORA":
+            raise AdapterError(f"peft_type {config.get('peft_type')!r} is not LORA")
+        if config.get("use_dora"):
+            raise AdapterError("DoRA adapters are not supported; merge the adapter instead")
+        if config.get("modules_to_save"):
+            raise AdapterError("adapters with modules_to_save are not supported; merge the adapter instead")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise AdapterError("adapters with per-layer rank_pattern/alpha_pattern are not supported")
+        if not isinstance(config.get("r"), int) or config["r"] < 1:
+            raise AdapterError("adapter_config.json has no valid rank r")
+        return config
+
+    def _check_pair(self, path: str, pair: dict[str, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{path} lacks lora_{'B' if 'A' in pair else 'A'}")
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
+            raise AdapterError(f"the adapter targets {path}, which this base model lacks "
+                               "(an adapter for a different base model?)") from None
+        if not isinstance(module, (nn.Linear, BatchedLoraLinear)):
+            raise AdapterError(f"the adapter targets {path}, which is not a Linear layer here")
+        a, b = pair["A"], pair["B"]
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(f"{path}: LoRA rank {a.shape[0]} differs from the config's r={rank}")
+        if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+            raise AdapterError(f"{path}: adapter shape {tuple(b.shape[:1]) + tuple(a.shape[1:])} does not fit "
+                               f"the base layer ({module.out_features}, {module.in_features}): "
+                               "an adapter for a different base model")
+        return a, b
+
+    # -- mutation (engine thread) -------------------------------------------------------------
+
+    def install(self, adapter: PreparedAdapter) -> LoadedAdapter:
+        if adapter.name in self.loaded:
+            raise AdapterError(f"an adapter named {adapter.name!r} is already loaded")
+        used = {a.slot for a in self.loaded.values()}
+        free = [s for s in range(1, self.max_loras + 1) if s not in used]
+        if not free:
+            raise AdapterError(f"max_loras ({self.max_loras}) adapters are loaded; unload one first")
+        slot = free[0]
+        for path, (a, b) in adapter.weights.items():
+            self._layer(path).set_slot(slot, a, b, adapter.scale)
+        for layer in self._layers.values():
+            layer.reserve(slot + 1)
+        loaded = LoadedAdapter(adapter.name, adapter.source, slot, adapter.rank, adapter.alpha,
+                               adapter.target_modules)
+        self.loaded[adapter.name] = loaded
+        return loaded
+
+    def unload(self, name: str) -> None:
+        adapter = self.loaded.pop(name, None)
+        if adapter is None:
+            raise UnknownAdapter(name)
+        for layer in self._layers.values():
+            layer.clear_slot(adapter.slot)
+        if self.default == name:
+            self.default = None
+
+    def _layer(self, path: str) -> BatchedLoraLinear:
+        if path not in self._layers:
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path)
+            wrapped = BatchedLoraLinear(getattr(parent, child), self.batch)
+            setattr(parent, child, wrapped)
+            self._layers[path] = wrapped
+            wrapped.reserve(1 + max((a.slot for a in self.loaded.values()), default=0))
+        return self._layers[path]
+
+    # -- selection ----------------------------------------------------------------------------
+
+    def set_default(self, name: str | None) -> None:
+        if name is not None and name not in self.loaded:
+            raise UnknownAdapter(name)
+        self.default = name
+
+    def slot(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        adapter = self.loaded.get(name)
+        if adapter is None:
+            raise UnknownAdapter(name)
+        return adapter.slot

@@ -1,0 +1,88 @@
+"""Chat templates: the tokenizer's own by default, named ones shipped, and a runtime registry.
+
+Like FastChat's `register_conv_template(template, override=True)`, a user may register a new template
+or replace a shipped one while the server runs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jinja2
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+
+_SHIPPED: dict[str, str] = {
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # FastChat's vicuna_v1.1: SeparatorStyle.ADD_COLON_TWO with sep " " and sep2 "</s>".
+    "vicuna_v1.1": (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        '{% set messages = messages[1:] %}{% else %}{% set system = "' + VICUNA_SYSTEM + '" %}{% endif %}'
+        "{{ system + ' ' }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+        "{% else %}{{ 'ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
+    "llama-2": (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set system = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '<s>[INST] ' + (system if loop.first else '') + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + ' </s>' }}{% endif %}{% endfor %}"
+    ),
+    "alpaca": (
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+        '{% set messages = messages[1:] %}{% else %}{{ "' + ALPACA_SYSTEM + '\n\n" }}{% endif %}'
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+        "{% else %}{{ '### Response:\n' + m['content'] + '\n\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+}
+
+_registry: dict[str, str] = dict(_SHIPPED)
+_lock = threading.Lock()
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def register_chat_template(name: str, template: str, override: bool = False) -> None:
+    """Add a named Jinja chat template; replacing an existing name needs override=True."""
+    check_template(template)
+    with _lock:
+        if name in _registry and not override:
+            raise TemplateError(f"chat template {name!r} exists; pass override=True to replace it")
+        _registry[name] = template
+
+
+def check_template(template: str) -> None:
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"the chat template does not parse: {exc.message} (line {exc.lineno})") from None
+
+
+def chat_templates() -> dict[str, str]:
+    with _lock:
+        return dict(_registry)
+
+
+def resolve_template(choice: str | None, tokenizer_template: str | None) -> tuple[str, str]:
+    """(name, jinja) for a choice that is a registered name, a Jinja string, or None (the tokenizer's)."""
+    if choice is None:
+        if tokenizer_template:
+            return "tokenizer", tokenizer_template
+        choice = "chatml"
+    with _lock:
+        if choice in _registry:
+            return choice, _registry[choice]
+    if "{%" in choice or "{{" in choice:
+        return "custom", choice
+    raise TemplateError(f"unknown chat template {choice!r}; known: {', '.join(sorted(_registry))}")

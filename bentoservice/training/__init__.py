@@ -1,0 +1,1 @@
+"""Fine-tuning: training data formats and the LoRA trainer."""

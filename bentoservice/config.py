@@ -6,14 +6,27 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from pydantic import field_validator
+import re
 from typing import Annotated
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _xdg(var: str, default: str) -> Path:
     return Path(os.environ.get(var) or Path.home() / default)
+
+
+class AdapterSpec(BaseModel):
+    """An adapter to load at start: a PEFT folder, a model store tag or a hub id, and its name."""
+
+    id: str
+    name: str | None = None
+
+
+def fine_tune_path_var(model: str) -> str:
+    """BENTOSERVICE_<MODEL>_FINE_TUNE_PATH, as OpenLLM's OPENLLM_<MODEL>_FINE_TUNE_PATH."""
+    return f"BENTOSERVICE_{re.sub(r'[^A-Z0-9]+', '_', model.upper())}_FINE_TUNE_PATH"
 
 
 class Settings(BaseSettings):
@@ -35,7 +48,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "auto"
 
-    # Adapters.
+    # Adapters: the first loaded at start is the default.
+    adapters: list[AdapterSpec] = []
     adapter_dirs: Annotated[list[Path], NoDecode] = []
     max_loras: int = 8
     max_lora_rank: int = 64

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import bentoml
 
 from bentoservice import store
 from bentoservice.api import create_app
-from bentoservice.config import get_settings
+from bentoservice.config import AdapterSpec, fine_tune_path_var, get_settings
 
 settings = get_settings()
 app = create_app(settings)
@@ -25,7 +27,16 @@ class LLM:
         card = store.card_for(stored.name)
         self.served = ServedModel(stored.name, stored.model_id, stored.path, settings,
                                   card.chat_template if card else None)
+        self._load_adapters()
         app.state.served = self.served
+
+    def _load_adapters(self) -> None:
+        fine_tune = os.environ.get(fine_tune_path_var(self.served.name))
+        specs = ([AdapterSpec(id=fine_tune)] if fine_tune else []) + settings.adapters
+        for spec in specs:
+            loaded = self.served.load_adapter_from(spec.id, spec.name)
+            if self.served.default_adapter is None:
+                self.served.set_default_adapter(loaded.name)
 
     @bentoml.on_shutdown
     def close(self) -> None:

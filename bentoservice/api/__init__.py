@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
-from bentoservice.api import openai
+from bentoservice.api import adapters, openai
 from bentoservice.api.errors import envelope, install_error_handlers
 from bentoservice.config import Settings
 
@@ -19,6 +19,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.served = None
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(adapters.router)
     _add_catch_all(app)
 
     @app.middleware("http")

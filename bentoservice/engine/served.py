@@ -10,6 +10,7 @@ import jinja2
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bentoservice import store
 from bentoservice.config import Settings
 from bentoservice.engine.adapters import LoadedAdapter
 from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownModel
@@ -129,6 +130,17 @@ class ServedModel:
             raise AdapterError(f"{name!r} names the base model; choose another adapter name")
         prepared = self.engine.adapters.prepare(name, folder, source)
         return self.engine.call(lambda: self.engine.adapters.install(prepared)).result()
+
+    def load_adapter_from(self, src: str, name: str | None = None, confined: bool = False) -> LoadedAdapter:
+        """Load an adapter given as a folder, a store tag or a hub id (see store.adapter_source)."""
+        try:
+            source = store.adapter_source(src, confined)
+        except store.StoreError as exc:
+            raise AdapterError(str(exc)) from None
+        if source.base is not None and source.base != self.name:
+            raise AdapterError(f"the adapter {src!r} was made for the base model {source.base!r}, "
+                               f"not {self.name!r}")
+        return self.load_adapter(name or source.name, source.folder, src)
 
     def unload_adapter(self, name: str) -> None:
         self.engine.call(lambda: self.engine.adapters.unload(name)).result()

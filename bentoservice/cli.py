@@ -12,9 +12,12 @@ import typer
 
 from bentoservice import store
 from bentoservice.config import AdapterSpec
+from bentoservice.training.commands import fine_tune_app, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune open LLMs with LoRA and serve them OpenAI-compatible on BentoML.")
+app.add_typer(fine_tune_app, name="fine-tune", help="Find finished fine-tunes: `get MODEL`, `list`.")
+app.command("train")(train)
 
 
 def fail(message: str) -> None:

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "auto"
 
+    # Fine-tuning service.
+    database_url: str | None = None
+    """A SQLAlchemy URL for files, jobs, events and checkpoints; default SQLite (WAL) in data_dir."""
+    max_file_bytes: int = 512 * 1024 * 1024
+    job_concurrency: int = 1
+
     # Adapters: the first loaded at start is the default.
     adapters: list[AdapterSpec] = []
     adapter_dirs: Annotated[list[Path], NoDecode] = []
@@ -60,6 +66,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [Path(p) for p in value.split(os.pathsep) if p]
         return value
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
 
     @property
     def fine_tune_root(self) -> Path:

@@ -205,7 +205,7 @@ def import_model(name: str, model_id: str | None = None) -> StoredModel:
     """
     card = card_for(name) or (card_for(model_id) if model_id else None)
     path = Path(model_id).expanduser() if model_id else None
-    hub_id = card.model_id if card else (model_id or name)
+    hub_id = card.model_id if card else name  # a local source has no hub id: the store name stands in
     if path is not None and path.suffix == ".gguf":
         if not path.is_file():
             raise StoreError(f"no GGUF file at {path}")

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
-from bentoservice.api import adapters, openai
+from bentoservice.api import adapters, files, fine_tuning, openai
 from bentoservice.api.errors import envelope, install_error_handlers
 from bentoservice.config import Settings
 
@@ -17,9 +17,12 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="bentoservice", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.started = int(time.time())
     app.state.served = None
+    app.state.jobs = None
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(adapters.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     _add_catch_all(app)
 
     @app.middleware("http")
@@ -27,10 +30,11 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
             return envelope(401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.",
                             None, "invalid_api_key")
+        limit = settings.max_file_bytes if request.url.path.endswith("/files") else settings.max_request_bytes
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return envelope(413, f"request body of {length} bytes exceeds the limit of "
-                                 f"{settings.max_request_bytes} bytes", None, "request_too_large")
+        if length and length.isdigit() and int(length) > limit:
+            return envelope(413, f"request body of {length} bytes exceeds the limit of {limit} bytes", None,
+                            "request_too_large")
         return await call_next(request)
 
     return app

@@ -1,0 +1,201 @@
+"""The job queue in the serving process: starts a runner process per job, watches, cancels, recovers.
+
+Every job trains in its own OS process (its own session, so a cancel kills the whole group and frees
+its memory). The queue keeps no state the job store does not have: after a restart it adopts runner
+processes that outlived the server, and requeues jobs whose runner died, to resume from their newest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bentoservice.config import get_settings
+from bentoservice.training.jobs import JobStore, now
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+KILL_GRACE = 5.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child is dead for our purposes
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class Runner:
+    job_id: str
+    pid: int
+    process: subprocess.Popen | None = None  # None when adopted from an earlier server
+    kill_sent: float | None = None
+
+    def finished(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is not None
+        return not _alive(self.pid)
+
+    def kill(self) -> None:
+        """SIGTERM the runner's process group, SIGKILL it if it lingers."""
+        sig = signal.SIGTERM if self.kill_sent is None else signal.SIGKILL
+        if self.kill_sent is None or time.monotonic() - self.kill_sent > KILL_GRACE:
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.kill_sent = self.kill_sent or time.monotonic()
+
+
+class JobQueue:
+    def __init__(self, jobs: JobStore, on_success: Callable[[dict[str, Any]], None],
+                 concurrency: int | None = None, poll_seconds: float = 0.5) -> None:
+        self.jobs = jobs
+        self.on_success = on_success
+        self.concurrency = concurrency or get_settings().job_concurrency
+        self.poll_seconds = poll_seconds
+        self.runners: dict[str, Runner] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="job-queue", daemon=True)
+
+    def start(self) -> None:
+        self._recover()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching; runners go on (a restarted server adopts them)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("job queue tick failed")
+
+    def tick(self) -> None:
+        self._validate()
+        self._reap()
+        self._cancel()
+        self._launch()
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        for job in self.jobs.jobs_in("running"):
+            if job["pid"] and _alive(job["pid"]):
+                log.info("adopting runner %d of job %s", job["pid"], job["id"])
+                self.runners[job["id"]] = Runner(job["id"], job["pid"])
+            else:
+                self._settle(job)
+
+    def _settle(self, job: dict[str, Any]) -> None:
+        """A running job whose runner has exited: cancelled, trained (then served), or interrupted."""
+        if job["cancel_requested"]:
+            self._cancelled(job["id"])
+        elif job["store_tag"]:
+            self._complete(job)
+        else:
+            self._interrupted(job)
+
+    def _complete(self, job: dict[str, Any]) -> None:
+        try:
+            self.on_success(job)
+        except Exception as exc:
+            log.exception("serving the result of job %s failed", job["id"])
+            self.jobs.add_event(job["id"], f"The fine-tuned model could not be loaded into the server: {exc}",
+                                level="warn")
+        if self.jobs.update_job(job["id"], only_if=("running",), status="succeeded", finished_at=now(), pid=None):
+            self.jobs.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
+            self.jobs.add_event(job["id"], "The job has successfully completed")
+
+    def _interrupted(self, job: dict[str, Any]) -> None:
+        """A runner died without recording an outcome: requeue to resume, or fail after MAX_ATTEMPTS."""
+        if job["attempts"] >= MAX_ATTEMPTS:
+            message = f"the training process stopped unexpectedly {job['attempts']} times"
+            if self.jobs.update_job(job["id"], only_if=("running",), status="failed", finished_at=now(),
+                                    error={"code": "training_interrupted", "message": message, "param": None}):
+                self.jobs.add_event(job["id"], f"Fine-tuning failed: {message}", level="error")
+        elif self.jobs.update_job(job["id"], only_if=("running",), status="queued", pid=None):
+            self.jobs.add_event(job["id"], "The training process stopped; the job is queued to resume "
+                                           "from its newest checkpoint", level="warn")
+
+    def _cancelled(self, job_id: str) -> None:
+        if self.jobs.update_job(job_id, only_if=("running", "queued", "validating_files"), status="cancelled",
+                                finished_at=now(), pid=None):
+            self.jobs.add_event(job_id, "The job was cancelled")
+
+    def _validate(self) -> None:
+        for job in self.jobs.jobs_in("validating_files"):
+            missing = [f for f in (job["config"].get("train_file"), job["config"].get("test_file"))
+                       if f and not os.path.isfile(f)]
+            if missing:
+                self.jobs.update_job(job["id"], only_if=("validating_files",), status="failed", finished_at=now(),
+                                     error={"code": "invalid_file", "param": "training_file",
+                                            "message": "an uploaded file of the job is gone"})
+            elif self.jobs.update_job(job["id"], only_if=("validating_files",), status="queued"):
+                self.jobs.add_event(job["id"], "Files validated; the job is queued")
+
+    def _reap(self) -> None:
+        for job_id, runner in list(self.runners.items()):
+            if not runner.finished():
+                continue
+            del self.runners[job_id]
+            job = self.jobs.get_job(job_id)
+            if job is not None and job["status"] == "running":
+                self._settle(job)
+
+    def _cancel(self) -> None:
+        for job_id, runner in self.runners.items():
+            job = self.jobs.get_job(job_id)
+            if job is not None and job["cancel_requested"]:
+                runner.kill()
+
+    def _launch(self) -> None:
+        for job in self.jobs.jobs_in("queued"):
+            if len(self.runners) >= self.concurrency:
+                return
+            if not self.jobs.update_job(job["id"], only_if=("queued",), status="running",
+                                        started_at=job["started_at"] or now(), attempts=job["attempts"] + 1):
+                continue
+            process = self._spawn(job["id"])
+            self.jobs.update_job(job["id"], pid=process.pid)
+            self.runners[job["id"]] = Runner(job["id"], process.pid, process)
+
+    @staticmethod
+    def _spawn(job_id: str) -> subprocess.Popen:
+        folder = get_settings().jobs_dir / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "runner.log", "ab") as log_file:
+            return subprocess.Popen([sys.executable, "-m", "bentoservice.training.runner", job_id],
+                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+
+
+def request_cancel(jobs: JobStore, job_id: str) -> None:
+    """Cancel a job: at once when it has not started; a running one is killed by the queue."""
+    if not jobs.update_job(job_id, only_if=("validating_files", "queued"), status="cancelled",
+                           finished_at=now(), cancel_requested=1):
+        if jobs.update_job(job_id, only_if=("running",), cancel_requested=1):
+            jobs.add_event(job_id, "Cancellation requested")
+        return
+    jobs.add_event(job_id, "The job was cancelled")

@@ -1,0 +1,99 @@
+"""One fine-tuning job in its own OS process: `python -m bentoservice.training.runner JOB_ID`.
+
+It reads the job from the job store, trains (resuming from the job's newest checkpoint when there is
+one), writes events and checkpoints as it goes, and records the outcome. The serving process never
+trains; it only launches, watches and cancels these processes, and marks a job succeeded once its
+result is served (see training.queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from bentoservice.training.jobs import JobStore, now
+
+log = logging.getLogger("bentoservice.runner")
+
+
+def _message(event: dict[str, Any], total: int | None) -> str:
+    step = f"Step {event['step']}/{total}" if total else f"Step {event['step']}"
+    if "loss" in event:
+        return f"{step}: training loss={event['loss']:.4f}"
+    if "eval_loss" in event:
+        return f"{step}: validation loss={event['eval_loss']:.4f}"
+    return step
+
+
+class JobSink:
+    """Progress events of one job, written to the job store."""
+
+    def __init__(self, jobs: JobStore, job_id: str, total_steps: int | None) -> None:
+        self.jobs, self.job_id, self.total = jobs, job_id, total_steps
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        data = {k: v for k, v in event.items() if k != "type"}
+        if event["type"] == "checkpoint":
+            self.jobs.add_checkpoint(self.job_id, event["step"], event["path"], event.get("metrics") or {})
+            self.jobs.add_event(self.job_id, f"Checkpoint saved at step {event['step']}", type="checkpoint",
+                                data=data)
+        else:
+            self.jobs.add_event(self.job_id, _message(event, self.total), type="metrics", data=data)
+
+
+def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> None:
+    log.error("job %s failed: %s", job_id, message)
+    if jobs.update_job(job_id, only_if=("running",), status="failed", finished_at=now(),
+                       error={"code": code, "message": message, "param": None}):
+        jobs.add_event(job_id, f"Fine-tuning failed: {message}", level="error")
+
+
+def run(job_id: str) -> int:
+    from pydantic import ValidationError
+
+    from bentoservice.store import StoreError
+    from bentoservice.training.config import TrainingConfig, TrainingError
+    from bentoservice.training.formats import DataFormatError
+    from bentoservice.training.trainers import run_training
+
+    jobs = JobStore()
+    job = jobs.get_job(job_id)
+    if job is None or job["status"] != "running":
+        log.error("job %s is not running", job_id)
+        return 1
+    options = dict(job["config"])
+    merge = options.pop("merge_before_push", False)
+    try:
+        config = TrainingConfig(**options)
+        jobs.add_event(job_id, "Fine-tuning job started" if job["attempts"] <= 1 else
+                       f"Fine-tuning job resumed (attempt {job['attempts']})")
+        result = run_training(config, sink=JobSink(jobs, job_id, config.args.get("max_steps")), resume=True)
+        model, tag = job["fine_tuned_model"], result.tag
+        if merge:
+            from bentoservice.training.merge import merge_adapter
+
+            tag = str(merge_adapter(config.model, str(result.tag), config.adapter_name + "-merged").tag)
+            model = tag.split(":")[0]
+    except (DataFormatError, TrainingError, StoreError, ValidationError, ValueError) as exc:
+        _fail(jobs, job_id, "invalid_training_job", str(exc).splitlines()[0])
+        return 1
+    except Exception as exc:  # anything else fails the job with its reason, not silently
+        log.exception("job %s crashed", job_id)
+        _fail(jobs, job_id, "training_failed", f"{exc.__class__.__name__}: {exc}")
+        return 1
+    tokens = result.metrics.get("num_input_tokens_seen")
+    # The queue in the serving process marks the job succeeded once the model is served.
+    if jobs.update_job(job_id, only_if=("running",), fine_tuned_model=model, store_tag=tag,
+                       trained_tokens=int(tokens) if tokens else None):
+        jobs.add_event(job_id, "Training completed", data={"store_tag": tag, "metrics": result.metrics})
+    return 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    sys.exit(run(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

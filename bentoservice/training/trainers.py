@@ -1,0 +1,237 @@
+"""Run a fine-tune: validate the data, load the base, train a LoRA adapter with TRL, save it to the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from bentoservice import store
+from bentoservice.training import formats, hardware
+from bentoservice.training.callbacks import ProgressCallback, Sink, StopFlag
+from bentoservice.training.config import TrainingConfig, TrainingError, trl_config_class
+
+if TYPE_CHECKING:
+    import datasets
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    TrainData: TypeAlias = formats.Dataset | datasets.Dataset | list[dict[str, Any]] | str | Path
+
+log = logging.getLogger(__name__)
+
+KIND: dict[str, formats.Kind] = {"sft": "sft", "dpo": "preference", "orpo": "preference"}
+IGNORE = -100  # the label that leaves a token out of the loss
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    adapter_path: Path | None
+    """The finished adapter folder; None when the run was stopped."""
+    tag: str | None
+    """The adapter's store tag; None when the run was stopped."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    output_dir: Path | None = None
+    stopped: bool = False
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+def resolve_base(model: str, model_id: str | None = None) -> store.StoredModel:
+    """The stored base model; `model_id`, when given, must name the same model as `model`."""
+    base = store.ensure_base(model_id or model)
+    if model_id and model not in (base.name, base.model_id):
+        raise store.StoreError(f"{model_id!r} is stored as {base.name!r}, not as {model!r}")
+    return base
+
+
+def to_dataset(data: TrainData, kind: formats.Kind) -> formats.Dataset:
+    """Training data given as a file path, a `datasets.Dataset` or a list of rows, validated and canonical."""
+    if isinstance(data, formats.Dataset):
+        if data.kind != kind:
+            raise formats.DataFormatError(f"this is {data.kind} data but the method needs {kind} data")
+        return data
+    if isinstance(data, str | Path):
+        return formats.load_file(data, expect=kind)
+    rows = data.to_list() if hasattr(data, "to_list") else list(data)
+    jsonl = "\n".join(json.dumps(row) for row in rows).encode()
+    return formats.parse_bytes(jsonl, "rows", expect=kind)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise TrainingError(f"the tokenizer in {path} has no chat template to format the training data with")
+    return tokenizer
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+           add_generation_prompt: bool = False) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def token_counter(tokenizer: PreTrainedTokenizerBase, kind: formats.Kind) -> Callable[[dict[str, Any]], int]:
+    """Tokens of a canonical row as trained: the chat, or the longer of prompt+chosen and prompt+rejected."""
+    if kind == "sft":
+        return lambda row: len(render(tokenizer, row["messages"]))
+    return lambda row: max(len(render(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
+
+
+def assistant_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+    """Token ids of a chat and labels that train on the assistant turns only, every turn of a multi-turn chat.
+
+    Works with any chat template, with or without `{% generation %}` markers: an assistant turn is the span
+    between the chat rendered up to its generation prompt and the chat rendered up to the turn's end
+    (including the end-of-turn token, so the model learns to stop).
+    """
+    ids = render(tokenizer, messages)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _common_prefix(render(tokenizer, messages[:i], add_generation_prompt=True), ids)
+        end = _common_prefix(render(tokenizer, messages[: i + 1]), ids)
+        labels[start:end] = ids[start:end]
+    if all(label == IGNORE for label in labels):
+        raise TrainingError("the chat template renders no assistant tokens to train on")
+    return {"input_ids": ids, "labels": labels}
+
+
+def _common_prefix(ids: list[int], other: list[int]) -> int:
+    # Not trl's common_prefix_length: the Gaudi path runs on transformers 4.55, which trl 1.x does not support.
+    return next((i for i, (a, b) in enumerate(zip(ids, other, strict=False)) if a != b), min(len(ids), len(other)))
+
+
+def hf_dataset(tokenizer: PreTrainedTokenizerBase, data: formats.Dataset) -> datasets.Dataset:
+    """SFT rows tokenized with assistant-only labels; preference rows as they are (TRL formats them)."""
+    from datasets import Dataset
+
+    if data.kind == "sft":
+        return Dataset.from_list([assistant_labels(tokenizer, row["messages"]) for row in data.rows])
+    return Dataset.from_list(data.rows)
+
+
+# --- trainers --------------------------------------------------------------------------------
+
+def lora_config(config: TrainingConfig) -> LoraConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules, bias=config.bias, task_type="CAUSAL_LM")
+
+
+def build_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  args: dict[str, Any], train: datasets.Dataset, test: datasets.Dataset | None,
+                  progress: ProgressCallback, device: hardware.Device) -> Trainer:
+    if device == "hpu":
+        return _gaudi_sft_trainer(config, model, tokenizer, args, train, test, progress)
+    common = dict(model=model, args=trl_config_class(config.method)(**args), train_dataset=train,
+                  eval_dataset=test, processing_class=tokenizer, peft_config=lora_config(config),
+                  callbacks=[progress])
+    if config.method == "sft":
+        from trl import SFTTrainer
+
+        return SFTTrainer(**common)
+    if config.method == "dpo":
+        from trl import DPOTrainer
+
+        return DPOTrainer(**common)
+    from trl.experimental.orpo import ORPOTrainer
+
+    return ORPOTrainer(**common)
+
+
+def _gaudi_sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       args: dict[str, Any], train: datasets.Dataset, test: datasets.Dataset | None,
+                       progress: ProgressCallback) -> Trainer:
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    plain = {k: v for k, v in args.items() if k in TrainingArguments.__dataclass_fields__}
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+    return hardware.gaudi_trainer(get_peft_model(model, lora_config(config)), plain, train, test, collator,
+                                  [progress])
+
+
+def check_supported(config: TrainingConfig, device: hardware.Device) -> None:
+    hardware.check_adapter_type(config.adapter_type, device)
+    if device == "hpu" and (config.method != "sft" or config.packing):
+        raise TrainingError("on Intel Gaudi only sft without packing is supported")
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def run_training(config: TrainingConfig, sink: Sink | None = None, stop: StopFlag | None = None,
+                 resume: bool = False) -> TrainingResult:
+    """Train `config.train_file` (evaluating on `config.test_file`); see `train_on`."""
+    if config.train_file is None:
+        raise TrainingError("train_file is required")
+    kind = KIND[config.method]
+    train = formats.load_file(config.train_file, expect=kind)
+    test = formats.load_file(config.test_file, expect=kind) if config.test_file else None
+    return train_on(config, train, test, sink=sink, stop=stop, resume=resume)
+
+
+def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Dataset | None = None,
+             sink: Sink | None = None, stop: StopFlag | None = None, resume: bool = False) -> TrainingResult:
+    """Fine-tune and store the adapter.
+
+    The data is checked against max_seq_length before the model loads. `sink` receives progress events;
+    training stops (saving a checkpoint) once `stop` is set. `resume=True` continues from the newest
+    checkpoint in the output folder, when there is one (set `output_dir` in args to reuse a folder).
+    """
+    base = resolve_base(config.model, config.model_id)
+    device = hardware.detect_device()
+    check_supported(config, device)
+    tokenizer = load_tokenizer(base.path)
+    for data in [train] if test is None else [train, test]:
+        formats.check_lengths(data, token_counter(tokenizer, data.kind), config.max_seq_length)
+
+    output_dir = Path(config.args.get("output_dir") or store.new_fine_tune_path(base.name, base.model_id))
+    args = {**config.trainer_args(), **hardware.precision(device, config.args), "output_dir": str(output_dir)}
+    checkpoint = args.pop("resume_from_checkpoint", None)
+    if checkpoint is None and resume:
+        checkpoint = _last_checkpoint(output_dir)
+    progress = ProgressCallback(sink, stop)
+    log.info("fine-tuning %s (%s, %s) on %s into %s", base.name, config.method, config.adapter_type, device,
+             output_dir)
+    model = hardware.load_model(base.path, device, config.adapter_type)
+    trainer = build_trainer(config, model, tokenizer, args, hf_dataset(tokenizer, train),
+                            hf_dataset(tokenizer, test) if test is not None else None, progress, device)
+    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    if progress.stopped:
+        log.info("stopped at step %d; resume from %s", trainer.state.global_step, output_dir)
+        return TrainingResult(None, None, metrics, output_dir, stopped=True)
+    if test is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(output_dir)
+    stored = store.save_adapter(config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
+                                output_dir, base.name, adapter_metadata(config, args, metrics))
+    log.info("saved adapter %s (%s)", stored.tag, output_dir)
+    return TrainingResult(output_dir, stored.tag, metrics, output_dir)
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def default_adapter_name(base: str, method: str, output_dir: Path) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", f"{base}-{method}-{output_dir.name}".lower())
+    return name[:63].strip("-._")
+
+
+def adapter_metadata(config: TrainingConfig, args: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+    lora = config.model_dump(include={"adapter_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias"})
+    metadata = {"method": config.method, "lora": lora, "training": args, "metrics": metrics}
+    # Store metadata must be plain JSON values.
+    return json.loads(json.dumps(metadata, default=str))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from bentoml.exceptions import BentoMLException
 
-from bentoservice import store
+from bentoservice import build, store
 from bentoservice.config import AdapterSpec
 from bentoservice.training.commands import fine_tune_app, train
 
@@ -94,6 +98,14 @@ def _served_model(model: str, model_id: str | None) -> store.StoredModel:
     return store.import_model(model, model_id)
 
 
+def _adapter_specs(adapter_id: list[str], adapter_name: list[str]) -> list[AdapterSpec]:
+    """--adapter-id options, each named by the --adapter-name in the same position."""
+    if len(adapter_name) > len(adapter_id):
+        fail("more --adapter-name than --adapter-id options")
+    return [AdapterSpec(id=src, name=adapter_name[i] if i < len(adapter_name) else None)
+            for i, src in enumerate(adapter_id)]
+
+
 @app.command("start")
 def start(model: Annotated[str, typer.Argument(help="base model: store name or hub id")] = "smollm2",
           model_id: Annotated[Optional[str], typer.Option(help="where to import the model from if missing")] = None,
@@ -115,16 +127,58 @@ def start(model: Annotated[str, typer.Argument(help="base model: store name or h
         env["BENTOSERVICE_API_KEY"] = api_key
     if chat_template:
         env["BENTOSERVICE_CHAT_TEMPLATE"] = chat_template
-    if len(adapter_name) > len(adapter_id):
-        fail("more --adapter-name than --adapter-id options")
-    if adapter_id:
-        specs = [AdapterSpec(id=src, name=adapter_name[i] if i < len(adapter_name) else None)
-                 for i, src in enumerate(adapter_id)]
+    if specs := _adapter_specs(adapter_id, adapter_name):
         env["BENTOSERVICE_ADAPTERS"] = json.dumps([spec.model_dump() for spec in specs])
     os.environ.update(env)
     args = [sys.executable, "-m", "bentoml", "serve", "bentoservice.service:LLM", "--port", str(port),
             "--host", host]
     os.execv(sys.executable, args)
+
+
+@app.command("build")
+def build_(model: Annotated[str, typer.Argument(help="base model: store name or hub id")],
+           model_id: Annotated[Optional[str], typer.Option(help="where to import the model from if missing")] = None,
+           target: Annotated[build.TargetName, typer.Option(help="the hardware the bento runs on")] = "cpu",
+           adapter_id: Annotated[list[str], typer.Option(
+               help="a LoRA adapter (PEFT folder, store tag or hub id); repeatable; the first is the default")] = [],
+           adapter_name: Annotated[list[str], typer.Option(help="the name of the adapter-id at its position")] = [],
+           containerize: Annotated[bool, typer.Option(
+               help="then run `bentoml containerize` (docker, podman, nerdctl or buildah)")] = False,
+           ) -> None:
+    """Build a bento of MODEL for one hardware target; it references the base model and adapters in the model
+    store (folders are put in the store first). Prints the bento tag."""
+    try:
+        base = _served_model(model, model_id)
+        bento = build.build_bento(base, target, _adapter_specs(adapter_id, adapter_name))
+    except (store.StoreError, build.BuildError, BentoMLException, OSError) as exc:
+        fail(str(exc))
+    typer.echo(bento.tag)
+    if containerize:
+        engine = build.container_engine()
+        if engine is None:
+            fail(f"no container engine is running (tried {', '.join(build.CONTAINER_ENGINES)}): {bento.tag} was "
+                 f"not containerized; its Dockerfile is {build.dockerfile(bento)}")
+        raise typer.Exit(build.containerize(str(bento.tag), engine))
+
+
+@app.command("deploy")
+def deploy(bento: Annotated[str, typer.Argument(help="a bento tag, e.g. from `bentoservice build`")],
+           config: Annotated[Optional[Path], typer.Option(
+               help="a BentoCloud deployment config; default deploy/<the bento's target>.yaml")] = None,
+           name: Annotated[Optional[str], typer.Option(help="the deployment name")] = None,
+           cluster: Annotated[Optional[str], typer.Option(help="the BentoCloud cluster")] = None,
+           dry_run: Annotated[bool, typer.Option(help="print the `bentoml deploy` command only")] = False) -> None:
+    """Deploy a bento to BentoCloud with `bentoml deploy` and its target's deployment config."""
+    try:
+        command = build.deploy_command(bento, config, name, cluster)
+    except (build.BuildError, BentoMLException, OSError) as exc:
+        fail(str(exc))
+    if dry_run:
+        typer.echo(shlex.join(command))
+        return
+    if subprocess.run(command).returncode:
+        fail("bentoml deploy failed: log in with `bentoml cloud login` and create the API key secret "
+             "(see README, Building and deploying)")
 
 
 if __name__ == "__main__":

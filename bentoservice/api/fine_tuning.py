@@ -240,9 +240,8 @@ def _job(jobs: JobStore, job_id: str) -> dict[str, Any]:
     return job
 
 
-@router.post("/fine_tuning/jobs")
-async def create(body: JobRequest, request: Request) -> dict[str, Any]:
-    jobs = job_store(request)
+def create_job(jobs: JobStore, body: JobRequest) -> dict[str, Any]:
+    """Check a job body against the store and the uploaded files, and queue the job (raises APIError)."""
     method = _training_method(body)
     base = _base(body.model)
     train = _file(jobs, body.training_file, "training_file", KIND[method])
@@ -255,6 +254,11 @@ async def create(body: JobRequest, request: Request) -> dict[str, Any]:
                        fine_tuned_model=_fine_tuned_name(base.name, body.suffix, job_id))
     jobs.add_event(job_id, f"Created fine-tuning job: {job_id}")
     return job_object(job)
+
+
+@router.post("/fine_tuning/jobs")
+async def create(body: JobRequest, request: Request) -> dict[str, Any]:
+    return create_job(job_store(request), body)
 
 
 @router.get("/fine_tuning/jobs")

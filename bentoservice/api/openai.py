@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -82,83 +83,87 @@ async def _collect(stream: Stream) -> tuple[str, Finished]:
     raise APIError(500, "generation ended without a result")
 
 
-def _sse(stream: Stream, chunk: Callable[[str | None, str | None], dict[str, Any]], first: dict[str, Any] | None,
-         include_usage: bool, usage_chunk: Callable[[dict[str, int]], dict[str, Any]]) -> EventSourceResponse:
+@dataclass(frozen=True)
+class Shape:
+    """How chat and text completions differ on the wire."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    text_part: Callable[[str | None], dict[str, Any]]
+    """The choice's text: in full, or (None) the empty delta of the last chunk."""
+    full_part: Callable[[str], dict[str, Any]]
+    first_delta: dict[str, Any] | None = None
+
+
+CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk",
+             lambda text: {"delta": {} if text is None else {"content": text}},
+             lambda text: {"message": {"role": "assistant", "content": text, "refusal": None}},
+             {"delta": {"role": "assistant", "content": ""}})
+TEXT = Shape("cmpl", "text_completion", "text_completion", lambda text: {"text": text or ""},
+             lambda text: {"text": text})
+
+
+def _events(stream: Stream, meta: dict[str, Any], shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(part: dict[str, Any], finish: str | None) -> str:
+        return json.dumps({**meta, "object": shape.chunk_object,
+                           "choices": [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]})
+
     async def events() -> AsyncIterator[str]:
         try:
-            if first is not None:
-                yield json.dumps(first)
+            if shape.first_delta is not None:
+                yield chunk(shape.first_delta, None)
             async for event in stream:
                 if isinstance(event, Delta):
-                    yield json.dumps(chunk(event.text, None))
+                    yield chunk(shape.text_part(event.text), None)
                 elif isinstance(event, Failed):
                     yield json.dumps({"error": {"message": event.message, "type": "server_error",
                                                 "param": None, "code": "generation_failed"}})
                     break
                 else:
-                    yield json.dumps(chunk(None, event.reason))
+                    yield chunk(shape.text_part(None), event.reason)
                     if include_usage:
-                        yield json.dumps(usage_chunk(_usage(event)))
+                        yield json.dumps({**meta, "object": shape.chunk_object, "choices": [],
+                                          "usage": _usage(event)})
             yield "[DONE]"
         finally:
             stream.cancel()  # a client that went away frees its slot at the next step
 
-    return EventSourceResponse(events(), ping=15)
+    return events()
+
+
+async def _respond(served: ServedModel, body: SamplingFields, prompt: list[int], budget: int | None,
+                   shape: Shape) -> Any:
+    params = _params(body, served.max_tokens(len(prompt), budget))
+    stream = served.generate(prompt, params, served.choose(body.model))
+    meta = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
+            "system_fingerprint": None}
+    if body.stream:
+        return EventSourceResponse(_events(stream, meta, shape, body.include_usage), ping=15)
+    text, done = await _collect(stream)
+    return {**meta, "object": shape.object, "usage": _usage(done), "choices": [
+        {"index": 0, **shape.full_part(text), "logprobs": None, "finish_reason": done.reason}]}
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     served = served_model(request)
-    choice = served.choose(body.model)
+    served.choose(body.model)  # an unknown model is a 404 before any work
     prompt = served.encode_chat([m.plain() for m in body.messages])
-    params = _params(body, served.max_tokens(len(prompt), body.completion_budget))
-    stream = served.generate(prompt, params, choice)
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
-            "system_fingerprint": None}
-    if body.stream:
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            delta = {} if text is None else {"content": text}
-            return {**meta, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-        def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-            return {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-
-        first = {**meta, "object": "chat.completion.chunk", "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
-        return _sse(stream, chunk, first, body.include_usage, usage_chunk)
-    text, done = await _collect(stream)
-    return {**meta, "object": "chat.completion", "usage": _usage(done), "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-         "logprobs": None, "finish_reason": done.reason}]}
+    return await _respond(served, body, prompt, body.completion_budget, CHAT)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     served = served_model(request)
-    choice = served.choose(body.model)
+    served.choose(body.model)
     if isinstance(body.prompt, str):
         prompt = served.encode_text(body.prompt)
     elif isinstance(body.prompt[0], str):
         prompt = served.encode_text(body.prompt[0])
     else:
         prompt = list(body.prompt)
-    params = _params(body, served.max_tokens(len(prompt), body.max_tokens))
-    stream = served.generate(prompt, params, choice)
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
-            "system_fingerprint": None}
-    if body.stream:
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            return {**meta, "object": "text_completion",
-                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
-
-        def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-            return {**meta, "object": "text_completion", "choices": [], "usage": usage}
-
-        return _sse(stream, chunk, None, body.include_usage, usage_chunk)
-    text, done = await _collect(stream)
-    return {**meta, "object": "text_completion", "usage": _usage(done), "choices": [
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": done.reason}]}
+    return await _respond(served, body, prompt, body.max_tokens, TEXT)
 
 
 @router.get("/chat_templates")

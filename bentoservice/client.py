@@ -76,7 +76,7 @@ class Events:
     def list(self, job_id: str) -> list[dict[str, Any]]:
         """Every event of a job, oldest first; metrics are in each event's `data`."""
         pages = self._openai.fine_tuning.jobs.list_events(job_id, limit=1000)
-        return [e.model_dump() for e in reversed(list(pages.auto_paging_iter()))]
+        return [e.model_dump() for e in reversed(list(pages))]  # iterating a page fetches the rest
 
     def latest(self, keys: list[str], job_id: str) -> dict[str, Any]:
         """The newest value of each metric named in `keys`."""

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import re
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     """A SQLAlchemy URL for files, jobs, events and checkpoints; default SQLite (WAL) in data_dir."""
     max_file_bytes: int = 512 * 1024 * 1024
     job_concurrency: int = 1
+    files_url: str | None = None
+    """An fsspec URL (s3://bucket/prefix, gs://..., file:///shared) for uploads and jobs' results; default
+    data_dir/files. Replicas and training nodes that share it (and database_url) share the fine-tuning service."""
+    training_backend: Literal["local", "ray"] = "local"
+    """Where jobs train unless their body says: processes on this machine, or the Ray cluster at ray_address."""
+    ray_address: str | None = None
+    """The Ray cluster's dashboard address for its Jobs API, e.g. http://head:8265."""
+    ray_runtime_env: dict[str, Any] = {}
+    """A Ray runtime_env (JSON) for training jobs: env_vars, pip, working_dir, ..."""
 
     # Adapters: the first loaded at start is the default.
     adapters: list[AdapterSpec] = []

@@ -16,6 +16,8 @@ from bentoservice.api.errors import APIError
 from bentoservice.api.fine_tuning import JobRequest, create_job, job_object
 from bentoservice.build import bento_args, service_options, with_model_refs
 from bentoservice.config import AdapterSpec, fine_tune_path_var, get_settings
+from bentoservice.training import backends
+from bentoservice.training.encoder_config import ENCODER_METHODS
 from bentoservice.training.jobs import FINAL, JobStore
 from bentoservice.training.queue import JobQueue
 
@@ -36,6 +38,7 @@ class LLM:
     """One engine per process: workers=1 keeps the default adapter and hot-loaded adapters in one place."""
 
     def __init__(self) -> None:
+        from bentoservice.engine.embeddings import EncoderRegistry
         from bentoservice.engine.served import ServedModel
 
         stored = store.ensure_base(settings.model)
@@ -44,8 +47,12 @@ class LLM:
                                   card.chat_template if card else None)
         self._load_adapters()
         app.state.served = self.served
+        self.encoders = EncoderRegistry(settings)
+        self._load_encoders()
+        app.state.encoders = self.encoders
         self.jobs = JobStore()
         self._restore_fine_tunes()
+        self._restore_encoders()
         self.queue = JobQueue(self.jobs, on_success=self._serve_fine_tune)
         self.queue.start()
         app.state.jobs = self.jobs
@@ -58,8 +65,34 @@ class LLM:
             if self.served.default_adapter is None:
                 self.served.set_default_adapter(loaded.name)
 
+    def _load_encoders(self) -> None:
+        """The embedding and rerank models named in the settings. When none is named, the default (minilm) is
+        skipped with a warning if it cannot load; a model the user named must load."""
+        for kind, names in (("embedding", settings.embedding_models), ("rerank", settings.rerank_models)):
+            for name in names:
+                try:
+                    self.encoders.load(store.ensure_encoder(name, kind))
+                except Exception as exc:
+                    if f"{kind}_models" in settings.model_fields_set:
+                        raise
+                    logger.warning("not serving the %s model %s: %s", kind, name, exc)
+
+    def _restore_encoders(self) -> None:
+        """After a restart, serve earlier rerank and embedding fine-tunes again, newest first, while room lasts."""
+        done = [j for j in reversed(self.jobs.jobs_in("succeeded")) if j["config"]["method"] in ENCODER_METHODS]
+        for job in done[: max(0, settings.max_encoders - len(self.encoders.all()))]:
+            try:
+                self.encoders.load(store.get(job["store_tag"]), job["fine_tuned_model"])
+            except Exception as exc:
+                logger.warning("could not serve %s again: %s", job["fine_tuned_model"], exc)
+
     def _serve_fine_tune(self, job: dict) -> None:
-        """Hot-load a finished job's adapter under its fine_tuned_model name, when it fits this base."""
+        """Hot-load a finished job's model under its fine_tuned_model name: a rerank or embedding model into the
+        encoder registry, an LLM adapter when it fits this base."""
+        if job["config"]["method"] in ENCODER_METHODS:
+            self.encoders.load(store.get(job["store_tag"]), job["fine_tuned_model"])
+            self.jobs.add_event(job["id"], f"{job['fine_tuned_model']} is being served")
+            return
         if job["config"]["model"] != self.served.name or job["config"].get("merge_before_push"):
             return
         self.served.load_adapter_from(job["store_tag"], job["fine_tuned_model"])
@@ -71,6 +104,7 @@ class LLM:
         for job in done[: max(0, settings.max_loras - len(self.served.adapters))]:
             if job["fine_tuned_model"] not in self.served.adapters and not job["config"].get("merge_before_push"):
                 try:
+                    backends.fetch_result(job)  # trained by another replica or a Ray node: from the file store
                     self.served.load_adapter_from(job["store_tag"], job["fine_tuned_model"])
                 except Exception as exc:
                     logger.warning("could not serve %s again: %s", job["fine_tuned_model"], exc)

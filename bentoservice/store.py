@@ -379,15 +379,19 @@ def resolve_encoder(name_or_id: str, kind: str | None = None) -> StoredModel:
                      f"--model-id {name_or_id} --kind rerank` (or --kind embedding)")
 
 
-def ensure_encoder(name_or_id: str, kind: str | None = None) -> StoredModel:
-    """The stored encoder, imported first when its weights ship in a package (minilm)."""
+def ensure_encoder(name_or_id: str, kind: str | None = None, import_as: str = "embedding") -> StoredModel:
+    """The stored encoder (of `kind`, when given), imported first when it is missing: a bundled one (minilm), or
+    a hub id, stored under its short name as a `kind` (default `import_as`) model."""
     try:
         return resolve_encoder(name_or_id, kind)
     except StoreError:
         bundled = [name for name, (hub_id, *_) in BUNDLED_ENCODERS.items() if name_or_id in (name, hub_id)]
-        if not bundled:
+        if bundled:
+            import_encoder(bundled[0])
+        elif name_or_id.count("/") == 1 and not _looks_like_path(name_or_id):
+            import_encoder(_default_name(name_or_id.split("/")[1]), name_or_id, kind or import_as)
+        else:
             raise
-        import_encoder(bundled[0])
         return resolve_encoder(name_or_id, kind)
 
 

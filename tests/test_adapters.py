@@ -77,7 +77,7 @@ def test_adapters_change_output_and_first_is_default(server: Server) -> None:
 
 def test_models_list_adapters_with_parent(server: Server) -> None:
     models = {m.id: m for m in server.client().models.list().data}
-    assert set(models) == {"tiny", "a1", "a2"}
+    assert set(models) == {"tiny", "a1", "a2", "minilm"}  # minilm: the default embedding model
     assert models["a1"].parent == "tiny" and models["tiny"].parent is None
     assert server.client().models.retrieve("a2").parent == "tiny"
 

@@ -145,7 +145,7 @@ def test_cpu_bento_serves_chat_completions(tags: dict[str, str]) -> None:
     try:
         client = server.client()
         models = {model.id: model for model in client.models.list().data}
-        assert set(models) == {"tiny", "build-a1"} and models["build-a1"].parent == "tiny"
+        assert {"tiny", "build-a1"} <= set(models) and models["build-a1"].parent == "tiny"  # minilm too, when stored
         for model in ("tiny", "build-a1", "tiny:base"):
             reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                                    max_tokens=8, temperature=0)

@@ -123,6 +123,30 @@ def test_openai_preference(tmp_path: Path) -> None:
                         "rejected": [{"role": "assistant", "content": "5"}]}]
 
 
+def test_flag_embedding(tmp_path: Path) -> None:
+    """FlagEmbedding's toy_finetune_data.jsonl lines; neg may be empty or absent, a prompt goes before the query."""
+    ds = load_file(write(tmp_path, jsonl(
+        {"query": "Five women walk along a beach.", "pos": ["Women walk on a beach."],
+         "neg": ["The women are sitting.", "A man swims."], "pos_scores": [1.0]},
+        {"query": "a cat", "pos": ["A cat sleeps.", "Cats purr."], "neg": []},
+        {"query": "a dog", "pos": ["A dog barks."], "prompt": "Represent this query: "},
+    )), expect="rerank")
+    assert (ds.format, ds.kind, ds.lines) == ("flag_embedding", "rerank", [1, 2, 3])
+    assert ds.rows == [
+        {"query": "Five women walk along a beach.", "pos": ["Women walk on a beach."],
+         "neg": ["The women are sitting.", "A man swims."]},
+        {"query": "a cat", "pos": ["A cat sleeps.", "Cats purr."], "neg": []},
+        {"query": "Represent this query: a dog", "pos": ["A dog barks."], "neg": []},
+    ]
+
+
+def test_expect_sft_given_rerank(tmp_path: Path) -> None:
+    err = load_error(tmp_path, jsonl(RERANK), expect="sft")
+    assert str(err).startswith("this is rerank data but the job needs SFT data")
+    err = load_error(tmp_path, jsonl(CHAT), expect="rerank")
+    assert str(err).startswith("this is SFT data but the job needs rerank data (query, pos, neg)")
+
+
 def test_bom_crlf_blank_lines_and_pretty_single_record(tmp_path: Path) -> None:
     text = "\n" + json.dumps(CHAT) + "\r\n\r\n   \n" + json.dumps(CHAT) + "\r\n"
     ds = load_file(write(tmp_path, b"\xef\xbb\xbf" + text.encode()))
@@ -150,6 +174,7 @@ PROMPT_COMPLETION = {"prompt": "What is 2+2?", "completion": "4"}
 PAIR = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 OPENAI_PAIR = {"input": {"messages": [USER]}, "preferred_output": [ASSISTANT],
                "non_preferred_output": [{"role": "assistant", "content": "5"}]}
+RERANK = {"query": "What is 2+2?", "pos": ["2+2 is 4."], "neg": ["2+2 is 5."]}
 
 # (a good record of the format, a bad record, the problem, the field)
 BAD_RECORDS = [
@@ -224,6 +249,14 @@ BAD_RECORDS = [
     pytest.param(OPENAI_PAIR, {**OPENAI_PAIR, "non_preferred_output": "no"},
                  "non_preferred_output must be a list, got a string", "non_preferred_output",
                  id="openai-preference-output"),
+    pytest.param(RERANK, {"query": "hi", "neg": ["x"]}, "pos is missing", "pos", id="rerank-pos-missing"),
+    pytest.param(RERANK, {"query": "hi", "pos": []}, "pos is empty", "pos", id="rerank-pos-empty"),
+    pytest.param(RERANK, {"query": "hi", "pos": "x"}, "pos must be a list of passages, got a string", "pos",
+                 id="rerank-pos-type"),
+    pytest.param(RERANK, {"query": "hi", "pos": ["x"], "neg": ["y", 3]}, "neg[1] must be a string, got a number",
+                 "neg[1]", id="rerank-neg-item"),
+    pytest.param(RERANK, {"query": "", "pos": ["x"]}, "query is empty", "query", id="rerank-query-empty"),
+    pytest.param(RERANK, {"pos": ["x"], "neg": []}, "query is missing", "query", id="rerank-query-missing"),
 ]
 
 

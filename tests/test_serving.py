@@ -64,7 +64,7 @@ def test_completions(smollm2_server: Server) -> None:
 
 def test_list_models(smollm2_server: Server) -> None:
     models = smollm2_server.client().models.list().data
-    assert [m.id for m in models] == ["smollm2"]
+    assert [m.id for m in models] == ["smollm2", "minilm"]  # the LLM, then the default embedding model
     with pytest.raises(openai.NotFoundError):
         smollm2_server.client().models.retrieve("gpt-4")
 
@@ -165,7 +165,8 @@ def test_api_key_and_named_template(tiny) -> None:
             server.client("wrong").models.list()
         assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 401
         assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
-        assert [m.id for m in server.client("sk-test").models.list().data] == ["tiny"]
+        bases = [m.id for m in server.client("sk-test").models.list().data if m.parent is None]
+        assert bases == ["tiny", "minilm"]  # plus any fine-tunes restored from the shared data dir
         conv = httpx.post(f"{server.url}/v1/worker_get_conversation_template", json={"model": "tiny"},
                           headers={"authorization": "Bearer sk-test"}, timeout=10).json()["conv"]
         assert conv["name"] == "vicuna_v1.1"

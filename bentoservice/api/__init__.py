@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
-from bentoservice.api import adapters, files, fine_tuning, openai
+from bentoservice.api import adapters, embeddings, files, fine_tuning, openai
 from bentoservice.api.errors import envelope, install_error_handlers
 from bentoservice.config import Settings
 
@@ -18,11 +18,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.started = int(time.time())
     app.state.served = None
     app.state.jobs = None
+    app.state.encoders = None
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(adapters.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
+    app.include_router(embeddings.router)
     _add_catch_all(app)
 
     @app.middleware("http")

@@ -1,20 +1,22 @@
 """Files, as OpenAI's API has them: upload (checked at once), list, retrieve, content, delete.
 
-A file is stored under its id with its sha256; the uploaded name is kept as data, never used as a path.
+A file is stored under its id with its sha256, in the file store (training.filestore: a local folder or any
+fsspec URL); the uploaded name is kept as data, never used as a path.
 """
 
 from __future__ import annotations
 
 import hashlib
+from urllib.parse import quote
 from typing import Any
 
 from fastapi import APIRouter, Form, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.errors import APIError
 from bentoservice.config import get_settings
-from bentoservice.training import formats
+from bentoservice.training import filestore, formats
 from bentoservice.training.jobs import JobStore
 
 router = APIRouter()
@@ -69,8 +71,7 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
     digest = hashlib.sha256(data).hexdigest()
     row = jobs.add_file(filename=name, purpose=purpose, bytes=len(data), sha256=digest, format=parsed.format,
                         kind=parsed.kind, rows=len(parsed.rows))
-    settings.files_dir.mkdir(parents=True, exist_ok=True)
-    (settings.files_dir / row["id"]).write_bytes(data)
+    await run_in_threadpool(filestore.write, row["id"], data)
     return file_object(row)
 
 
@@ -86,10 +87,11 @@ async def retrieve(file_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/files/{file_id}/content")
-async def content(file_id: str, request: Request) -> FileResponse:
+async def content(file_id: str, request: Request) -> StreamingResponse:
     row = _get(job_store(request), file_id)
-    return FileResponse(get_settings().files_dir / row["id"], media_type="application/octet-stream",
-                        filename=row["filename"])
+    return StreamingResponse(filestore.chunks(filestore.file_url(row["id"])), media_type="application/octet-stream",
+                             headers={"Content-Length": str(row["bytes"]),
+                                      "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row['filename'])}"})
 
 
 @router.delete("/files/{file_id}")
@@ -97,5 +99,5 @@ async def delete(file_id: str, request: Request) -> dict[str, Any]:
     jobs = job_store(request)
     row = _get(jobs, file_id)
     jobs.delete_file(row["id"])
-    (get_settings().files_dir / row["id"]).unlink(missing_ok=True)
+    await run_in_threadpool(filestore.delete, filestore.file_url(row["id"]))
     return {"id": row["id"], "object": "file", "deleted": True}

@@ -43,10 +43,17 @@ def _model_list(served: ServedModel, created: int) -> list[dict[str, Any]]:
     return cards
 
 
+def _encoder_cards(request: Request, created: int) -> list[dict[str, Any]]:
+    """The embedding and rerank models (see api/embeddings.py); a fine-tune's parent is the model it started from."""
+    encoders = getattr(request.app.state, "encoders", None)
+    return [_model_card(e.name, e.source, e.parent, created) for e in (encoders.all() if encoders else [])]
+
+
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     served = served_model(request)
-    return {"object": "list", "data": _model_list(served, request.app.state.started)}
+    created = request.app.state.started
+    return {"object": "list", "data": _model_list(served, created) + _encoder_cards(request, created)}
 
 
 @router.get("/models/{model_id:path}")
@@ -54,6 +61,9 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     served = served_model(request)
     for card in _model_list(served, request.app.state.started):
         if model_id in (card["id"], card["root"]) and (card["parent"] or model_id in (served.name, served.model_id)):
+            return card
+    for card in _encoder_cards(request, request.app.state.started):
+        if model_id in (card["id"], card["root"]):
             return card
     raise unknown_model(model_id)
 

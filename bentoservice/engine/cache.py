@@ -1,7 +1,11 @@
 """A KV cache with one row per running sequence, each at its own length.
 
-Rows in use are kept contiguous (a finished row is replaced by the last one), so every forward
-pass works on a slice of rows and a slice of positions: views, not copies.
+Rows in use are kept contiguous (a finished row is replaced by the last one), so a decode pass works
+on the first rows and the first positions of the cache: views, not copies. Two kinds of pass:
+
+- decode: one new token per row, row i at position positions[i]; attention over the row's cache.
+- prefill: prompts packed into one sequence of tokens; token t goes to row rows[t] at positions[t],
+  and attention stays among the new tokens (the caller's mask keeps each prompt to itself).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-_LEN_STEP = 256
+LENGTH_STEP = 256
 
 
 class SlotCache(Cache):
@@ -21,11 +25,11 @@ class SlotCache(Cache):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._alloc(0, 0)
-        # The forward pass under way: rows [row0, row0 + n), each starting at starts[i].
-        self.row0 = 0
-        self.starts: torch.Tensor | None = None
-        self.end = 0
-        self.prefill = False
+        # The pass under way (see the module docstring).
+        self.packed = False
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.positions = torch.zeros(0, dtype=torch.long)
+        self.length = 0
 
     def _alloc(self, rows: int, length: int) -> None:
         kv_heads, head_dim = self.shape
@@ -43,11 +47,14 @@ class SlotCache(Cache):
     def capacity(self) -> tuple[int, int]:
         return self.keys[0].shape[0], self.keys[0].shape[2]
 
-    def reserve(self, rows: int, length: int) -> None:
+    def reserve(self, rows: int, length: int) -> bool:
+        """Grow to hold `rows` rows of `length` positions; True when the tensors moved."""
         cur_rows, cur_len = self.capacity
-        if rows > cur_rows or length > cur_len:
-            length = max(cur_len, -(-length // _LEN_STEP) * _LEN_STEP)
-            self._alloc(max(rows, cur_rows), length)
+        if rows <= cur_rows and length <= cur_len:
+            return False
+        length = max(cur_len, -(-length // LENGTH_STEP) * LENGTH_STEP)
+        self._alloc(max(rows, cur_rows), length)
+        return True
 
     def clear(self) -> None:
         self._alloc(0, 0)
@@ -57,22 +64,24 @@ class SlotCache(Cache):
             k[dst] = k[src]
             v[dst] = v[src]
 
-    def begin(self, row0: int, starts: torch.Tensor, end: int, prefill: bool) -> None:
-        """Set up the next forward pass: rows from row0, written at `starts`, attending up to `end`."""
-        self.row0, self.starts, self.end, self.prefill = row0, starts, end, prefill
+    def decode(self, rows: torch.Tensor, positions: torch.Tensor, length: int) -> None:
+        """The next pass: row rows[i] (rows are 0..n-1) writes at positions[i] and attends up to `length`."""
+        self.packed, self.rows, self.positions, self.length = False, rows, positions, length
+
+    def prefill(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """The next pass: packed prompts, token t written to row rows[t] at positions[t]."""
+        self.packed, self.rows, self.positions = True, rows, positions
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        n, _, q, _ = key_states.shape
-        rows = slice(self.row0, self.row0 + n)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        if self.prefill:  # every row starts at 0 (right-padded prompts)
-            k[rows, :, :q] = key_states
-            v[rows, :, :q] = value_states
-        else:  # one new token per row, each at its own position
-            index = torch.arange(self.row0, self.row0 + n, device=self.device)
-            k[index, :, self.starts] = key_states[:, :, 0]
-            v[index, :, self.starts] = value_states[:, :, 0]
-        return k[rows, :, :self.end], v[rows, :, :self.end]
+        if self.packed:  # [1, heads, tokens, dim]
+            k[self.rows, :, self.positions] = key_states[0].transpose(0, 1)
+            v[self.rows, :, self.positions] = value_states[0].transpose(0, 1)
+            return key_states, value_states
+        k[self.rows, :, self.positions] = key_states[:, :, 0]  # [rows, heads, 1, dim]
+        v[self.rows, :, self.positions] = value_states[:, :, 0]
+        n = key_states.shape[0]
+        return k[:n, :, :self.length], v[:n, :, :self.length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -1,87 +1,103 @@
-"""Batched LoRA: every loaded adapter's A and B stacked per layer, chosen per batch row by index.
+"""Batched LoRA: every loaded adapter's A and B stacked per layer, chosen per token by a mask.
 
-Rows of one forward pass may each use a different adapter (slot 0 is the bare base, all zeros),
-so requests for different adapters share one batch without cross-talk. The scaling factor is
-folded into B at load time.
+Tokens of one forward pass may each use a different adapter (slot 0 is the bare base, which has no
+stack entry), so requests for different adapters share one batch without cross-talk. A mixed batch
+runs two dense products over the concatenated ranks of all stacked adapters, with a per-token 0/1
+mask between them that keeps each token's own adapter: no per-token gather of weights, and fixed
+shapes, so the step can be captured in a CUDA graph. The scaling factor is folded into B at load time.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-@dataclass
 class LoraBatch:
-    """The adapter slot of each row in the forward pass under way; shared by every wrapped layer."""
+    """The adapter slot of each token in the forward pass under way; shared by every wrapped layer."""
 
-    indices: torch.Tensor | None = None
-    single: int | None = None  # set when every row uses the same slot
+    def __init__(self) -> None:
+        self.single: int | None = 0  # set when every token uses the same slot (0: the base, no LoRA)
+        self.mask: torch.Tensor | None = None  # [tokens, stacked * rank] when slots are mixed
+        self.stacked = 0  # adapter slots held in the stacks (slots 1..stacked)
+        self.rank = 0
 
-    def set(self, slots: list[int], device: torch.device) -> None:
-        distinct = set(slots)
-        if distinct == {0}:
-            self.indices, self.single = None, 0
-        elif len(distinct) == 1:
-            self.indices, self.single = None, slots[0]
+    def set(self, slots: list[int], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None = None) -> None:
+        """The slot of each token of the pass, in order.
+
+        With `out` (a preallocated mask, at least as long as the pass, for CUDA graphs) the mixed
+        path is always taken, so that a captured pass does not depend on the slots.
+        """
+        if out is None and len(set(slots)) == 1:
+            self.single, self.mask = slots[0], None
+            return
+        columns = torch.arange(self.stacked * self.rank) // max(self.rank, 1) + 1
+        mask = (columns == torch.tensor(slots)[:, None]).to(dtype)
+        if out is None:
+            self.mask = mask.to(device)
         else:
-            self.indices, self.single = torch.tensor(slots, device=device), None
+            self.mask = out[: len(slots)]
+            self.mask.copy_(mask)
+        self.single = None
 
 
 class BatchedLoraLinear(nn.Module):
-    """A Linear plus per-row low-rank updates; stacks grow only as adapters are loaded."""
+    """A Linear plus per-token low-rank updates; stacks grow only as adapters are loaded.
+
+    The stacks are kept transposed, so that both products of the mixed path read contiguous
+    [in, stacked * rank] and [stacked * rank, out] matrices.
+    """
 
     def __init__(self, base: nn.Linear, batch: LoraBatch) -> None:
         super().__init__()
         self.base = base
         self.batch = batch
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.lora_A: torch.Tensor | None = None  # [slots, rank, in]
-        self.lora_B: torch.Tensor | None = None  # [slots, out, rank]
+        self.lora_A: torch.Tensor | None = None  # [in, stacked, rank]: A.T of every slot side by side
+        self.lora_B: torch.Tensor | None = None  # [stacked, rank, out]: B.T of every slot
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def _grow(self, slots: int, rank: int) -> None:
+    def reserve(self, slots: int, rank: int = 1) -> None:
+        """Make room for slots 1..slots-1 at `rank` (every wrapped layer holds as many as the manager hands out)."""
         weight = self.base.weight
         old_a, old_b = self.lora_A, self.lora_B
-        cur_slots, cur_rank = (0, 0) if old_a is None else (old_a.shape[0], old_a.shape[1])
-        slots, rank = max(slots, cur_slots), max(rank, cur_rank)
-        if (slots, rank) == (cur_slots, cur_rank):
+        cur_stacked, cur_rank = (0, 0) if old_a is None else old_a.shape[1:]
+        stacked, rank = max(slots - 1, cur_stacked, self.batch.stacked), max(rank, cur_rank, self.batch.rank)
+        if (stacked, rank) == (cur_stacked, cur_rank):
             return
-        a = weight.new_zeros(slots, rank, self.in_features)
-        b = weight.new_zeros(slots, self.out_features, rank)
+        a = weight.new_zeros(self.in_features, stacked, rank)
+        b = weight.new_zeros(stacked, rank, self.out_features)
         if old_a is not None:
-            a[:cur_slots, :cur_rank] = old_a
-            b[:cur_slots, :, :cur_rank] = old_b
+            a[:, :cur_stacked, :cur_rank] = old_a
+            b[:cur_stacked, :cur_rank] = old_b
         self.lora_A, self.lora_B = a, b
-
-    def reserve(self, slots: int, rank: int = 1) -> None:
-        """Make room for `slots` slots (every wrapped layer holds as many as the manager hands out)."""
-        self._grow(slots, rank)
+        self.batch.stacked, self.batch.rank = stacked, rank
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         rank = a.shape[0]
-        self._grow(slot + 1, rank)
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :rank] = a.to(self.lora_A)
-        self.lora_B[slot, :, :rank] = (b * scale).to(self.lora_B)
+        self.reserve(slot + 1, rank)
+        self.clear_slot(slot)
+        self.lora_A[:, slot - 1, :rank] = a.T.to(self.lora_A)
+        self.lora_B[slot - 1, :rank] = (b * scale).T.to(self.lora_B)
 
     def clear_slot(self, slot: int) -> None:
-        if self.lora_A is not None and slot < self.lora_A.shape[0]:
-            self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
+        if self.lora_A is not None and slot - 1 < self.lora_A.shape[1]:
+            self.lora_A[:, slot - 1].zero_()
+            self.lora_B[slot - 1].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.batch
         if self.lora_A is None or batch.single == 0:
             return y
+        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
         if batch.single is not None:
-            return y + (x @ self.lora_A[batch.single].T) @ self.lora_B[batch.single].T
-        a, b = self.lora_A[batch.indices], self.lora_B[batch.indices]
-        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+            index = batch.single - 1
+            y2.addmm_(x2 @ self.lora_A[:, index], self.lora_B[index])
+        else:  # every layer holds the same (stacked, rank) as the mask: reserve() grows them together
+            y2.addmm_((x2 @ self.lora_A.view(self.in_features, -1)).mul_(batch.mask),
+                      self.lora_B.view(-1, self.out_features))
+        return y

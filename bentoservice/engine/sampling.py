@@ -27,3 +27,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def next_tokens(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Generator]],
+                greedy: torch.Tensor | None = None) -> list[int]:
+    """One token per row of `logits`: the argmax where temperature is 0 (one batched op, or `greedy`
+    when already computed), else a sample from the row's own RNG."""
+    ids = (logits.argmax(-1) if greedy is None else greedy).tolist()
+    for i, (params, generator) in enumerate(rows):
+        if params.temperature > 0:
+            ids[i] = sample(logits[i].float().cpu(), params, generator)
+    return ids

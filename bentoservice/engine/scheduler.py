@@ -1,8 +1,9 @@
 """Continuous batching: requests join and leave the running batch at every decode step.
 
-One engine thread owns the model. Each step it admits waiting requests (one padded prefill pass),
-then runs one decode pass over every running sequence, each with its own KV row, position and
-LoRA adapter. Tokens go back to the caller's asyncio loop as they are produced.
+One engine thread owns the model. Each step it admits waiting requests (their prompts packed into
+one prefill pass, up to a token budget), then runs one decode pass over every running sequence,
+each with its own KV row, position and LoRA adapter. Tokens go back to the callers' asyncio loops as
+they are produced, in one hand-over per loop and step.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any, Callable
 import torch
 
 from bentoservice.engine.adapters import AdapterManager
-from bentoservice.engine.cache import SlotCache
 from bentoservice.engine.errors import Overloaded, UnknownAdapter
+from bentoservice.engine.forward import Forward
 from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams
-from bentoservice.engine.sampling import make_generator, sample
+from bentoservice.engine.sampling import make_generator, next_tokens
 from bentoservice.engine.text import TextTracker
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,13 @@ class Stream:
     """The caller's side of one request: an async iterator of events."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
 
-    def push(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+    def put(self, event: Event) -> None:
+        """On the stream's loop."""
+        self._queue.put_nowait(event)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -44,9 +46,22 @@ class Stream:
     async def __aiter__(self):
         while True:
             event = await self._queue.get()
+            # A consumer that fell behind gets the text waiting for it as one delta.
+            while isinstance(event, Delta) and not self._queue.empty():
+                following = self._queue.get_nowait()
+                if not isinstance(following, Delta):
+                    yield event
+                    event = following
+                    break
+                event = Delta(event.text + following.text)
             yield event
             if not isinstance(event, Delta):
                 return
+
+
+def _deliver(items: list[tuple[Stream, Event]]) -> None:
+    for stream, event in items:
+        stream.put(event)
 
 
 @dataclass
@@ -72,20 +87,16 @@ class Engine:
                  prefill_token_budget: int, max_loras: int, max_lora_rank: int) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
-        self.device = next(model.parameters()).device
         self.max_running, self.max_queued = max_running, max_queued
         self.prefill_token_budget = prefill_token_budget
         self.adapters = AdapterManager(model, max_loras, max_lora_rank)
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.cache = SlotCache(config.num_hidden_layers, kv_heads, head_dim, model.dtype, self.device)
-        self.max_length = int(config.max_position_embeddings)
+        device = next(model.parameters()).device
+        self.forward = Forward(model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda")
+        self.max_length = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
+        self._outbox: list[tuple[Stream, Event]] = []
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -147,27 +158,52 @@ class Engine:
             for fn, future in commands:
                 self._run_command(fn, future)
             try:
-                self._admit()
+                self._drop_cancelled()
+                if new := self._admit():
+                    self._prefill(new)
                 if self._running:
                     self._decode_step()
             except Exception as exc:  # a failed pass fails the requests in it, not the server
                 log.exception("engine step failed")
                 self._fail_all(f"generation failed: {exc}")
+            self._flush()
 
-    @staticmethod
-    def _run_command(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+    def _run_command(self, fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
         try:
             future.set_result(fn())
         except Exception as exc:
             future.set_exception(exc)
+        finally:  # commands change adapters: captured passes must see the new stacks
+            self.forward.adapters_changed()
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        self._outbox.append((seq.stream, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their loops: one call per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Event]]] = {}
+        for stream, event in self._outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, event))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop has closed: nobody is listening any more
+                pass
 
     def _fail_all(self, message: str) -> None:
         for seq in self._running:
-            seq.stream.push(Failed(message))
+            self._emit(seq, Failed(message))
         self._running.clear()
-        self.cache.clear()
+        self.forward.idle()
 
-    def _admit(self) -> None:
+    def _drop_cancelled(self) -> None:
+        for seq in self._running:
+            if seq.stream.cancelled:
+                seq.done = True
+        self._retire()
+
+    def _admit(self) -> list[Sequence]:
         new: list[Sequence] = []
         budget = self.prefill_token_budget
         with self._cv:
@@ -183,57 +219,26 @@ class Engine:
                 try:
                     seq.slot = self.adapters.slot(seq.adapter)
                 except UnknownAdapter:
-                    seq.stream.push(Failed(f"the adapter {seq.adapter!r} was unloaded"))
+                    self._emit(seq, Failed(f"the adapter {seq.adapter!r} was unloaded"))
                     continue
                 new.append(seq)
-        if new:
-            self._prefill(new)
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 slots: list[int]) -> torch.Tensor:
-        self.adapters.batch.set(slots, self.device)
-        out = self.decoder(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                           past_key_values=self.cache, use_cache=True)
-        return out.last_hidden_state
+        return new
 
     def _prefill(self, new: list[Sequence]) -> None:
-        row0, n = len(self._running), len(new)
-        longest = max(len(s.prompt) for s in new)
-        ids = torch.zeros((n, longest), dtype=torch.long)
-        for i, seq in enumerate(new):
-            ids[i, : len(seq.prompt)] = torch.tensor(seq.prompt)
-        positions = torch.arange(longest, device=self.device).expand(n, longest)
-        causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
-        self.cache.reserve(row0 + n, longest + 1)
-        self.cache.begin(row0, positions[:, 0], longest, prefill=True)
-        hidden = self._forward(ids.to(self.device), positions, causal.expand(n, 1, longest, longest),
-                               [s.slot for s in new])
-        last = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
-        logits = self.head(hidden[torch.arange(n, device=self.device), last]).float().cpu()
+        logits = self.forward.prefill([s.prompt for s in new], [s.slot for s in new], len(self._running))
         self._running.extend(new)
-        for seq, row in zip(new, logits):
-            self._accept(seq, sample(row, seq.params, seq.generator))
-        self._retire()
+        self._accept_all(new, logits, None)
 
     def _decode_step(self) -> None:
         running = self._running
-        for seq in running:
-            if seq.stream.cancelled:
-                seq.done = True
-        self._retire()
-        if not running:
-            return
-        n = len(running)
-        positions = torch.tensor([s.position for s in running], device=self.device)
-        end = int(max(s.position for s in running)) + 1
-        self.cache.reserve(n, end)
-        self.cache.begin(0, positions, end, prefill=False)
-        mask = torch.arange(end, device=self.device)[None, :] <= positions[:, None]
-        tokens = torch.tensor([[s.generated[-1]] for s in running], device=self.device)
-        hidden = self._forward(tokens, positions[:, None], mask[:, None, None, :], [s.slot for s in running])
-        logits = self.head(hidden[:, -1]).float().cpu()
-        for seq, row in zip(running, logits):
-            self._accept(seq, sample(row, seq.params, seq.generator))
+        logits, greedy = self.forward.decode([s.generated[-1] for s in running], [s.position for s in running],
+                                             [s.slot for s in running])
+        self._accept_all(running, logits, greedy)
+
+    def _accept_all(self, seqs: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor | None) -> None:
+        tokens = next_tokens(logits, [(s.params, s.generator) for s in seqs], greedy)
+        for seq, token in zip(seqs, tokens):
+            self._accept(seq, token)
         self._retire()
 
     def _accept(self, seq: Sequence, token: int) -> None:
@@ -242,7 +247,7 @@ class Engine:
             return self._finish(seq, "stop")
         delta = seq.text.add(token)
         if delta:
-            seq.stream.push(Delta(delta))
+            self._emit(seq, Delta(delta))
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.params.max_tokens or seq.position + 1 >= self.max_length:
@@ -251,8 +256,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         rest = seq.text.flush()
         if rest:
-            seq.stream.push(Delta(rest))
-        seq.stream.push(Finished(reason, len(seq.prompt), len(seq.generated)))
+            self._emit(seq, Delta(rest))
+        self._emit(seq, Finished(reason, len(seq.prompt), len(seq.generated)))
         seq.done = True
 
     def _retire(self) -> None:
@@ -262,12 +267,11 @@ class Engine:
             if running[row].done:
                 last = len(running) - 1
                 if row != last:
-                    self.cache.move_row(last, row)
+                    self.forward.move_row(last, row)
                     running[row] = running[last]
                 running.pop()
         if not running:
-            self.cache.clear()
+            self.forward.idle()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-

@@ -22,7 +22,7 @@ class Flag(Protocol):
 Sink = Callable[[dict[str, Any]], None]
 StopFlag = Flag | Callable[[], bool]
 # Trainer log keys passed on as they are; tokens_per_second and eta_seconds are derived here.
-LOG_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "train_loss")
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "eval_accuracy", "train_loss")
 
 
 def log_sink(event: dict[str, Any]) -> None:

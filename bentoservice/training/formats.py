@@ -10,6 +10,8 @@ A file is JSON Lines (one record per line) or a JSON array of records, in one of
 - `prompt_completion`: {"prompt", "completion"}
 - `preference`: {"prompt", "chosen", "rejected"}, each a string or a list of messages
 - `openai_preference`: {"input": {"messages"}, "preferred_output", "non_preferred_output"}
+- `flag_embedding`: {"query", "pos": [passages], "neg": [passages], "prompt" (optional)}, FlagEmbedding's
+  format for rerank and embedding models
 
 Canonical rows:
 
@@ -17,6 +19,8 @@ Canonical rows:
   ending with the assistant.
 - Preference: {"prompt": [... ending with a user turn], "chosen": [assistant ...],
   "rejected": [assistant ...]}.
+- Rerank: {"query": str, "pos": [str, ...], "neg": [str, ...]}: at least one positive passage, any number
+  of negatives; a record's `prompt` (an instruction) is put in front of its query.
 
 Every message is {"role": "system"|"user"|"assistant", "content": str}.
 """
@@ -33,11 +37,11 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sft", "preference"]
+Kind = Literal["sft", "preference", "rerank"]
 Role = Literal["system", "user", "assistant"]
 Unit = Literal["line", "record"]
 Message = dict[str, str]
-Row = dict[str, list[Message]]
+Row = dict[str, Any]
 
 __all__ = ["DataFormatError", "Dataset", "Kind", "check_lengths", "load_file", "parse_bytes"]
 
@@ -69,7 +73,7 @@ class DataFormatError(ValueError):
 @dataclass
 class Dataset:
     format: str
-    """openai_chat, sharegpt, alpaca, prompt_completion, preference or openai_preference."""
+    """openai_chat, sharegpt, alpaca, prompt_completion, preference, openai_preference or flag_embedding."""
     kind: Kind
     rows: list[Row]
     lines: list[int] = field(default_factory=list)
@@ -173,14 +177,18 @@ def _located(line: int, unit: Unit) -> Iterator[None]:
         raise
 
 
+_KIND_NAMES: dict[str, tuple[str, str]] = {
+    "sft": ("SFT data", "SFT data (conversations, instructions or prompt/completion)"),
+    "preference": ("preference data", "preference pairs (prompt, chosen, rejected)"),
+    "rerank": ("rerank data", "rerank data (query, pos, neg)"),
+}
+
+
 def _check_kind(fmt: _Format, expect: Kind | None) -> None:
     if expect is None or fmt.kind == expect:
         return
-    if expect == "preference":
-        raise DataFormatError("this is SFT data but the job needs preference pairs (prompt, chosen, "
-                              f"rejected); the file is {fmt.label}")
-    raise DataFormatError("this is preference data but the job needs SFT data (conversations, instructions "
-                          f"or prompt/completion); the file is {fmt.label}")
+    raise DataFormatError(f"this is {_KIND_NAMES[fmt.kind][0]} but the job needs {_KIND_NAMES[expect][1]}; "
+                          f"the file is {fmt.label}")
 
 
 def _detect(record: Any) -> _Format:
@@ -379,6 +387,21 @@ def _openai_preference(record: dict[str, Any]) -> Row:
                                   after="user", last="assistant")}
 
 
+def _passages(value: Any, path: str, *, required: bool) -> list[str]:
+    if not isinstance(value, list):
+        raise _invalid(path, f"must be a list of passages, got {_json_type(value)}")
+    if required and not value:
+        raise _invalid(path, "is empty")
+    return [_text(passage, f"{path}[{i}]") for i, passage in enumerate(value)]
+
+
+def _flag_embedding(record: dict[str, Any]) -> Row:
+    query = _text(_get(record, "query"), "query")
+    instruction = "" if record.get("prompt") is None else _str(record["prompt"], "prompt")
+    return {"query": instruction + query, "pos": _passages(_get(record, "pos"), "pos", required=True),
+            "neg": _passages(record.get("neg", []), "neg", required=False)}
+
+
 @dataclass(frozen=True)
 class _Format:
     name: str
@@ -399,4 +422,5 @@ _FORMATS = (
     _Format("openai_preference", "preference",
             "OpenAI preference (input, preferred_output, non_preferred_output)",
             ("preferred_output", "non_preferred_output"), _openai_preference),
+    _Format("flag_embedding", "rerank", "FlagEmbedding (query, pos, neg)", ("query", "pos"), _flag_embedding),
 )

@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (JSON, Column, Engine, Integer, MetaData, String, Table, Text, create_engine, event,
-                        insert, select, update)
+                        insert, inspect, select, text, update)
 
 from bentoservice.config import get_settings
 
@@ -47,6 +47,7 @@ jobs = Table(
     Column("finished_at", Integer),
     Column("trained_tokens", Integer),
     Column("pid", Integer),
+    Column("host", Text),  # where the job trains: a host name (local processes) or ray:<submission id>
     Column("attempts", Integer, nullable=False, default=0),
     Column("cancel_requested", Integer, nullable=False, default=0),
 )
@@ -101,7 +102,20 @@ def database(url: str | None = None) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _wal)
     metadata.create_all(engine)
+    _add_new_columns(engine)
     return engine
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Columns added since a database was created (all nullable), so an older database keeps working."""
+    existing = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    kind = column.type.compile(engine.dialect)
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 class JobStore:

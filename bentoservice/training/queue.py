@@ -1,68 +1,25 @@
-"""The job queue in the serving process: starts a runner process per job, watches, cancels, recovers.
+"""The job queue in the serving process: starts each job's training, watches, cancels, recovers.
 
-Every job trains in its own OS process (its own session, so a cancel kills the whole group and frees
-its memory). The queue keeps no state the job store does not have: after a restart it adopts runner
-processes that outlived the server, and requeues jobs whose runner died, to resume from their newest
-checkpoint.
+Every job trains in processes of its own, on this machine or on a Ray cluster (training.backends); a local
+one runs in its own session, so a cancel kills the whole group and frees its memory. The queue keeps no
+state the job store does not have: after a restart it adopts trainings that outlived the server, and
+requeues jobs whose training died, to resume from their newest checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from bentoservice.config import get_settings
+from bentoservice.training import backends, filestore
 from bentoservice.training.jobs import JobStore, now
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-KILL_GRACE = 5.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child is dead for our purposes
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-@dataclass
-class Runner:
-    job_id: str
-    pid: int
-    process: subprocess.Popen | None = None  # None when adopted from an earlier server
-    kill_sent: float | None = None
-
-    def finished(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is not None
-        return not _alive(self.pid)
-
-    def kill(self) -> None:
-        """SIGTERM the runner's process group, SIGKILL it if it lingers."""
-        sig = signal.SIGTERM if self.kill_sent is None else signal.SIGKILL
-        if self.kill_sent is None or time.monotonic() - self.kill_sent > KILL_GRACE:
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                pass
-            self.kill_sent = self.kill_sent or time.monotonic()
 
 
 class JobQueue:
@@ -72,7 +29,7 @@ class JobQueue:
         self.on_success = on_success
         self.concurrency = concurrency or get_settings().job_concurrency
         self.poll_seconds = poll_seconds
-        self.runners: dict[str, Runner] = {}
+        self.runners: dict[str, backends.Handle] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-queue", daemon=True)
 
@@ -102,9 +59,11 @@ class JobQueue:
 
     def _recover(self) -> None:
         for job in self.jobs.jobs_in("running"):
-            if job["pid"] and _alive(job["pid"]):
-                log.info("adopting runner %d of job %s", job["pid"], job["id"])
-                self.runners[job["id"]] = Runner(job["id"], job["pid"])
+            if not backends.launched_here(job):
+                continue
+            if (adopted := backends.adopt(job)) is not None:
+                log.info("adopting the training of job %s (%s)", job["id"], job["host"] or job["pid"])
+                self.runners[job["id"]] = adopted
             else:
                 self._settle(job)
 
@@ -119,6 +78,7 @@ class JobQueue:
 
     def _complete(self, job: dict[str, Any]) -> None:
         try:
+            backends.fetch_result(job)
             self.on_success(job)
         except Exception as exc:
             log.exception("serving the result of job %s failed", job["id"])
@@ -147,7 +107,7 @@ class JobQueue:
     def _validate(self) -> None:
         for job in self.jobs.jobs_in("validating_files"):
             missing = [f for f in (job["config"].get("train_file"), job["config"].get("test_file"))
-                       if f and not os.path.isfile(f)]
+                       if f and not filestore.exists(f)]
             if missing:
                 self.jobs.update_job(job["id"], only_if=("validating_files",), status="failed", finished_at=now(),
                                      error={"code": "invalid_file", "param": "training_file",
@@ -162,6 +122,8 @@ class JobQueue:
             del self.runners[job_id]
             job = self.jobs.get_job(job_id)
             if job is not None and job["status"] == "running":
+                if not job["store_tag"] and (note := runner.exit_note()):
+                    self.jobs.add_event(job_id, note, level="warn")
                 self._settle(job)
 
     def _cancel(self) -> None:
@@ -177,18 +139,18 @@ class JobQueue:
             if not self.jobs.update_job(job["id"], only_if=("queued",), status="running",
                                         started_at=job["started_at"] or now(), attempts=job["attempts"] + 1):
                 continue
-            process = self._spawn(job["id"])
-            self.jobs.update_job(job["id"], pid=process.pid)
-            self.runners[job["id"]] = Runner(job["id"], process.pid, process)
-
-    @staticmethod
-    def _spawn(job_id: str) -> subprocess.Popen:
-        folder = get_settings().jobs_dir / job_id
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "runner.log", "ab") as log_file:
-            return subprocess.Popen([sys.executable, "-m", "bentoservice.training.runner", job_id],
-                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            try:
+                handle, where = backends.launch({**job, "attempts": job["attempts"] + 1})
+            except Exception as exc:  # e.g. an unreachable Ray cluster: fail the job with the reason
+                log.exception("launching job %s failed", job["id"])
+                if self.jobs.update_job(job["id"], only_if=("running",), status="failed", finished_at=now(),
+                                        error={"code": "backend_unavailable", "param": "backend",
+                                               "message": f"the training could not start: {exc}"}):
+                    self.jobs.add_event(job["id"], f"Fine-tuning failed: the training could not start: {exc}",
+                                        level="error")
+                continue
+            self.jobs.update_job(job["id"], **where)
+            self.runners[job["id"]] = handle
 
 
 def request_cancel(jobs: JobStore, job_id: str) -> None:

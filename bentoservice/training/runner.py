@@ -1,7 +1,8 @@
 """One fine-tuning job in its own OS process: `python -m bentoservice.training.runner JOB_ID`.
 
 It reads the job from the job store, trains (resuming from the job's newest checkpoint when there is
-one), writes events and checkpoints as it goes, and records the outcome. The serving process never
+one), writes events and checkpoints as it goes, and records the outcome. In a distributed run (see
+training.backends) every worker runs this; only rank 0 writes events and the outcome. The serving process never
 trains; it only launches, watches and cancels these processes, and marks a job succeeded once its
 result is served (see training.queue).
 """
@@ -12,6 +13,9 @@ import logging
 import sys
 from typing import Any
 
+from bentoservice.config import get_settings
+from bentoservice.training import filestore
+from bentoservice.training.backends import rank
 from bentoservice.training.jobs import JobStore, now
 
 log = logging.getLogger("bentoservice.runner")
@@ -49,13 +53,29 @@ def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> None:
         jobs.add_event(job_id, f"Fine-tuning failed: {message}", level="error")
 
 
+def _local_files(options: dict[str, Any], job_id: str) -> dict[str, str]:
+    """The job's files from the file store as local paths (copied under the job's folder when remote)."""
+    folder = get_settings().jobs_dir / job_id / "files"
+    return {key: str(filestore.local_path(options[key], folder)) for key in ("train_file", "test_file")
+            if options.get(key)}
+
+
+def _export(tag: str, job_id: str) -> None:
+    """With a shared file store, leave the model there too: the server's model store may not be this one."""
+    import bentoml
+
+    url = filestore.result_url(job_id)
+    filestore.make_parent(url)
+    bentoml.models.export_model(tag, url)
+
+
 def run(job_id: str) -> int:
     from pydantic import ValidationError
 
     from bentoservice.store import StoreError
     from bentoservice.training.config import TrainingConfig, TrainingError
+    from bentoservice.training.encoder_config import ENCODER_METHODS, EncoderConfig
     from bentoservice.training.formats import DataFormatError
-    from bentoservice.training.trainers import run_training
 
     jobs = JobStore()
     job = jobs.get_job(job_id)
@@ -64,17 +84,33 @@ def run(job_id: str) -> int:
         return 1
     options = dict(job["config"])
     merge = options.pop("merge_before_push", False)
+    options.pop("scale", None)  # how the job is spread over processes: the launcher's business
+    main = rank() == 0
     try:
-        config = TrainingConfig(**options)
-        jobs.add_event(job_id, "Fine-tuning job started" if job["attempts"] <= 1 else
-                       f"Fine-tuning job resumed (attempt {job['attempts']})")
-        result = run_training(config, sink=JobSink(jobs, job_id, config.args.get("max_steps")), resume=True)
+        options.update(_local_files(options, job_id))
+        if options.get("method") in ENCODER_METHODS:
+            from bentoservice.training.encoders import run_encoder_training as train
+
+            config: TrainingConfig | EncoderConfig = EncoderConfig(**options)
+        else:
+            from bentoservice.training.trainers import run_training as train
+
+            config = TrainingConfig(**options)
+        if main:
+            jobs.add_event(job_id, "Fine-tuning job started" if job["attempts"] <= 1 else
+                           f"Fine-tuning job resumed (attempt {job['attempts']})")
+        sink = JobSink(jobs, job_id, config.args.get("max_steps")) if main else None
+        result = train(config, sink=sink, resume=True)
+        if not main:
+            return 0
         model, tag = job["fine_tuned_model"], result.tag
         if merge:
             from bentoservice.training.merge import merge_adapter
 
             tag = str(merge_adapter(config.model, str(result.tag), config.adapter_name + "-merged").tag)
             model = tag.split(":")[0]
+        if get_settings().files_url:
+            _export(str(tag), job_id)
     except (DataFormatError, TrainingError, StoreError, ValidationError, ValueError) as exc:
         _fail(jobs, job_id, "invalid_training_job", str(exc).splitlines()[0])
         return 1

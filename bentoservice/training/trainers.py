@@ -6,12 +6,11 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from bentoservice import store
-from bentoservice.training import formats, hardware
+from bentoservice.training import formats, hardware, speed
 from bentoservice.training.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.config import TrainingConfig, TrainingError, trl_config_class
 
@@ -20,12 +19,14 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
+    from bentoservice import store
+
     TrainData: TypeAlias = formats.Dataset | datasets.Dataset | list[dict[str, Any]] | str | Path
 
 log = logging.getLogger(__name__)
 
 KIND: dict[str, formats.Kind] = {"sft": "sft", "dpo": "preference", "orpo": "preference"}
-IGNORE = -100  # the label that leaves a token out of the loss
+IGNORE = speed.IGNORE
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class TrainingResult:
 
 def resolve_base(model: str, model_id: str | None = None) -> store.StoredModel:
     """The stored base model; `model_id`, when given, must name the same model as `model`."""
+    # Imported here, not at the top: the trainer itself runs without BentoML (bench/training.py on a GPU machine).
+    from bentoservice import store
+
     base = store.ensure_base(model_id or model)
     if model_id and model not in (base.name, base.model_id):
         raise store.StoreError(f"{model_id!r} is stored as {base.name!r}, not as {model!r}")
@@ -127,18 +131,25 @@ def lora_config(config: TrainingConfig) -> LoraConfig:
                       target_modules=config.target_modules, bias=config.bias, task_type="CAUSAL_LM")
 
 
+def training_args(config: TrainingConfig, device: hardware.Device, output_dir: Path) -> dict[str, Any]:
+    """The TRL config's arguments: the config's, with the precision `device` supports."""
+    # use_cpu: without it, processes launched data-parallel on a machine without GPUs would each train alone.
+    cpu = {"use_cpu": True} if device == "cpu" else {}
+    return {**config.trainer_args(), **hardware.precision(device, config.args), **cpu, "output_dir": str(output_dir)}
+
+
 def build_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                   args: dict[str, Any], train: datasets.Dataset, test: datasets.Dataset | None,
-                  progress: ProgressCallback, device: hardware.Device) -> Trainer:
+                  progress: ProgressCallback, device: hardware.Device,
+                  speedups: speed.Speedups | None = None) -> Trainer:
+    """The trainer for `config.method`; SFT takes `speedups` (by default, all that pay on `device`)."""
     if device == "hpu":
         return _gaudi_sft_trainer(config, model, tokenizer, args, train, test, progress)
+    if config.method == "sft":
+        return _sft_trainer(config, model, tokenizer, args, train, test, progress, device, speedups)
     common = dict(model=model, args=trl_config_class(config.method)(**args), train_dataset=train,
                   eval_dataset=test, processing_class=tokenizer, peft_config=lora_config(config),
                   callbacks=[progress])
-    if config.method == "sft":
-        from trl import SFTTrainer
-
-        return SFTTrainer(**common)
     if config.method == "dpo":
         from trl import DPOTrainer
 
@@ -146,6 +157,33 @@ def build_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: Pre
     from trl.experimental.orpo import ORPOTrainer
 
     return ORPOTrainer(**common)
+
+
+def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 args: dict[str, Any], train: datasets.Dataset, test: datasets.Dataset | None,
+                 progress: ProgressCallback, device: hardware.Device, speedups: speed.Speedups | None) -> Trainer:
+    from trl import SFTConfig
+
+    lengths = [len(ids) for ids in train["input_ids"]]
+    speedups = speedups or speed.defaults(device, speed.planned_tokens(lengths, args))
+    checkpointing_chosen = bool({"gradient_checkpointing", "activation_checkpointing"} & set(config.args))
+    args = speed.sft_args(args, speedups, config.packing)
+    padding_free = bool(args.get("padding_free") or config.packing)
+    speed.prepare(model, padding_free)
+    trainer = speed.sft_trainer_class()(model=model, args=SFTConfig(**args), train_dataset=train, eval_dataset=test,
+                                        processing_class=tokenizer, peft_config=lora_config(config),
+                                        callbacks=[progress])
+    trainer.labelled_logits = speedups.labelled_logits and padding_free
+    checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
+    if not checkpointing_chosen:
+        plan = speed.memory_plan(trainer.model, config.lora_dropout, speedups.liger or speedups.compile, device)
+        largest = speed.largest_batch(lengths, args)
+        checkpointing = bool(plan.checkpointed(largest))
+        trainer.fit_memory(plan, largest)
+    if checkpointing:  # Inductor fails on checkpointed layers
+        speedups = replace(speedups, compile=False)
+    speed.finish(trainer.model, speedups, mixed_precision=bool(args.get("bf16") or args.get("fp16")))
+    return trainer
 
 
 def _gaudi_sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -187,6 +225,8 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
     training stops (saving a checkpoint) once `stop` is set. `resume=True` continues from the newest
     checkpoint in the output folder, when there is one (set `output_dir` in args to reuse a folder).
     """
+    from bentoservice import store
+
     base = resolve_base(config.model, config.model_id)
     device = hardware.detect_device()
     check_supported(config, device)
@@ -195,7 +235,7 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
         formats.check_lengths(data, token_counter(tokenizer, data.kind), config.max_seq_length)
 
     output_dir = Path(config.args.get("output_dir") or store.new_fine_tune_path(base.name, base.model_id))
-    args = {**config.trainer_args(), **hardware.precision(device, config.args), "output_dir": str(output_dir)}
+    args = training_args(config, device, output_dir)
     checkpoint = args.pop("resume_from_checkpoint", None)
     if checkpoint is None and resume:
         checkpoint = _last_checkpoint(output_dir)
@@ -211,7 +251,9 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
         return TrainingResult(None, None, metrics, output_dir, stopped=True)
     if test is not None:
         metrics.update(trainer.evaluate())
-    trainer.save_model(str(output_dir))
+    trainer.save_model(str(output_dir))  # every process of a distributed run takes part (FSDP gathers the weights)
+    if not trainer.is_world_process_zero():
+        return TrainingResult(None, None, metrics, output_dir)
     tokenizer.save_pretrained(output_dir)
     stored = store.save_adapter(config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
                                 output_dir, base.name, adapter_metadata(config, args, metrics))

@@ -1,0 +1,173 @@
+"""The engine's model passes: packed prefill and batched decode over the slot cache.
+
+On a GPU the decode pass is replayed from CUDA graphs, one per (batch bucket, cache length, LoRA or
+not): an eager step there costs tens of milliseconds of kernel launches. A graph's inputs are fixed
+buffers (token, position and LoRA mask of each row); rows past the batch are padding that writes
+only to free cache rows. Graphs are captured on first use and dropped when the cache or the adapter
+stacks move.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import accumulate
+from typing import Any
+
+import torch
+from torch import nn
+
+from bentoservice.engine.cache import LENGTH_STEP, SlotCache
+from bentoservice.engine.lora import LoraBatch
+
+log = logging.getLogger(__name__)
+
+
+class PackedLinear(nn.Linear):
+    """A Linear whose weight is prepacked for oneDNN. On the CPU this runs a decode step's products
+    about a fifth faster than the dense weight, and a row's result does not depend on how many rows
+    the batch has (the dense product takes another path for a single row)."""
+
+    packed: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module, batch_hint: int) -> None:
+    """Turn the model's float32 Linear layers into PackedLinear, dropping dense weights nothing else reads."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    shared = {id(p) for name, module in model.named_modules() if not isinstance(module, nn.Linear)
+              for p in module.parameters(recurse=False)}  # tied to an embedding: keep it
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+            weight = module.weight.detach()
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+            module.__class__ = PackedLinear
+            if id(module.weight) not in shared:  # keeps dtype and device for whoever asks, not the values
+                module.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+
+
+def batch_buckets(max_rows: int) -> list[int]:
+    """Decode batch sizes that get a graph: powers of two, then max_rows itself."""
+    sizes = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows]
+    return [*sizes, max_rows]
+
+
+class Forward:
+    def __init__(self, model: Any, lora: LoraBatch, max_rows: int, cuda_graphs: bool) -> None:
+        if not cuda_graphs and next(model.parameters()).device.type == "cpu":
+            pack_linears(model, max_rows)
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.lora = lora
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.cache = SlotCache(config.num_hidden_layers, kv_heads, head_dim, model.dtype, self.device)
+        self.cuda_graphs = cuda_graphs
+        self.buckets = batch_buckets(max_rows)
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        if cuda_graphs:
+            rows = self.buckets[-1]
+            self._pool = torch.cuda.graph_pool_handle()
+            self._inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # tokens, positions
+            self._rows = torch.arange(rows, device=self.device)
+            self._lora_mask: torch.Tensor | None = None
+
+    # -- cache rows -----------------------------------------------------------------------------
+
+    def _reserve(self, rows: int, length: int) -> None:
+        if self.cuda_graphs:  # graphs read fixed addresses: allocate every row once, grow rarely
+            rows = self.buckets[-1]
+        if self.cache.reserve(rows, length):
+            self._graphs.clear()
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.cache.move_row(src, dst)
+
+    def idle(self) -> None:
+        """Nothing is running: give the cache's memory back (kept on a GPU, where graphs point at it)."""
+        if not self.cuda_graphs:
+            self.cache.clear()
+
+    def adapters_changed(self) -> None:
+        self._graphs.clear()
+        self._lora_mask = None
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    def prefill(self, prompts: list[list[int]], slots: list[int], row0: int) -> torch.Tensor:
+        """Prompts packed into one pass, written to rows row0...; the logits of each prompt's last token."""
+        lengths = [len(p) for p in prompts]
+        self._reserve(row0 + len(prompts), max(lengths) + 1)
+        segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        mask = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])
+        self.cache.prefill((segment + row0).to(self.device), positions.to(self.device))
+        self.lora.set([slot for slot, n in zip(slots, lengths) for _ in range(n)], self.dtype, self.device)
+        ids = torch.tensor([t for p in prompts for t in p], device=self.device)[None]
+        hidden = self.decoder(input_ids=ids, position_ids=positions[None].to(self.device),
+                              attention_mask=mask[None, None].to(self.device), past_key_values=self.cache,
+                              use_cache=True).last_hidden_state
+        last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
+        return self.head(hidden[0, last]).float()
+
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token for each of rows 0..n-1: their logits and, from a graph, the greedy choice too."""
+        n, length = len(tokens), max(positions) + 1
+        if not self.cuda_graphs:
+            self._reserve(n, length)
+            self.lora.set(slots, self.dtype, self.device)
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            logits = self._decode_pass(ids, torch.tensor(positions, device=self.device), length)
+            return logits, None
+        size = next(b for b in self.buckets if b >= n)
+        length = -(-length // LENGTH_STEP) * LENGTH_STEP
+        self._reserve(size, length)
+        pad = [0] * (size - n)
+        self._inputs[:, :size].copy_(torch.tensor([tokens + pad, positions + pad]))
+        lora = any(slots) and self.lora.stacked > 0
+        if lora:
+            if self._lora_mask is None:
+                self._lora_mask = torch.zeros(self.buckets[-1], self.lora.stacked * self.lora.rank,
+                                              dtype=self.dtype, device=self.device)
+            self.lora.set(slots + pad, self.dtype, self.device, out=self._lora_mask)
+        else:
+            self.lora.set([0], self.dtype, self.device)
+        key = (size, length, lora)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(size, length)
+        graph, logits, greedy = self._graphs[key]
+        graph.replay()
+        return logits[:n], greedy[:n]
+
+    def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        n = ids.shape[0]
+        arange = self._rows[:n] if self.cuda_graphs else torch.arange(n, device=self.device)
+        self.cache.decode(arange, positions, length)
+        mask = torch.arange(length, device=self.device)[None, :] <= positions[:, None]
+        hidden = self.decoder(input_ids=ids, position_ids=positions[:, None], attention_mask=mask[:, None, None, :],
+                              past_key_values=self.cache, use_cache=True).last_hidden_state
+        return self.head(hidden[:, -1]).float()
+
+    def _capture(self, size: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """Capture the decode pass of `size` rows. Its warm-up runs do this step's real work: a pass
+        writes the same keys and values each time it runs, so running it again changes nothing."""
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self._decode_pass(self._inputs[0, :size, None], self._inputs[1, :size], length)
+            return logits, logits.argmax(-1)
+
+        log.info("capturing a CUDA graph: batch %d, cache length %d", size, length)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, greedy = run()
+        return graph, logits, greedy

@@ -1,0 +1,323 @@
+"""The fast SFT path: padding-free batches, attention within each example, fused kernels where they pay.
+
+A padding-free batch concatenates its examples into one row: `position_ids` restart at 0 for each example, and
+TRL's collator adds `cu_seq_lens_q/k` (where each example starts) and `max_length_q/k`. The attention registered
+here as VARLEN attends within each example only: flash attention's varlen kernel on CUDA
+(`torch.nn.attention.varlen`), one causal SDPA call per example elsewhere. Nothing is spent on padding and no
+`(tokens x tokens)` mask is built. Inputs with a padding mask or a KV cache fall back to plain SDPA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import math
+import statistics
+from dataclasses import dataclass
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any
+
+from bentoservice.training.hardware import Device
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+    from trl import SFTTrainer
+
+log = logging.getLogger(__name__)
+
+VARLEN = "bentoservice_varlen"
+IGNORE = -100  # the label that leaves a token out of the loss
+# Compiling the decoder layers took 73 to 102 s on an H100, then saved 10 to 15 us a token (Llama-3.2-1B shape,
+# 8 chats a batch; docs/benchmarks.md): it pays from about ten million trained tokens.
+COMPILE_FROM_TOKENS = 10_000_000
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """What the SFT trainer does to go fast; `defaults` picks them, the benchmark switches them one by one."""
+
+    padding_free: bool = True
+    """Concatenate each batch's examples into one row, attended with VARLEN (no padding, no mask)."""
+    liger: bool = False
+    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (TRL's fused LM head already covers the loss)."""
+    compile: bool = False
+    """torch.compile each decoder layer (one compiled graph shared by all layers, dynamic token counts), instead of
+    Liger (Dynamo cannot trace Liger's kernels) and only where no batch needs checkpointed layers (Inductor fails
+    on them)."""
+    labelled_logits: bool = False
+    """Project through the LM head only the positions that predict a trained token, with plain cross-entropy.
+    TRL's fused LM head does so with Triton on CUDA, but scores every position elsewhere, and recomputes them."""
+
+
+def defaults(device: Device, planned_tokens: int) -> Speedups:
+    """What pays on `device` for a run of about `planned_tokens` trained tokens."""
+    if device != "cuda":
+        # Liger and Inductor's kernels are Triton (GPU) kernels.
+        return Speedups(labelled_logits=True)
+    return Speedups(liger=importlib.util.find_spec("liger_kernel") is not None,
+                    compile=planned_tokens >= COMPILE_FROM_TOKENS)
+
+
+def planned_tokens(lengths: list[int], args: dict[str, Any]) -> int:
+    """About how many tokens a run of the SFT config's `args` trains on."""
+    batch = int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
+    steps = int(args.get("max_steps", -1))
+    if steps <= 0:
+        steps = math.ceil(len(lengths) / batch * float(args.get("num_train_epochs", 3)))
+    return int(steps * batch * statistics.fmean(lengths))
+
+
+def sft_args(args: dict[str, Any], speedups: Speedups, packing: bool) -> dict[str, Any]:
+    """The SFT config's arguments for `speedups`."""
+    args = dict(args)
+    if speedups.padding_free and not packing:
+        # Lengths were checked against max_seq_length before the model loaded: nothing is left to truncate.
+        args.update(padding_free=True, max_length=None)
+    # TRL checkpoints every layer by default, which recomputes the whole forward pass (a third more compute);
+    # the trainer checkpoints only the layers that each batch needs for memory (`memory_plan`), unless the user
+    # chose.
+    args.setdefault("gradient_checkpointing", False)
+    return args
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How many decoder layers a batch needs checkpointed (their activations recomputed in the backward pass)
+    for what the others keep to fit in memory: none for most batches, some for the largest."""
+
+    keep_per_token: int
+    """Bytes one decoder layer keeps per token for the backward pass."""
+    input_per_token: int
+    """Bytes it keeps when checkpointed: its input."""
+    layers: int
+    budget: int
+    """Bytes free for activations."""
+
+    def checkpointed(self, tokens: int) -> int:
+        excess = self.keep_per_token * tokens * self.layers - self.budget
+        if excess <= 0:
+            return 0
+        return min(self.layers, math.ceil(excess / ((self.keep_per_token - self.input_per_token) * tokens)))
+
+
+def memory_plan(model: PreTrainedModel, lora_dropout: float, fused: bool, device: Device) -> MemoryPlan:
+    """The plan for `model` (the trainer's, on its device), LoRA on all linear layers; `fused`: Liger's RMSNorm and
+    SwiGLU kernels, which keep less.
+
+    Per token and layer, in activations: the norms' inputs and outputs, q, k, v (after RoPE) and the attention
+    output, the MLP's gate, up and product; without Liger, the norms' float32 intermediates and the MLP's
+    activation too; LoRA dropout keeps a dropped copy (and its mask) of each LoRA layer's input instead of sharing
+    it.
+    """
+    text = model.config.get_text_config()
+    hidden, inner = text.hidden_size, text.intermediate_size
+    heads = text.num_key_value_heads * (getattr(text, "head_dim", None) or hidden // text.num_attention_heads)
+    elements = 6 * hidden + 2 * heads + 3 * inner
+    if not fused:
+        elements += 8 * hidden + inner
+    if lora_dropout > 0:
+        elements += 7 * hidden + inner // 2
+    itemsize = next(p for p in model.parameters() if p.is_floating_point()).dtype.itemsize
+    return MemoryPlan(elements * itemsize, hidden * itemsize, len(decoder_layers(model)),
+                      int(0.75 * free_memory(device)))
+
+
+def largest_batch(lengths: list[int], args: dict[str, Any]) -> int:
+    """The most tokens a batch of these examples can hold, padding included, under the SFT config's `args`."""
+    batch = int(args.get("per_device_train_batch_size", 8))
+    if args.get("packing"):
+        return batch * int(args["max_length"])
+    if args.get("padding_free"):
+        return sum(sorted(lengths)[-batch:])
+    return batch * max(lengths)
+
+
+def checkpoint_layers(layers: list[torch.nn.Module], count: int) -> None:
+    """Recompute the activations of the first `count` of these decoder layers in the backward pass, keep the
+    others'."""
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < count
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def free_memory(device: Device) -> int:
+    """Bytes free on `device`."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def prepare(model: PreTrainedModel, padding_free: bool) -> None:
+    """Set up the base model (before PEFT wraps it); `padding_free`: the batches will be."""
+    if padding_free:
+        register_attention()
+        model.set_attn_implementation(VARLEN)
+
+
+def finish(model: PreTrainedModel, speedups: Speedups, mixed_precision: bool) -> None:
+    """Set up the trainer's model (PEFT's) for `speedups`."""
+    if mixed_precision:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # PEFT casts each LoRA layer's input to the adapter's float32, a copy of every activation (and float32
+        # dropout) that autocast casts back to bf16 for the matmul: the same result without both copies.
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    if speedups.compile:
+        compile_layers(model)
+    elif speedups.liger:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        # TRL's fused LM head computes the loss without the logits; Liger's would replace the model's forward.
+        apply_liger_kernel(model, {"fused_linear_cross_entropy": False, "cross_entropy": False})
+
+
+@cache
+def sft_trainer_class() -> type[SFTTrainer]:
+    """SFTTrainer, whose loss on padding-free batches can come from the labelled positions' logits alone."""
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class FastSFTTrainer(SFTTrainer):
+        labelled_logits = False
+        memory: MemoryPlan | None = None
+        layers: list[torch.nn.Module] = []
+
+        def fit_memory(self, plan: MemoryPlan, largest_batch: int) -> None:
+            """Checkpoint, batch by batch, the layers that `plan` says the batch needs (`largest_batch`: the most
+            tokens a batch can hold)."""
+            most = plan.checkpointed(largest_batch)
+            log.info("checkpointing at most %d of %d layers (batches of up to %d tokens, %.1f GiB free)", most,
+                     plan.layers, largest_batch, plan.budget / 0.75 / 2**30)
+            if most:
+                self.memory, self.layers = plan, decoder_layers(self.model)
+                self.model.activation_checkpointing_enable({"use_reentrant": False})
+                checkpoint_layers(self.layers, 0)
+
+        def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+            if self.memory is not None and model.training:
+                checkpoint_layers(self.layers, self.memory.checkpointed(inputs["input_ids"].numel()))
+            labels = inputs.get("labels")
+            plain = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+            if not (self.labelled_logits and plain and not self.aux_loss_enabled and not return_outputs
+                    and labels is not None and labels.shape[0] == 1):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            targets = labels[0, 1:]
+            keep = (targets != IGNORE).nonzero().squeeze(-1)
+            batch = {k: v for k, v in inputs.items() if k != "labels"}
+            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[0]
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            count = keep.numel() if num_items_in_batch is None else num_items_in_batch
+            loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As Trainer and TRL do: the count holds every rank's tokens, and DDP averages the ranks' gradients.
+                loss = loss * self.accelerator.num_processes
+            return loss
+
+    return FastSFTTrainer
+
+
+def compile_layers(model: PreTrainedModel) -> None:
+    """Compile each decoder layer in place; they share one graph, so it compiles once whatever the depth."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compiling %d decoder layers", len(layers))
+
+
+@cache
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, partial(varlen_attention, flash_options=_flash_options()))
+    AttentionMaskInterface.register(VARLEN, _mask)
+
+
+def _flash_options() -> dict[str, Any]:
+    """How this torch's `varlen_attn` asks for causal attention and grouped key/value heads (read once, outside
+    compiled code): torch 2.13 takes window_size and enable_gqa; earlier releases is_causal, and grouped heads
+    as they are."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    takes = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in takes else {"is_causal": True}
+    return {"causal": causal, "gqa": "enable_gqa" in takes}
+
+
+def _mask(*args: Any, attention_mask: torch.Tensor | None = None, q_length: int = 0, kv_length: int = 0,
+          **kwargs: Any) -> torch.Tensor | None:
+    """No mask where VARLEN needs none (no padding, no cache); SDPA's mask otherwise."""
+    if attention_mask is None and q_length == kv_length:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, **kwargs)
+
+
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                     position_ids: torch.Tensor | None = None, flash_options: dict[str, Any] | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention within each example of padding-free rows.
+
+    query/key/value: (batch, heads, tokens, dim); the output is (batch, tokens, heads, dim), as transformers'
+    attention functions return it.
+    """
+    import torch
+
+    batch, heads, tokens, dim = query.shape
+    if cu_seq_lens_q is None and attention_mask is None and position_ids is not None and key.shape[2] == tokens:
+        from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+        # Packed position_ids without the collator's boundaries: the examples start where the positions restart.
+        (cu_seq_lens_q, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids.expand(batch, -1))
+        max_length_q = int(longest)
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kwargs)
+    q, k, v = (x.transpose(1, 2).reshape(batch * tokens, x.shape[1], dim) for x in (query, key, value))
+    if q.is_cuda:
+        out = _flash_varlen(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q), scaling, flash_options or {})
+    else:
+        out = _per_example(q, k, v, cu_seq_lens_q.tolist(), scaling)
+    return out.view(batch, tokens, heads, dim), None
+
+
+def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
+                  max_length: int, scaling: float | None, options: dict[str, Any]) -> torch.Tensor:
+    """(tokens, heads, dim) in and out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    gqa = {"enable_gqa": True} if options["gqa"] and key.shape[1] != query.shape[1] else {}
+    return varlen_attn(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
+                       **options["causal"], **gqa)
+
+
+def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                 scaling: float | None) -> torch.Tensor:
+    """One causal SDPA call per example; (tokens, heads, dim) in and out."""
+    import torch
+    import torch.nn.functional as F
+
+    gqa = key.shape[1] != query.shape[1]
+    # 4D inputs: SDPA's CPU flash kernel takes no others (3D ones fall back to the slower math path).
+    parts = [F.scaled_dot_product_attention(*(x[None, start:end].transpose(1, 2) for x in (query, key, value)),
+                                            is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
+             for start, end in zip(bounds[:-1], bounds[1:], strict=False) if end > start]
+    return torch.cat(parts)

@@ -1,0 +1,136 @@
+"""The fast SFT path computes what the plain one does: examples packed into one row never see each other, and
+training on padding-free batches gives the padded path's losses. (Speed itself is measured in bench/training.py.)"""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from bentoservice import store
+from bentoservice.training import formats, hardware, speed
+from bentoservice.training.callbacks import ProgressCallback
+from bentoservice.training.config import TrainingConfig
+from bentoservice.training.trainers import build_trainer, hf_dataset, load_tokenizer, training_args
+
+WORDS = "apple river stone cloud green quiet market window silver orange planet garden".split()
+
+
+def chats(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Chats of varied lengths, some of two turns."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        messages = []
+        for _ in range(1 + i % 2):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40)))
+            messages += [{"role": "user", "content": f"Repeat: {text}"}, {"role": "assistant", "content": text}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def packed_batch(examples: list[list[int]]) -> dict[str, Any]:
+    """TRL's padding-free batch of these token ids, every token a label."""
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    return collator([{"input_ids": ids, "labels": ids} for ids in examples])
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled tokens of one row."""
+    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+
+
+def test_packed_examples_never_attend_to_each_other(tiny_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    fast = copy.deepcopy(model)
+    speed.prepare(fast, padding_free=True)
+    torch.manual_seed(0)
+    examples = [torch.randint(0, 1000, (n,)).tolist() for n in (7, 33, 2, 18)]
+    batch = packed_batch(examples)
+    with torch.no_grad():
+        packed = fast(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        alone = [model(torch.tensor([ids]), use_cache=False).logits[0] for ids in examples]
+        # Each example's logits are those it gets on its own, so its loss is too.
+        torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-4, atol=1e-5)
+        ends = torch.tensor([len(ids) for ids in examples]).cumsum(0).tolist()
+        total = sum(causal_lm_loss(logits, torch.tensor(ids)) for logits, ids in zip(alone, examples, strict=True))
+        labels = batch["labels"][0]
+        torch.testing.assert_close(causal_lm_loss(packed, labels), total, rtol=1e-5, atol=1e-4)
+        assert (labels[[0, *ends[:-1]]] == -100).all()  # no example learns its first token from the one before
+
+        # Changing one example changes nothing in the others; so does packing them without the boundaries
+        # (position_ids alone).
+        changed = [examples[0], [5] * 33, examples[2], examples[3]]
+        batch2 = packed_batch(changed)
+        again = fast(**{k: v for k, v in batch2.items() if k != "labels"}, use_cache=False).logits[0]
+        torch.testing.assert_close(again[:7], packed[:7])
+        torch.testing.assert_close(again[40:], packed[40:])
+        bare = fast(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        torch.testing.assert_close(bare, packed)
+
+
+def sft_trainer(tiny: store.StoredModel, rows: list[dict[str, Any]], out: Path, speedups: speed.Speedups) -> Any:
+    tokenizer = load_tokenizer(tiny.path)
+    config = TrainingConfig(model="tiny", lora_dropout=0.0, args={
+        "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
+        "save_strategy": "no"})
+    dataset = hf_dataset(tokenizer, formats.Dataset("openai_chat", "sft", rows))
+    torch.manual_seed(0)  # the same LoRA initialisation for every run
+    return build_trainer(config, hardware.load_model(tiny.path, "cpu", "lora"), tokenizer,
+                         training_args(config, "cpu", out), dataset, None, ProgressCallback(), "cpu", speedups)
+
+
+def losses(trainer: Any) -> list[float]:
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def test_padding_free_training_follows_the_padded_path(tiny: store.StoredModel, tmp_path: Path) -> None:
+    rows = chats(16)
+    padded = losses(sft_trainer(tiny, rows, tmp_path / "padded",
+                                speed.Speedups(padding_free=False, labelled_logits=False)))
+    trainer = sft_trainer(tiny, rows, tmp_path / "fast", speed.defaults("cpu", planned_tokens=0))
+    assert trainer.args.padding_free and trainer.labelled_logits
+    assert not trainer.args.gradient_checkpointing and trainer.memory is None  # TRL's default recomputes every layer
+    fast = losses(trainer)
+    assert len(fast) == 4 and fast[-1] < fast[0]  # it learns...
+    assert fast == pytest.approx(padded, rel=1e-4)  # ...as the padded path does, step by step
+
+    # With too little memory for any batch, every layer is checkpointed, and the learning is the same.
+    short = sft_trainer(tiny, rows, tmp_path / "short", speed.defaults("cpu", planned_tokens=0))
+    short.fit_memory(speed.MemoryPlan(keep_per_token=100, input_per_token=1, layers=2, budget=0), largest_batch=10)
+    assert losses(short) == pytest.approx(fast, rel=1e-5)
+    assert [layer.gradient_checkpointing for layer in short.layers] == [True, True]
+
+
+def test_checkpointing_some_layers_changes_no_gradient(tiny_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    plan = speed.MemoryPlan(keep_per_token=10, input_per_token=1, layers=4, budget=400)
+    assert [plan.checkpointed(tokens) for tokens in (10, 20, 1000)] == [0, 3, 4]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    speed.prepare(base, padding_free=True)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    batch = packed_batch([torch.randint(0, 1000, (n,)).tolist() for n in (12, 30, 5)])
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(**batch, use_cache=False).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    plain = gradients()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    layers = speed.decoder_layers(model)
+    speed.checkpoint_layers(layers, 1)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    checkpointed = gradients()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad)

@@ -50,7 +50,23 @@ def known_args(method: str) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(config_class) if f.init)
 
 
-class TrainingConfig(BaseModel):
+class FineTuneChecks(BaseModel):
+    """Checks every fine-tune config shares: `adapter_name` is a store name, `args` take familiar aliases."""
+
+    @field_validator("args", check_fields=False)
+    @classmethod
+    def _resolve_aliases(cls, args: dict[str, Any]) -> dict[str, Any]:
+        return {ARG_ALIASES.get(k, k): v for k, v in args.items()}
+
+    @field_validator("adapter_name", check_fields=False)
+    @classmethod
+    def _tag_name(cls, name: str | None) -> str | None:
+        if name is not None and not TAG_NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid store name (lowercase letters, digits, '_', '-', '.')")
+        return name
+
+
+class TrainingConfig(FineTuneChecks):
     """A fine-tune. Unknown top-level keys that are training arguments (e.g. `epochs`, `learning_rate`) move into
     `args`, which passes everything else through to the TRL config (a `transformers.TrainingArguments`)."""
 
@@ -90,18 +106,6 @@ class TrainingConfig(BaseModel):
         if not extra:
             return data
         return {**{k: v for k, v in data.items() if k in own}, "args": {**extra, **(data.get("args") or {})}}
-
-    @field_validator("args")
-    @classmethod
-    def _resolve_aliases(cls, args: dict[str, Any]) -> dict[str, Any]:
-        return {ARG_ALIASES.get(k, k): v for k, v in args.items()}
-
-    @field_validator("adapter_name")
-    @classmethod
-    def _tag_name(cls, name: str | None) -> str | None:
-        if name is not None and not TAG_NAME.match(name):
-            raise ValueError(f"{name!r} is not a valid store name (lowercase letters, digits, '_', '-', '.')")
-        return name
 
     @model_validator(mode="after")
     def _check_args(self) -> TrainingConfig:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from bentoservice.training.config import ARG_ALIASES, TAG_NAME
+from bentoservice.training.config import FineTuneChecks
 
 EncoderMethod = Literal["rerank", "embedding"]
 ENCODER_METHODS: tuple[str, ...] = ("rerank", "embedding")
@@ -28,7 +28,7 @@ class EncoderLora(BaseModel):
     target_modules: str | list[str] = "all-linear"
 
 
-class EncoderConfig(BaseModel):
+class EncoderConfig(FineTuneChecks):
     """`method="rerank"` trains a cross-encoder: each query against its positive and `group_size - 1` sampled
     negatives, softmax cross-entropy of the positive. `method="embedding"` trains a bi-encoder contrastively:
     each query against its group and every other passage in the batch (in-batch negatives), at `temperature`.
@@ -58,17 +58,6 @@ class EncoderConfig(BaseModel):
     """Embedding: the softmax temperature of the cosine similarities."""
     args: dict[str, Any] = {}
 
-    @field_validator("args")
-    @classmethod
-    def _resolve_aliases(cls, args: dict[str, Any]) -> dict[str, Any]:
-        return {ARG_ALIASES.get(k, k): v for k, v in args.items()}
-
-    @field_validator("adapter_name")
-    @classmethod
-    def _tag_name(cls, name: str | None) -> str | None:
-        if name is not None and not TAG_NAME.match(name):
-            raise ValueError(f"{name!r} is not a valid store name (lowercase letters, digits, '_', '-', '.')")
-        return name
 
     @property
     def default_learning_rate(self) -> float:

@@ -230,10 +230,10 @@ def test_bentoml_task_endpoint(server: Server) -> None:
 
     async def finished(task) -> dict:
         """The task's result; BentoML registers a task's status a moment after accepting it."""
-        deadline = time.monotonic() + 480
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                if (await task.get_status()).value in ("success", "failure"):
+                if (await task.get_status()).value in ("completed", "failed", "canceled"):
                     return await task.get()
             except bentoml.exceptions.NotFound:
                 pass

@@ -261,7 +261,8 @@ def test_scale_fields_are_checked(scaled: tuple[Server, Path]) -> None:
     uploaded = server.client().files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
     base = {"model": "tiny", "training_file": uploaded.id}
     for extra, param in (({"gpus_per_worker": 2}, "gpus_per_worker"), ({"num_workers": 0}, "num_workers"),
-                         ({"distributed": "zero"}, "distributed"), ({"backend": "slurm"}, "backend")):
+                         ({"distributed": "zero"}, "distributed"), ({"backend": "slurm"}, "backend"),
+                         ({"distributed": "fsdp", "gpus_per_worker": 0}, "distributed")):
         reply = httpx.post(f"{server.url}/v1/fine_tuning/jobs", json={**base, **extra}, timeout=30)
         assert reply.status_code == 400, reply.text
         error = reply.json()["error"]

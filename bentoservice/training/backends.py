@@ -45,11 +45,11 @@ RAY_FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 HOST = socket.gethostname()
 
 # TrainingArguments for each way of spreading a job over its workers: DDP is the Trainer's default under a process
-# group; FSDP shards parameters, gradients and optimizer state (FSDP2 keeps LoRA's frozen and trained weights apart);
-# DeepSpeed ZeRO-2 shards optimizer state and gradients ("auto" takes the Trainer's own values).
+# group; FSDP2 shards parameters, gradients and optimizer state; DeepSpeed ZeRO-2 shards optimizer state and gradients
+# ("auto" takes the Trainer's own values). Both shard over GPUs: accelerate runs CPU processes as plain DDP.
 DISTRIBUTED_ARGS: dict[str, dict[str, Any]] = {
     "ddp": {"ddp_find_unused_parameters": False},  # every LoRA weight takes part: skip DDP's search for unused ones
-    "fsdp": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}},
+    "fsdp": {"fsdp": True, "fsdp_config": {"version": 2}},  # full shard, wrapped by decoder layer
     "deepspeed": {"deepspeed": {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
                                 "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
                                 "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
@@ -78,6 +78,9 @@ class Scale(BaseModel):
 def check(scale: Scale) -> Scale:
     """Refuse at once what cannot run (raises BackendError)."""
     settings = get_settings()
+    if scale.distributed != "ddp" and scale.gpus_per_worker == 0:
+        raise BackendError(f"distributed={scale.distributed} shards the model over GPUs; CPU workers train with ddp",
+                           "distributed")
     if scale.backend == "ray":
         if not settings.ray_address:
             raise BackendError("no Ray cluster is configured: set BENTOSERVICE_RAY_ADDRESS to its dashboard "

@@ -6,6 +6,7 @@ training node can reach. Torch-free: the HTTP layer, the queue and the runners u
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,10 @@ def local_path(url: str, folder: Path) -> Path:
         return Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / Path(path).name
-    with fs.open(path, "rb") as source, open(copy, "wb") as out:
+    # Each worker of a distributed job copies on its own and renames at once: none reads another's half-written copy.
+    partial = copy.with_name(f"{copy.name}.{os.getpid()}.part")
+    with fs.open(path, "rb") as source, open(partial, "wb") as out:
         shutil.copyfileobj(source, out, CHUNK)
+    os.replace(partial, copy)
     log.info("copied %s to %s", url, copy)
     return copy

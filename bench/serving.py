@@ -59,21 +59,34 @@ def free_port() -> int:
 
 # -- the model and its adapters ---------------------------------------------------------------------
 
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
+}
+
+
 def make_random_model(folder: Path, tokenizer_dir: Path, shape: str) -> Path:
-    """A random-weight model of a known shape (speed does not depend on the weights' values)."""
+    """A random-weight bf16 model of a known shape (speed does not depend on the weights' values).
+
+    The (tied) embedding rows of special tokens and of ids the tokenizer lacks are zero, so greedy
+    decoding picks ordinary tokens: replies stream as text and do not stop early."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    shapes = {"llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                                   rope_theta=500000.0, tie_word_embeddings=True)}
     if (folder / "config.json").exists():
         return folder
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**shapes[shape], max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding[len(tokenizer):] = 0
+        embedding[tokenizer.all_special_ids] = 0
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -236,16 +249,16 @@ async def one_request(session, url: str, body: dict) -> Result:
     return result
 
 
-async def run_load(server: Server, prompts: list[dict], models: list[str], args: argparse.Namespace,
-                   usage: bool) -> tuple[list[Result], float]:
+async def run_load(server: Server, prompts: list[dict], models: list[str], streams: int, rounds: int,
+                   max_tokens: int, usage: bool) -> tuple[list[Result], float]:
     import aiohttp
 
     async def client(i: int, session) -> list[Result]:
         results = []
-        for r in range(args.rounds):
-            n = i + r * args.streams
+        for r in range(rounds):
+            n = i + r * streams
             body = {"model": models[n % len(models)], "messages": prompts[n % len(prompts)]["messages"],
-                    "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+                    "max_tokens": max_tokens, "temperature": 0, "stream": True}
             if usage:
                 body["stream_options"] = {"include_usage": True}
             results.append(await one_request(session, server.url, body))
@@ -254,7 +267,7 @@ async def run_load(server: Server, prompts: list[dict], models: list[str], args:
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         start = time.perf_counter()
-        per_client = await asyncio.gather(*(client(i, session) for i in range(args.streams)))
+        per_client = await asyncio.gather(*(client(i, session) for i in range(streams)))
         wall = time.perf_counter() - start
     return [r for results in per_client for r in results], wall
 
@@ -293,12 +306,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Serving benchmark (see the module docstring)")
     parser.add_argument("--model", default="smollm2", help="store name of the base model")
     parser.add_argument("--model-dir", type=Path, help="import this HF folder into the store as --model if missing")
-    parser.add_argument("--random-model", choices=["llama-3.2-1b"],
+    parser.add_argument("--random-model", choices=sorted(SHAPES),
                         help="make --model-dir as a random-weight model of this shape first")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for --random-model")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--warmup-tokens", type=int, default=8,
+                        help="max_tokens of an untimed round of every stream first (0: none)")
+    parser.add_argument("--ready-timeout", type=float, default=900, help="seconds a server may take to start")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--targets", default="bentoservice,naive,transformers-cb",
@@ -329,16 +345,20 @@ def main() -> None:
     for target in targets:
         server = start_server(target, args, model_dir, adapters if target == "bentoservice" else [], args.work_dir)
         try:
-            server.wait_ready()
+            server.wait_ready(args.ready_timeout)
             if target == "bentoservice":
                 models = [f"a{i + 1}" for i in range(len(adapters))] or [args.model]
             elif target == "bentoservice-base":
                 models = [f"{args.model}:base"]
             else:
                 models = [server.model]
+            usage = target.startswith("bentoservice")
+            if args.warmup_tokens:  # every batch size once, so that lazy set-up (CUDA graphs) is not timed
+                asyncio.run(run_load(server, prompts, models, args.streams, 1, args.warmup_tokens, usage))
             memory = MemoryPeak(server.proc.pid)
             memory.start()
-            results, wall = asyncio.run(run_load(server, prompts, models, args, target.startswith("bentoservice")))
+            results, wall = asyncio.run(run_load(server, prompts, models, args.streams, args.rounds, args.max_tokens,
+                                                 usage))
             memory.stop()
         finally:
             server.stop()
@@ -347,6 +367,7 @@ def main() -> None:
         print(f"{target}: {json.dumps(rows[target])}", flush=True)
 
     setup = {"model": args.model, "model_dir": str(model_dir), "streams": args.streams, "rounds": args.rounds,
+             "warmup_tokens": args.warmup_tokens,
              "max_tokens": args.max_tokens, "adapters": args.adapters, "lora_rank": args.lora_rank,
              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     if args.json:

@@ -29,8 +29,11 @@ bento = bento_args()  # set when building a bento or serving one: its target and
 
 # A @bentoml.task makes BentoML default the service's concurrency to 1; the engine batches many
 # requests at once, so the service states its concurrency itself.
+# BentoML's OpenTelemetry middleware opens a span for every message a reply sends: on a token stream that
+# is one span per token, which cost more than half of the HTTP thread's time at 128 streams.
 @bentoml.service(name="bentoservice", workers=1, labels={"openai_endpoint": "/v1"},
                  traffic={"timeout": 3600, "concurrency": settings.max_running + settings.max_queued},
+                 tracing={"excluded_urls": ["/v1/chat/completions", "/v1/completions"]},
                  **service_options(bento))
 @bentoml.asgi_app(app, path="/v1")
 @with_model_refs(bento)

@@ -7,6 +7,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bentoservice.api import adapters, embeddings, files, fine_tuning, openai
 from bentoservice.api.errors import envelope, install_error_handlers
@@ -27,8 +28,26 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(embeddings.router)
     _add_catch_all(app)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    app.add_middleware(Guard, settings=settings)
+    return app
+
+
+class Guard:
+    """The API key and the body size limit, as plain ASGI middleware: a streamed reply passes through
+    untouched (Starlette's BaseHTTPMiddleware would relay every chunk through another task)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.refusal(Request(scope)) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def refusal(self, request: Request) -> JSONResponse | None:
+        settings = self.settings
         if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
             return envelope(401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.",
                             None, "invalid_api_key")
@@ -37,9 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
         if length and length.isdigit() and int(length) > limit:
             return envelope(413, f"request body of {length} bytes exceeds the limit of {limit} bytes", None,
                             "request_too_large")
-        return await call_next(request)
-
-    return app
+        return None
 
 
 def _add_catch_all(app: FastAPI) -> None:

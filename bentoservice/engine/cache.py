@@ -59,10 +59,11 @@ class SlotCache(Cache):
     def clear(self) -> None:
         self._alloc(0, 0)
 
-    def move_row(self, src: int, dst: int) -> None:
+    def move_rows(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy rows `sources` onto rows `targets` (all read before any is written)."""
         for k, v in zip(self.keys, self.values):
-            k[dst] = k[src]
-            v[dst] = v[src]
+            k[targets] = k[sources]
+            v[targets] = v[sources]
 
     def decode(self, rows: torch.Tensor, positions: torch.Tensor, length: int) -> None:
         """The next pass: row rows[i] (rows are 0..n-1) writes at positions[i] and attends up to `length`."""

@@ -5,17 +5,23 @@ not): an eager step there costs tens of milliseconds of kernel launches. A graph
 buffers (token, position and LoRA mask of each row); rows past the batch are padding that writes
 only to free cache rows. Graphs are captured on first use and dropped when the cache or the adapter
 stacks move.
+
+A decode pass returns a `Step` at once, before the device has finished it. The next pass can take its
+input tokens straight from that step's device output (`Chained`), so the caller can queue pass N+1
+and then read pass N's tokens while the device runs N+1.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
 import torch
 from torch import nn
 
+from bentoservice.engine.attention import use_varlen
 from bentoservice.engine.cache import LENGTH_STEP, SlotCache
 from bentoservice.engine.lora import LoraBatch
 
@@ -48,6 +54,31 @@ def pack_linears(model: nn.Module, batch_hint: int) -> None:
                 module.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
 
 
+@dataclass
+class Step:
+    """A decode pass queued on the device: row i's logits and greedy token."""
+
+    logits: torch.Tensor
+    greedy: torch.Tensor
+    host: torch.Tensor | None = None  # the greedy tokens, being copied to pinned memory (GPU)
+    copied: torch.cuda.Event | None = None
+
+    def greedy_tokens(self) -> list[int]:
+        """Waits for this pass (only: a pass queued after it may still be running)."""
+        if self.copied is None:
+            return self.greedy.tolist()
+        self.copied.synchronize()
+        return self.host.tolist()
+
+
+@dataclass
+class Chained:
+    """Input tokens that are the greedy outputs of an earlier step: row i takes that step's row rows[i]."""
+
+    step: Step
+    rows: list[int]
+
+
 def batch_buckets(max_rows: int) -> list[int]:
     """Decode batch sizes that get a graph: powers of two, then max_rows itself."""
     sizes = [1 << i for i in range(max_rows.bit_length()) if 1 << i < max_rows]
@@ -68,11 +99,12 @@ class Forward:
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.cache = SlotCache(config.num_hidden_layers, kv_heads, head_dim, model.dtype, self.device)
         self.cuda_graphs = cuda_graphs
+        self.varlen = use_varlen(model)
         self.buckets = batch_buckets(max_rows)
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._drop_graphs()
         if cuda_graphs:
             rows = self.buckets[-1]
-            self._pool = torch.cuda.graph_pool_handle()
             self._inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # tokens, positions
             self._rows = torch.arange(rows, device=self.device)
             self._lora_mask: torch.Tensor | None = None
@@ -82,11 +114,13 @@ class Forward:
     def _reserve(self, rows: int, length: int) -> None:
         if self.cuda_graphs:  # graphs read fixed addresses: allocate every row once, grow rarely
             rows = self.buckets[-1]
+        elif rows > self.cache.capacity[0]:  # each growth copies the cache: grow geometrically
+            rows = min(max(rows, 2 * self.cache.capacity[0]), self.buckets[-1])
         if self.cache.reserve(rows, length):
-            self._graphs.clear()
+            self._drop_graphs()
 
-    def move_row(self, src: int, dst: int) -> None:
-        self.cache.move_row(src, dst)
+    def move_rows(self, sources: list[int], targets: list[int]) -> None:
+        self.cache.move_rows(self._to_device(sources), self._to_device(targets))
 
     def idle(self) -> None:
         """Nothing is running: give the cache's memory back (kept on a GPU, where graphs point at it)."""
@@ -94,47 +128,65 @@ class Forward:
             self.cache.clear()
 
     def adapters_changed(self) -> None:
-        self._graphs.clear()
+        self._drop_graphs()
         self._lora_mask = None
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured graphs. Their memory pool goes with them: capturing into a pool whose graphs
+        were all freed trips an assert in PyTorch's allocator, so later captures share a new one."""
+        self._graphs.clear()
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # -- passes ---------------------------------------------------------------------------------
 
     def prefill(self, prompts: list[list[int]], slots: list[int], row0: int) -> torch.Tensor:
         """Prompts packed into one pass, written to rows row0...; the logits of each prompt's last token."""
         lengths = [len(p) for p in prompts]
+        ends = list(accumulate(lengths))
         self._reserve(row0 + len(prompts), max(lengths) + 1)
         segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
         positions = torch.cat([torch.arange(n) for n in lengths])
-        mask = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])
         self.cache.prefill((segment + row0).to(self.device), positions.to(self.device))
         self.lora.set([slot for slot, n in zip(slots, lengths) for _ in range(n)], self.dtype, self.device)
+        if self.varlen:  # prompt boundaries instead of a mask (a 4D placeholder, so that none is built)
+            attention = {"attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
+                         "cu_seqlens": self._to_device([0, *ends]).int(), "max_seqlen": max(lengths)}
+        else:
+            mask = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])
+            attention = {"attention_mask": mask[None, None].to(self.device)}
         ids = torch.tensor([t for p in prompts for t in p], device=self.device)[None]
-        hidden = self.decoder(input_ids=ids, position_ids=positions[None].to(self.device),
-                              attention_mask=mask[None, None].to(self.device), past_key_values=self.cache,
-                              use_cache=True).last_hidden_state
-        last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
+        hidden = self.decoder(input_ids=ids, position_ids=positions[None].to(self.device), past_key_values=self.cache,
+                              use_cache=True, **attention).last_hidden_state
+        last = torch.tensor(ends, device=self.device) - 1
         return self.head(hidden[0, last]).float()
 
-    def decode(self, tokens: list[int], positions: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One token for each of rows 0..n-1: their logits and, from a graph, the greedy choice too."""
-        n, length = len(tokens), max(positions) + 1
+    def decode(self, tokens: list[int] | Chained, positions: list[int], slots: list[int]) -> Step:
+        """One token for each of rows 0..n-1, at `positions`, with the adapters in `slots`."""
+        n, length = len(positions), max(positions) + 1
+        if isinstance(tokens, Chained):
+            ids = tokens.step.greedy
+            if tokens.rows != list(range(n)):
+                ids = ids.index_select(0, self._to_device(tokens.rows))
+            ids = ids[:n]
+        else:
+            ids = self._to_device(tokens)
         if not self.cuda_graphs:
             self._reserve(n, length)
             self.lora.set(slots, self.dtype, self.device)
-            ids = torch.tensor(tokens, device=self.device)[:, None]
-            logits = self._decode_pass(ids, torch.tensor(positions, device=self.device), length)
-            return logits, None
+            logits = self._decode_pass(ids[:, None], self._to_device(positions), length)
+            return Step(logits, logits.argmax(-1))
         size = next(b for b in self.buckets if b >= n)
         length = -(-length // LENGTH_STEP) * LENGTH_STEP
         self._reserve(size, length)
-        pad = [0] * (size - n)
-        self._inputs[:, :size].copy_(torch.tensor([tokens + pad, positions + pad]))
+        self._inputs[:, n:size].zero_()
+        self._inputs[0, :n].copy_(ids)
+        self._inputs[1, :n].copy_(self._to_device(positions))
         lora = any(slots) and self.lora.stacked > 0
         if lora:
             if self._lora_mask is None:
                 self._lora_mask = torch.zeros(self.buckets[-1], self.lora.stacked * self.lora.rank,
                                               dtype=self.dtype, device=self.device)
-            self.lora.set(slots + pad, self.dtype, self.device, out=self._lora_mask)
+            self.lora.set(slots + [0] * (size - n), self.dtype, self.device, out=self._lora_mask)
         else:
             self.lora.set([0], self.dtype, self.device)
         key = (size, length, lora)
@@ -142,7 +194,16 @@ class Forward:
             self._graphs[key] = self._capture(size, length)
         graph, logits, greedy = self._graphs[key]
         graph.replay()
-        return logits[:n], greedy[:n]
+        step = Step(logits[:n], greedy[:n], torch.empty(n, dtype=torch.long, pin_memory=True), torch.cuda.Event())
+        step.host.copy_(step.greedy, non_blocking=True)
+        step.copied.record()
+        return step
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """Without waiting for the device: from pinned memory on a GPU."""
+        if not self.cuda_graphs:
+            return torch.tensor(values, device=self.device)
+        return torch.tensor(values, pin_memory=True).to(self.device, non_blocking=True)
 
     def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         n = ids.shape[0]
@@ -168,6 +229,6 @@ class Forward:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits, greedy = run()
         return graph, logits, greedy

@@ -35,9 +35,9 @@ class LoraBatch:
         mask = (columns == torch.tensor(slots)[:, None]).to(dtype)
         if out is None:
             self.mask = mask.to(device)
-        else:
+        else:  # from pinned memory, so that the copy does not wait for the device to finish its work
             self.mask = out[: len(slots)]
-            self.mask.copy_(mask)
+            self.mask.copy_(mask.pin_memory(), non_blocking=True)
         self.single = None
 
 

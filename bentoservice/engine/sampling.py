@@ -30,10 +30,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def next_tokens(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Generator]],
-                greedy: torch.Tensor | None = None) -> list[int]:
+                greedy: list[int] | None = None) -> list[int]:
     """One token per row of `logits`: the argmax where temperature is 0 (one batched op, or `greedy`
     when already computed), else a sample from the row's own RNG."""
-    ids = (logits.argmax(-1) if greedy is None else greedy).tolist()
+    ids = logits.argmax(-1).tolist() if greedy is None else list(greedy)
     for i, (params, generator) in enumerate(rows):
         if params.temperature > 0:
             ids[i] = sample(logits[i].float().cpu(), params, generator)

@@ -4,6 +4,11 @@ One engine thread owns the model. Each step it admits waiting requests (their pr
 one prefill pass, up to a token budget), then runs one decode pass over every running sequence,
 each with its own KV row, position and LoRA adapter. Tokens go back to the callers' asyncio loops as
 they are produced, in one hand-over per loop and step.
+
+While nothing is waiting and every running request decodes greedily, the next decode pass is queued
+on the device, fed by the device-side tokens of the pass before, before that pass's tokens are read
+and handled: the host's work on one step (detokenising, stop strings, streaming) overlaps the
+device's work on the next. A request that finished meanwhile costs its row one wasted token.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,7 +26,7 @@ import torch
 
 from bentoservice.engine.adapters import AdapterManager
 from bentoservice.engine.errors import Overloaded, UnknownAdapter
-from bentoservice.engine.forward import Forward
+from bentoservice.engine.forward import Chained, Forward, Step
 from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams
 from bentoservice.engine.sampling import make_generator, next_tokens
 from bentoservice.engine.text import TextTracker
@@ -75,11 +81,25 @@ class Sequence:
     slot: int = 0
     generated: list[int] = field(default_factory=list)
     done: bool = False
+    pending: int = 0  # decode passes queued for it whose token is not read yet
 
     @property
     def position(self) -> int:
-        """Where the next input token (the last one sampled) goes in the cache."""
+        """Where the last token read goes in the cache."""
         return len(self.prompt) + len(self.generated) - 1
+
+    @property
+    def next_position(self) -> int:
+        """Where the input token of the next pass goes: the last token read, or the last one queued."""
+        return self.position + self.pending
+
+
+@dataclass
+class Launched:
+    """A decode pass on the device and the sequences of its rows, in order."""
+
+    step: Step
+    seqs: list[Sequence]
 
 
 class Engine:
@@ -92,10 +112,16 @@ class Engine:
         self.adapters = AdapterManager(model, max_loras, max_lora_rank)
         device = next(model.parameters()).device
         self.forward = Forward(model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda")
+        if device.type == "cuda":
+            # A step waits on the GPU with the GIL released; it must get it back from the HTTP thread
+            # promptly (Python's default switch interval, 5 ms, is about as long as a step).
+            sys.setswitchinterval(0.001)
         self.max_length = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
+        self._admitted = 0  # taken from the queue, in the prefill pass under way
+        self._inflight: Launched | None = None
         self._outbox: list[tuple[Stream, Event]] = []
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._cv = threading.Condition()
@@ -118,7 +144,7 @@ class Engine:
         seq = Sequence(prompt, params, adapter, stream, TextTracker(self._decode, params.stop),
                        make_generator(params.seed))
         with self._cv:
-            if len(self._waiting) + len(self._running) >= self.max_running + self.max_queued:
+            if len(self._waiting) + len(self._running) + self._admitted >= self.max_running + self.max_queued:
                 raise Overloaded(f"the server is busy: {self.max_running} running and "
                                  f"{self.max_queued} queued requests at most")
             self._waiting.append(seq)
@@ -141,7 +167,8 @@ class Engine:
 
     @property
     def load(self) -> dict[str, int]:
-        return {"running": len(self._running), "waiting": len(self._waiting)}
+        with self._cv:
+            return {"running": len(self._running) + self._admitted, "waiting": len(self._waiting)}
 
     # -- engine thread ------------------------------------------------------------------------
 
@@ -149,24 +176,48 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not (self._stopping or self._commands or self._waiting or self._running):
+                while not (self._stopping or self._commands or self._waiting or self._running or self._inflight):
                     self._cv.wait()
                 if self._stopping:
                     return
                 commands = list(self._commands)
                 self._commands.clear()
-            for fn, future in commands:
-                self._run_command(fn, future)
             try:
-                self._drop_cancelled()
-                if new := self._admit():
-                    self._prefill(new)
-                if self._running:
-                    self._decode_step()
+                if commands and self._inflight is not None:  # a command may change what the pass reads
+                    inflight, self._inflight = self._inflight, None
+                    self._read(inflight)
+                for fn, future in commands:
+                    self._run_command(fn, future)
+                self._step()
             except Exception as exc:  # a failed pass fails the requests in it, not the server
                 log.exception("engine step failed")
+                self._inflight = None
                 self._fail_all(f"generation failed: {exc}")
             self._flush()
+
+    def _step(self) -> None:
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            if self._may_chain():
+                self._inflight = self._launch(previous)
+            self._read(previous)
+            if self._inflight is not None:
+                return
+        self._drop_cancelled()
+        if new := self._admit():
+            self._prefill(new)
+        if self._running:
+            self._inflight = self._launch(None)
+
+    def _may_chain(self) -> bool:
+        """Whether the next pass can be queued before the tokens of the one in flight are read."""
+        if self._commands or (self._waiting and len(self._running) < self.max_running):
+            return False
+        running = self._running
+        if any(s.stream.cancelled or s.params.temperature > 0 or s.next_position + 1 >= self.max_length
+               for s in running):
+            return False
+        return any(len(s.generated) + s.pending < s.params.max_tokens for s in running)
 
     def _run_command(self, fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
         try:
@@ -222,23 +273,43 @@ class Engine:
                     self._emit(seq, Failed(f"the adapter {seq.adapter!r} was unloaded"))
                     continue
                 new.append(seq)
+            self._admitted = len(new)
         return new
 
     def _prefill(self, new: list[Sequence]) -> None:
-        logits = self.forward.prefill([s.prompt for s in new], [s.slot for s in new], len(self._running))
-        self._running.extend(new)
-        self._accept_all(new, logits, None)
-
-    def _decode_step(self) -> None:
-        running = self._running
-        logits, greedy = self.forward.decode([s.generated[-1] for s in running], [s.position for s in running],
-                                             [s.slot for s in running])
-        self._accept_all(running, logits, greedy)
-
-    def _accept_all(self, seqs: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor | None) -> None:
-        tokens = next_tokens(logits, [(s.params, s.generator) for s in seqs], greedy)
-        for seq, token in zip(seqs, tokens):
+        try:
+            logits = self.forward.prefill([s.prompt for s in new], [s.slot for s in new], len(self._running))
+        finally:
+            with self._cv:
+                self._running.extend(new)
+                self._admitted = 0
+        tokens = next_tokens(logits, [(s.params, s.generator) for s in new])
+        for seq, token in zip(new, tokens):
             self._accept(seq, token)
+        self._retire()
+
+    def _launch(self, previous: Launched | None) -> Launched:
+        """Queue a decode pass over the running sequences; with `previous`, fed by its device-side tokens."""
+        running = list(self._running)
+        if previous is None:
+            tokens: list[int] | Chained = [s.generated[-1] for s in running]
+        else:
+            row = {id(s): i for i, s in enumerate(previous.seqs)}
+            tokens = Chained(previous.step, [row[id(s)] for s in running])
+        step = self.forward.decode(tokens, [s.next_position for s in running], [s.slot for s in running])
+        for seq in running:
+            seq.pending += 1
+        return Launched(step, running)
+
+    def _read(self, launched: Launched) -> None:
+        """Wait for a pass, then handle its tokens (a sequence that finished since it was queued ignores its own)."""
+        seqs = launched.seqs
+        step = launched.step
+        tokens = next_tokens(step.logits, [(s.params, s.generator) for s in seqs], step.greedy_tokens())
+        for seq, token in zip(seqs, tokens):
+            seq.pending -= 1
+            if not seq.done:
+                self._accept(seq, token)
         self._retire()
 
     def _accept(self, seq: Sequence, token: int) -> None:
@@ -261,15 +332,17 @@ class Engine:
         seq.done = True
 
     def _retire(self) -> None:
-        """Drop finished rows, moving the last row into each gap so rows stay contiguous."""
+        """Drop finished rows, moving the last rows into the gaps so rows stay contiguous (one copy for all)."""
         running = self._running
+        rows = list(range(len(running)))  # the cache row each entry of `running` is in
         for row in range(len(running) - 1, -1, -1):
             if running[row].done:
-                last = len(running) - 1
-                if row != last:
-                    self.forward.move_row(last, row)
-                    running[row] = running[last]
+                running[row], rows[row] = running[-1], rows[-1]
                 running.pop()
+                rows.pop()
+        moved = [(src, dst) for dst, src in enumerate(rows) if src != dst]
+        if moved:
+            self.forward.move_rows([src for src, _ in moved], [dst for _, dst in moved])
         if not running:
             self.forward.idle()
 

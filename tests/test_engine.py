@@ -1,0 +1,100 @@
+"""The engine under load: the queue limit, cancelled streams, and rows joining and leaving a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from bentoservice.config import Settings
+from conftest import Server
+
+LONG = 400  # tokens: far more than a test waits for
+HELLO = [{"role": "user", "content": "Hello there"}]
+STORY = [{"role": "user", "content": "Write a very long story about a lighthouse keeper and his cat."}]
+
+
+def test_429_beyond_the_queue_limit_and_closed_streams_make_room(smollm2) -> None:
+    """One running and one queued: a third request is a 429; when both clients hang up, there is room at once
+    (run to the end, the two replies would hold their places for tens of seconds)."""
+    server = Server("smollm2", env={"BENTOSERVICE_MAX_RUNNING": "1", "BENTOSERVICE_MAX_QUEUED": "1"})
+    body = {"model": "smollm2", "messages": STORY, "max_tokens": LONG, "temperature": 0, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as http:
+            streams = [http.stream("POST", f"{server.url}/v1/chat/completions", json=body) for _ in range(2)]
+            lines = [stream.__enter__().iter_lines() for stream in streams]  # kept: dropping one hangs up
+            for line in lines:
+                next(line)  # the first chunk: the request is running or queued
+            with pytest.raises(openai.RateLimitError) as err:
+                server.client().chat.completions.create(model="smollm2", messages=HELLO, max_tokens=1)
+            assert err.value.body["code"] == "server_overloaded" and "busy" in err.value.body["message"]
+            for stream in streams:
+                stream.__exit__(None, None, None)
+        for _ in range(100):  # the server notices the closed connections within a few steps
+            try:
+                reply = server.client().chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2)
+                break
+            except openai.RateLimitError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the closed streams did not make room")
+        assert reply.usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+def test_cancelled_stream_frees_its_slot(tiny) -> None:
+    """What the API does when a client disconnects: the request leaves the batch at the next step, unfinished."""
+    from bentoservice.engine.errors import Overloaded
+    from bentoservice.engine.params import Delta, Finished, SamplingParams
+    from bentoservice.engine.served import Choice, ServedModel
+
+    served = ServedModel(tiny.name, tiny.model_id, tiny.path, Settings(max_running=2, max_queued=0))
+
+    async def run() -> None:
+        prompt = served.encode_text("one two three")
+        params = SamplingParams(max_tokens=LONG, temperature=0)
+        streams = [served.generate(prompt, params, Choice(None)) for _ in range(2)]
+        events = [aiter(stream) for stream in streams]
+        for event in events:
+            assert isinstance(await anext(event), Delta)
+        with pytest.raises(Overloaded):
+            served.generate(prompt, params, Choice(None))
+        for stream in streams:
+            stream.cancel()
+        for _ in range(500):
+            if served.engine.load == {"running": 0, "waiting": 0}:
+                break
+            await asyncio.sleep(0.01)
+        assert served.engine.load == {"running": 0, "waiting": 0}
+        for event in events:  # dropped, not run to the end: no Finished comes
+            with pytest.raises(asyncio.TimeoutError):
+                while not isinstance(await asyncio.wait_for(anext(event), 0.5), Finished):
+                    pass
+        done = [e async for e in served.generate(prompt, SamplingParams(max_tokens=3, temperature=0), Choice(None))]
+        assert isinstance(done[-1], Finished) and done[-1].completion_tokens == 3
+
+    try:
+        asyncio.run(run())
+    finally:
+        served.close()
+
+
+def test_rows_joining_and_leaving_do_not_change_the_others(tiny_server: Server) -> None:
+    """Requests of different lengths, stop strings and seeds, more than the batch holds: rows leave and
+    join mid-batch (and the queued pass behind them), yet each reply is the one it gets alone."""
+    client = tiny_server.client()
+
+    def complete(i: int) -> str:
+        sampled = {"temperature": 1.0, "seed": i} if i % 3 == 0 else {"temperature": 0}
+        return client.completions.create(model="tiny", prompt=f"number {i} is", max_tokens=3 + 5 * i,
+                                         stop=["zz"] if i % 4 == 1 else None, **sampled).choices[0].text
+
+    alone = [complete(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(complete, range(8)))
+    assert together == alone

@@ -220,6 +220,12 @@ class MemoryPeak(threading.Thread):
 
 # -- the load ---------------------------------------------------------------------------------------
 
+def warmup_prompts(count: int) -> list[dict]:
+    """Prompts unlike the timed ones, so that no server starts the timed rounds with their prompts cached."""
+    return [{"messages": [{"role": "user", "content": f"Warm-up request {i}: reply with one word."}]}
+            for i in range(count)]
+
+
 async def one_request(session, url: str, body: dict) -> Result:
     result = Result(sent=time.perf_counter())
     try:
@@ -354,7 +360,8 @@ def main() -> None:
                 models = [server.model]
             usage = target.startswith("bentoservice")
             if args.warmup_tokens:  # every batch size once, so that lazy set-up (CUDA graphs) is not timed
-                asyncio.run(run_load(server, prompts, models, args.streams, 1, args.warmup_tokens, usage))
+                asyncio.run(run_load(server, warmup_prompts(args.streams), models, args.streams, 1,
+                                     args.warmup_tokens, usage))
             memory = MemoryPeak(server.proc.pid)
             memory.start()
             results, wall = asyncio.run(run_load(server, prompts, models, args.streams, args.rounds, args.max_tokens,

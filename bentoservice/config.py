@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     max_running: int = 16
     max_queued: int = 256
     default_max_tokens: int = 1024
-    prefill_token_budget: int = 4096
+    prefill_token_budget: int | None = None
+    """Prompt tokens one prefill pass takes before running sequences decode again; unset: 4096 on a GPU, 256 on
+    a CPU, where a pass of many prompts takes seconds and early arrivals would wait for all of them."""
+    prefix_cache_mb: int = 128
+    """Memory for keys and values of earlier prompts, reused by prompts that begin the same way; 0: off."""
     device: str = "auto"
     dtype: str = "auto"
 

@@ -98,3 +98,32 @@ def test_rows_joining_and_leaving_do_not_change_the_others(tiny_server: Server) 
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(complete, range(8)))
     assert together == alone
+
+
+def test_a_reused_prefix_gives_what_a_full_prefill_gives(tiny_dir) -> None:
+    """A prompt whose beginning is in the prefix store computes only the rest: its logits, and the next decode
+    step's, are those of computing it all; another adapter's prompts do not reuse it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bentoservice.engine.adapters import AdapterManager
+    from bentoservice.engine.forward import Forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    forward = Forward(model, AdapterManager(model, 2, 8).batch, 4, cuda_graphs=False, prefix_bytes=2**24)
+    system = list(range(100, 140))
+    prompts = [system + [11, 12], system[:20] + [13, 14, 15]]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        first = forward.prefill(prompts, [0, 0], 0)
+        return first, forward.decode([5, 6], [len(p) for p in prompts], [0, 0]).logits
+
+    with torch.no_grad():
+        forward.prefill([system + [7, 8, 9]], [0], 0)
+        assert forward.prefixes.match(0, prompts[0])[1] == 40 and forward.prefixes.match(0, prompts[1])[1] == 20
+        assert forward.prefixes.match(1, prompts[0]) == (None, 0)
+        reused = run()
+        forward.prefixes.clear()
+        computed = run()
+    for a, b in zip(reused, computed):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,9 @@ on the first rows and the first positions of the cache: views, not copies. Two k
 
 - decode: one new token per row, row i at position positions[i]; attention over the row's cache.
 - prefill: prompts packed into one sequence of tokens; token t goes to row rows[t] at positions[t],
-  and attention stays among the new tokens (the caller's mask keeps each prompt to itself).
+  and attention stays among the new tokens (the caller's mask keeps each prompt to itself). When some
+  prompts' first tokens are already in their rows (a reused prefix), the pass attends over a `context`
+  instead: every token of each prompt, gathered from the rows after the new ones are written.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class SlotCache(Cache):
         self.rows = torch.zeros(0, dtype=torch.long)
         self.positions = torch.zeros(0, dtype=torch.long)
         self.length = 0
+        self.context: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _alloc(self, rows: int, length: int) -> None:
         kv_heads, head_dim = self.shape
@@ -69,16 +72,31 @@ class SlotCache(Cache):
         """The next pass: row rows[i] (rows are 0..n-1) writes at positions[i] and attends up to `length`."""
         self.packed, self.rows, self.positions, self.length = False, rows, positions, length
 
-    def prefill(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
-        """The next pass: packed prompts, token t written to row rows[t] at positions[t]."""
-        self.packed, self.rows, self.positions = True, rows, positions
+    def prefill(self, rows: torch.Tensor, positions: torch.Tensor,
+                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The next pass: packed prompts, token t written to row rows[t] at positions[t]; with `context`
+        (rows, positions), attention reads the keys and values at those places instead of the new ones."""
+        self.packed, self.rows, self.positions, self.context = True, rows, positions, context
+
+    def copy_in(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Put a reused prefix (per layer [kv_heads, >= length, head_dim]) at the start of `row`."""
+        for k, v, k_in, v_in in zip(self.keys, self.values, keys, values):
+            k[row, :, :length] = k_in[:, :length]
+            v[row, :, :length] = v_in[:, :length]
+
+    def copy_out(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first `length` keys and values of `row`, per layer."""
+        return ([k[row, :, :length].clone() for k in self.keys], [v[row, :, :length].clone() for v in self.values])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self.packed:  # [1, heads, tokens, dim]
             k[self.rows, :, self.positions] = key_states[0].transpose(0, 1)
             v[self.rows, :, self.positions] = value_states[0].transpose(0, 1)
-            return key_states, value_states
+            if self.context is None:
+                return key_states, value_states
+            rows, positions = self.context
+            return k[rows, :, positions].transpose(0, 1)[None], v[rows, :, positions].transpose(0, 1)[None]
         k[self.rows, :, self.positions] = key_states[:, :, 0]  # [rows, heads, 1, dim]
         v[self.rows, :, self.positions] = value_states[:, :, 0]
         n = key_states.shape[0]

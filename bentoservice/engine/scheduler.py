@@ -104,14 +104,16 @@ class Launched:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_running: int, max_queued: int,
-                 prefill_token_budget: int, max_loras: int, max_lora_rank: int) -> None:
+                 prefill_token_budget: int | None, max_loras: int, max_lora_rank: int,
+                 prefix_cache_bytes: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_running, self.max_queued = max_running, max_queued
-        self.prefill_token_budget = prefill_token_budget
         self.adapters = AdapterManager(model, max_loras, max_lora_rank)
         device = next(model.parameters()).device
-        self.forward = Forward(model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda")
+        self.prefill_token_budget = prefill_token_budget or (4096 if device.type == "cuda" else 256)
+        self.forward = Forward(model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda",
+                               prefix_bytes=prefix_cache_bytes)
         if device.type == "cuda":
             # A step waits on the GPU with the GIL released; it must get it back from the HTTP thread
             # promptly (Python's default switch interval, 5 ms, is about as long as a step).

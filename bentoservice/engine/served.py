@@ -58,7 +58,8 @@ class ServedModel:
         self.default_max_tokens = settings.default_max_tokens
         self.engine = Engine(model, self.tokenizer, max_running=settings.max_running,
                              max_queued=settings.max_queued, prefill_token_budget=settings.prefill_token_budget,
-                             max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank)
+                             max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+                             prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
 
     # -- names --------------------------------------------------------------------------------
 

@@ -84,7 +84,9 @@ class TrainingConfig(FineTuneChecks):
     adapter_type: AdapterType = "lora"
     r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """0 as in peft and OpenWeights: dropout's random masks cost about a fifth of a CPU step and, on a GPU,
+    memory for a copy of every LoRA layer's input."""
     target_modules: str | list[str] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
 

@@ -24,7 +24,7 @@ class EncoderLora(BaseModel):
     model_config = ConfigDict(extra="forbid")
     r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
 
 

@@ -23,7 +23,8 @@ from bentoservice.training import formats, hardware
 from bentoservice.training.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.config import TrainingError
 from bentoservice.training.encoder_config import EncoderConfig
-from bentoservice.training.trainers import TrainingResult, _last_checkpoint, default_adapter_name
+from bentoservice.training.trainers import (TrainingResult, _last_checkpoint, default_adapter_name,
+                                            train_and_evaluate)
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +194,9 @@ def train_encoder(config: EncoderConfig, train: formats.Dataset, test: formats.D
                              data_collator=collator(tokenizer, config), processing_class=tokenizer,
                              callbacks=[progress], compute_metrics=group_accuracy, config=config,
                              pooling=read_pooling(base.path))
-    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    metrics = train_and_evaluate(trainer, checkpoint, progress, evaluate=test is not None)
     if progress.stopped:
-        log.info("stopped at step %d; resume from %s", trainer.state.global_step, output_dir)
         return TrainingResult(None, None, metrics, output_dir, stopped=True)
-    if test is not None:
-        metrics.update(trainer.evaluate())
     model = trainer.model.merge_and_unload() if config.lora is not None else trainer.model
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

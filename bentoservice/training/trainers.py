@@ -245,12 +245,9 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
     model = hardware.load_model(base.path, device, config.adapter_type)
     trainer = build_trainer(config, model, tokenizer, args, hf_dataset(tokenizer, train),
                             hf_dataset(tokenizer, test) if test is not None else None, progress, device)
-    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    metrics = train_and_evaluate(trainer, checkpoint, progress, evaluate=test is not None)
     if progress.stopped:
-        log.info("stopped at step %d; resume from %s", trainer.state.global_step, output_dir)
         return TrainingResult(None, None, metrics, output_dir, stopped=True)
-    if test is not None:
-        metrics.update(trainer.evaluate())
     trainer.save_model(str(output_dir))  # every process of a distributed run takes part (FSDP gathers the weights)
     if not trainer.is_world_process_zero():
         return TrainingResult(None, None, metrics, output_dir)
@@ -259,6 +256,17 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
                                 output_dir, base.name, adapter_metadata(config, args, metrics))
     log.info("saved adapter %s (%s)", stored.tag, output_dir)
     return TrainingResult(output_dir, stored.tag, metrics, output_dir)
+
+
+def train_and_evaluate(trainer: Trainer, checkpoint: str | None, progress: ProgressCallback,
+                       evaluate: bool) -> dict[str, float]:
+    """Train (from `checkpoint` when given), then evaluate unless a stop request ended training early."""
+    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    if progress.stopped:
+        log.info("stopped at step %d; resume from %s", trainer.state.global_step, trainer.args.output_dir)
+    elif evaluate:
+        metrics.update(trainer.evaluate())
+    return metrics
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:

@@ -1,0 +1,81 @@
+"""Prompts' keys and values kept after their prefill, so that a later prompt that begins the same way (the
+chat template's system prompt, an earlier turn of the same conversation) copies them instead of computing
+them again.
+
+An entry is one prompt's keys and values under one adapter slot (an adapter changes them). A match is
+the longest common prefix with any entry, and always leaves the prompt's last token to compute: its
+logits give the first output token. Entries beyond a byte budget go, least recently used first.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+MIN_TOKENS = 8  # a shorter match saves less than its copies cost
+
+
+@dataclass
+class Entry:
+    tokens: list[int]
+    keys: list[torch.Tensor]  # per layer [kv_heads, length, head_dim]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class PrefixStore:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self._entries: collections.OrderedDict[tuple[int, tuple[int, ...]], Entry] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def match(self, slot: int, prompt: list[int]) -> tuple[Entry | None, int]:
+        """The entry sharing the longest prefix with `prompt` under `slot`, and how many tokens it gives."""
+        best, best_length = None, 0
+        limit = len(prompt) - 1
+        for (entry_slot, _), entry in self._entries.items():
+            if entry_slot != slot:
+                continue
+            length = _common_prefix(entry.tokens, prompt, limit)
+            if length > best_length:
+                best, best_length = entry, length
+        if best is None or best_length < MIN_TOKENS:
+            return None, 0
+        self._entries.move_to_end((slot, tuple(best.tokens)))
+        return best, best_length
+
+    def add(self, slot: int, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        if self.budget <= 0 or len(tokens) < MIN_TOKENS:
+            return
+        key = (slot, tuple(tokens))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        entry = Entry(tokens, keys, values)
+        if entry.nbytes > self.budget:
+            return
+        self._entries[key] = entry
+        self.used += entry.nbytes
+        while self.used > self.budget:
+            _, dropped = self._entries.popitem(last=False)
+            self.used -= dropped.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.used = 0
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -88,15 +88,22 @@ def check_against_eager(forward: Forward, tokens: list[int], positions: list[int
 
 
 def check_prefill(model: torch.nn.Module, forward: Forward) -> str:
-    """Packed prefill (varlen attention on a GPU) against the model run on each prompt alone."""
+    """Packed prefill (varlen attention on a GPU) against the model run on each prompt alone; then the same
+    prompts one token longer, which reuse the stored keys and values of the first pass."""
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, model.config.vocab_size, (n,), generator=generator).tolist() for n in (5, 17, 40)]
-    packed = forward.prefill(prompts, [0] * len(prompts), 0)
-    alone = torch.stack([model(input_ids=torch.tensor([p], device=forward.device)).logits[0, -1].float()
-                         for p in prompts])
-    error = float((packed - alone).norm() / alone.norm())
-    same = float((packed.argmax(-1) == alone.argmax(-1)).float().mean())
-    return f"packed prefill (varlen: {forward.varlen}) vs alone: rel. error {error:.1e}, same argmax {100 * same:.0f}%"
+    longer = [p + p[:1] for p in prompts]
+    lines = []
+    for name, batch in (("packed", prompts), ("with a reused prefix", longer)):
+        packed = forward.prefill(batch, [0] * len(batch), 0)
+        alone = torch.stack([model(input_ids=torch.tensor([p], device=forward.device)).logits[0, -1].float()
+                             for p in batch])
+        error = float((packed - alone).norm() / alone.norm())
+        same = float((packed.argmax(-1) == alone.argmax(-1)).float().mean())
+        lines.append(f"prefill {name} (varlen: {forward.varlen}) vs alone: rel. error {error:.1e}, "
+                     f"same argmax {100 * same:.0f}%")
+    forward.prefixes.clear()
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -123,7 +130,7 @@ def main() -> None:
     model.to(device).eval()
     batches = [int(b) for b in args.batches.split(",")]
     manager = AdapterManager(model, args.adapters, args.lora_rank)
-    forward = Forward(model, manager.batch, max(batches), cuda_graphs=device.type == "cuda")
+    forward = Forward(model, manager.batch, max(batches), cuda_graphs=device.type == "cuda", prefix_bytes=2**26)
     random_adapters(model, manager, args.adapters, args.lora_rank)
     forward.adapters_changed()
     print(check_prefill(model, forward), flush=True)

@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     prefill_token_budget: int | None = None
     """Prompt tokens one prefill pass takes before running sequences decode again; unset: 4096 on a GPU, 256 on
     a CPU, where a pass of many prompts takes seconds and early arrivals would wait for all of them."""
-    prefix_cache_mb: int = 128
-    """Memory for keys and values of earlier prompts, reused by prompts that begin the same way; 0: off."""
+    prefix_cache_mb: int | None = None
+    """Memory for keys and values of earlier prompts, reused by prompts that begin the same way; 0: off. Unset:
+    128 on a CPU, where prefill is slow; off on a GPU, where it cost throughput (see docs/benchmarks.md)."""
     device: str = "auto"
     dtype: str = "auto"
 

@@ -37,6 +37,12 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def prefix_cache_mb(settings: Settings, device: torch.device) -> int:
+    if settings.prefix_cache_mb is not None:
+        return settings.prefix_cache_mb
+    return 0 if device.type == "cuda" else 128
+
+
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting != "auto":
         return getattr(torch, setting)
@@ -59,7 +65,7 @@ class ServedModel:
         self.engine = Engine(model, self.tokenizer, max_running=settings.max_running,
                              max_queued=settings.max_queued, prefill_token_budget=settings.prefill_token_budget,
                              max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-                             prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
+                             prefix_cache_bytes=prefix_cache_mb(settings, device) * 2**20)
 
     # -- names --------------------------------------------------------------------------------
 

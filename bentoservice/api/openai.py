@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
+from fastapi.responses import StreamingResponse
 
 from bentoservice.api.errors import APIError, unknown_model
 from bentoservice.api.schemas import (ChatCompletionRequest, CompletionRequest, SamplingFields,
@@ -114,10 +114,17 @@ TEXT = Shape("cmpl", "text_completion", "text_completion", lambda text: {"text":
              lambda text: {"text": text})
 
 
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
 def _events(stream: Stream, meta: dict[str, Any], shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+    """The reply as server-sent events, framed here (`data: ...` and a blank line, as OpenAI and vLLM send
+    them): a plain streaming response costs the event loop about a tenth less per token than an SSE
+    library's, which wraps every send in a timeout scope."""
     def chunk(part: dict[str, Any], finish: str | None) -> str:
-        return json.dumps({**meta, "object": shape.chunk_object,
-                           "choices": [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]})
+        return sse(json.dumps({**meta, "object": shape.chunk_object,
+                               "choices": [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]}))
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -127,15 +134,15 @@ def _events(stream: Stream, meta: dict[str, Any], shape: Shape, include_usage: b
                 if isinstance(event, Delta):
                     yield chunk(shape.text_part(event.text), None)
                 elif isinstance(event, Failed):
-                    yield json.dumps({"error": {"message": event.message, "type": "server_error",
-                                                "param": None, "code": "generation_failed"}})
+                    yield sse(json.dumps({"error": {"message": event.message, "type": "server_error",
+                                                    "param": None, "code": "generation_failed"}}))
                     break
                 else:
                     yield chunk(shape.text_part(None), event.reason)
                     if include_usage:
-                        yield json.dumps({**meta, "object": shape.chunk_object, "choices": [],
-                                          "usage": _usage(event)})
-            yield "[DONE]"
+                        yield sse(json.dumps({**meta, "object": shape.chunk_object, "choices": [],
+                                              "usage": _usage(event)}))
+            yield sse("[DONE]")
         finally:
             stream.cancel()  # a client that went away frees its slot at the next step
 
@@ -149,7 +156,7 @@ async def _respond(served: ServedModel, body: SamplingFields, prompt: list[int],
     meta = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
             "system_fingerprint": None}
     if body.stream:
-        return EventSourceResponse(_events(stream, meta, shape, body.include_usage), ping=15)
+        return StreamingResponse(_events(stream, meta, shape, body.include_usage), media_type="text/event-stream")
     text, done = await _collect(stream)
     return {**meta, "object": shape.object, "usage": _usage(done), "choices": [
         {"index": 0, **shape.full_part(text), "logprobs": None, "finish_reason": done.reason}]}

@@ -3,7 +3,6 @@ fsspec file store."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from bentoservice.training import backends
 from bentoservice.training.jobs import JobStore, database, jobs as jobs_table
 from bentoservice.training.queue import JobQueue
 from conftest import ROOT, Server, free_port
+from test_fine_tuning import jsonl, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 # Replies of different lengths, so that the two halves of a batch weigh differently in its loss.
@@ -35,10 +35,6 @@ STEPS = 3
 # same rows at each step.
 COMMON = {"max_steps": STEPS, "learning_rate": 1e-3, "logging_steps": 1, "seed": 7, "save_strategy": "no",
           "gradient_checkpointing": False, "train_sampling_strategy": "sequential"}
-
-
-def jsonl(rows: list[dict]) -> bytes:
-    return "\n".join(json.dumps(r) for r in rows).encode()
 
 
 def losses(jobs: JobStore, job_id: str) -> list[float]:
@@ -107,7 +103,6 @@ def test_two_processes_train_like_one(local_runs: dict[str, Any]) -> None:
 # --- a Ray cluster, a PostgreSQL job store and an fsspec file store ---------------------------------------------
 
 PG_URL = os.environ.get("BENTOSERVICE_TEST_DATABASE_URL")
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 def _kill_cluster(*markers: str) -> None:
@@ -177,16 +172,6 @@ def scaled(tiny: store.StoredModel, ray_cluster: str, tmp_path_factory: pytest.T
     server.stop()
 
 
-def wait_for(client: Any, job_id: str, timeout: float = 600) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in FINAL:
-            return job
-        time.sleep(1)
-    raise TimeoutError(f"job {job_id} still {job.status}")
-
-
 def test_ray_job_with_two_workers(scaled: tuple[Server, Path], ray_cluster: str, local_runs: dict[str, Any]) -> None:
     from ray.job_submission import JobSubmissionClient
 
@@ -196,7 +181,7 @@ def test_ray_job_with_two_workers(scaled: tuple[Server, Path], ray_cluster: str,
     job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, suffix="ray", extra_body={
         "backend": "ray", "num_workers": 2, "gpus_per_worker": 0, "max_steps": STEPS, "learning_rate": 1e-3,
         "per_device_train_batch_size": 2})
-    done = wait_for(client, job.id)
+    done = wait_for(client, job.id, timeout=600)
     events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
     assert done.status == "succeeded", (done.error, [e.message for e in events])
     # It ran as a Ray job, on two Ray Train workers.
@@ -243,7 +228,7 @@ def test_postgres_job_store_and_fsspec_files(scaled: tuple[Server, Path]) -> Non
     assert client.files.content(uploaded.id).content == jsonl(CHATS)
     job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={
         "max_steps": 2, "per_device_train_batch_size": 2})
-    done = wait_for(client, job.id)
+    done = wait_for(client, job.id, timeout=600)
     assert done.status == "succeeded", done.error
     # The job, its events and the file are rows of the PostgreSQL database.
     engine = create_engine(PG_URL)

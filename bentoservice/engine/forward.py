@@ -119,16 +119,17 @@ class Forward:
     def prefill(self, prompts: list[list[int]], slots: list[int], row0: int) -> torch.Tensor:
         """Prompts packed into one pass, written to rows row0...; the logits of each prompt's last token.
         A prompt's beginning found in the prefix store is copied into its row instead of computed."""
-        self._reserve(row0 + len(prompts), max(map(len, prompts)) + 1)
+        full = [len(p) for p in prompts]
+        self._reserve(row0 + len(prompts), max(full) + 1)
         reused = [self._reuse(prompt, slot, row0 + i) for i, (prompt, slot) in enumerate(zip(prompts, slots))]
-        lengths = [len(p) - r for p, r in zip(prompts, reused)]
+        lengths = [n - r for n, r in zip(full, reused)]
         ends = list(accumulate(lengths))
         segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
-        positions = torch.cat([torch.arange(r, len(p)) for p, r in zip(prompts, reused)])
+        positions = torch.cat([torch.arange(r, n) for n, r in zip(full, reused)])
         keys_segment, keys_position, context = segment, positions, None
         if any(reused):  # attention reads whole prompts from the rows: reused and new tokens
-            keys_segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(p) for p in prompts]))
-            keys_position = torch.cat([torch.arange(len(p)) for p in prompts])
+            keys_segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(full))
+            keys_position = torch.cat([torch.arange(n) for n in full])
             context = ((keys_segment + row0).to(self.device), keys_position.to(self.device))
         self.cache.prefill((segment + row0).to(self.device), positions.to(self.device), context)
         self.lora.set([slot for slot, n in zip(slots, lengths) for _ in range(n)], self.dtype, self.device)
@@ -141,9 +142,9 @@ class Forward:
         ids = torch.tensor([t for p, r in zip(prompts, reused) for t in p[r:]], device=self.device)[None]
         hidden = self.decoder(input_ids=ids, position_ids=positions[None].to(self.device), past_key_values=self.cache,
                               use_cache=True, **attention).last_hidden_state
-        if self.prefixes.budget > 0:
-            for i, (prompt, slot) in enumerate(zip(prompts, slots)):
-                self.prefixes.add(slot, prompt, *self.cache.copy_out(row0 + i, len(prompt)))
+        for i, (prompt, slot) in enumerate(zip(prompts, slots)):
+            if self.prefixes.wants(slot, prompt):
+                self.prefixes.add(slot, prompt, *self.cache.copy_out(row0 + i, full[i]))
         last = torch.tensor(ends, device=self.device) - 1
         return self.head(hidden[0, last]).float()
 

@@ -41,23 +41,29 @@ class PrefixStore:
         """The entry sharing the longest prefix with `prompt` under `slot`, and how many tokens it gives."""
         best, best_length = None, 0
         limit = len(prompt) - 1
-        for (entry_slot, _), entry in self._entries.items():
-            if entry_slot != slot:
-                continue
-            length = _common_prefix(entry.tokens, prompt, limit)
-            if length > best_length:
-                best, best_length = entry, length
+        for key, entry in self._entries.items():
+            if key[0] == slot and (length := _common_prefix(entry.tokens, prompt, limit)) > best_length:
+                best, best_length = key, length
         if best is None or best_length < MIN_TOKENS:
             return None, 0
-        self._entries.move_to_end((slot, tuple(best.tokens)))
-        return best, best_length
+        self._entries.move_to_end(best)
+        return self._entries[best], best_length
 
-    def add(self, slot: int, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def wants(self, slot: int, tokens: list[int]) -> bool:
+        """Whether these tokens' keys and values are worth reading out for `add` (an entry already held for
+        them is marked as just used instead)."""
         if self.budget <= 0 or len(tokens) < MIN_TOKENS:
-            return
+            return False
         key = (slot, tuple(tokens))
         if key in self._entries:
             self._entries.move_to_end(key)
+            return False
+        return True
+
+    def add(self, slot: int, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Keep what `wants` asked for (a prompt twice in one pass is kept once)."""
+        key = (slot, tuple(tokens))
+        if key in self._entries:
             return
         entry = Entry(tokens, keys, values)
         if entry.nbytes > self.budget:

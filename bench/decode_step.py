@@ -66,7 +66,9 @@ def step_bytes(model: torch.nn.Module, forward: Forward, rows: int, context: int
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p is not embedding)
     head = model.get_output_embeddings().weight
     weights += (head.numel() if head is embedding else rows * embedding.shape[1]) * embedding.element_size()
-    weights += sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if hasattr(m, "packed"))
+    packed = [m.packed for m in model.modules() if hasattr(m, "packed")]
+    packed += forward.lean.packed_weights() if forward.lean is not None else []
+    weights += sum(w.numel() * w.element_size() for w in packed)
     kv_heads, head_dim = forward.cache.shape
     kv = rows * context * forward.cache.n_layers * 2 * kv_heads * head_dim * embedding.element_size()
     stacks = sum(t.numel() * t.element_size() for m in model.modules() for t in (getattr(m, "lora_A", None),
@@ -88,7 +90,8 @@ def check_against_eager(forward: Forward, tokens: list[int], positions: list[int
 
 
 def check_prefill(model: torch.nn.Module, forward: Forward) -> str:
-    """Packed prefill (varlen attention on a GPU) against the model run on each prompt alone; then the same
+    """Packed prefill (varlen attention on a GPU) against the HF model run on each prompt alone (`model`: a
+    copy of the engine's, whose HF layers lose their weights to the lean pass on a CPU); then the same
     prompts one token longer, which reuse the stored keys and values of the first pass."""
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, model.config.vocab_size, (n,), generator=generator).tolist() for n in (5, 17, 40)]
@@ -131,9 +134,12 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     manager = AdapterManager(model, args.adapters, args.lora_rank)
     forward = Forward(model, manager.batch, max(batches), cuda_graphs=device.type == "cuda", prefix_bytes=2**26)
+    reference = model if forward.lean is None else AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    print(check_prefill(reference, forward), flush=True)
+    del reference
     random_adapters(model, manager, args.adapters, args.lora_rank)
     forward.adapters_changed()
-    print(check_prefill(model, forward), flush=True)
     bandwidth = copy_bandwidth(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)

@@ -127,3 +127,59 @@ def test_a_reused_prefix_gives_what_a_full_prefill_gives(tiny_dir) -> None:
         computed = run()
     for a, b in zip(reused, computed):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_lean_pass_gives_the_hf_models_logits(tiny_dir) -> None:
+    """On a CPU a Llama runs through the lean pass (fused products, its own decode attention, LoRA grouped by
+    adapter). Its logits are the HF model's on each sequence alone under that sequence's adapter: prompts of
+    different lengths packed in one prefill, then decode steps over rows at different lengths with mixed
+    adapters (one on every layer, one on q, v and down only, the base), after a row moves, and with one
+    adapter left."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bentoservice.engine.adapters import AdapterManager, PreparedAdapter
+    from bentoservice.engine.forward import Forward
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+    reference, model = load(), load()
+    managers = [AdapterManager(reference, 2, 8), AdapterManager(model, 2, 8)]
+    forward = Forward(model, managers[1].batch, 4, cuda_graphs=False)
+    assert forward.lean is not None
+    generator = torch.Generator().manual_seed(0)
+    linears = [(name, m) for name, m in reference.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name, rank, targets in (("all", 4, ("proj",)), ("some", 8, ("q_proj", "v_proj", "down_proj"))):
+        weights = {f"model.{path}": (torch.randn(rank, m.in_features, generator=generator) * 0.3,
+                                     torch.randn(m.out_features, rank, generator=generator) * 0.3)
+                   for path, m in linears if path.endswith(targets)}
+        for manager in managers:
+            manager.install(PreparedAdapter(name, "random", rank, 2.0 * rank, 2.0, weights))
+    forward.adapters_changed()
+
+    def alone(tokens: list[int], slot: int) -> torch.Tensor:
+        managers[0].batch.set([slot] * len(tokens), torch.float32, torch.device("cpu"))
+        return reference(input_ids=torch.tensor([tokens])).logits[0, -1]
+
+    def check(logits: torch.Tensor, rows: list[tuple[list[int], int]]) -> None:
+        expected = torch.stack([alone(tokens, slot) for tokens, slot in rows])
+        assert float((logits - expected).norm() / expected.norm()) < 1e-4
+        for (tokens, _), token in zip(rows, logits.argmax(-1).tolist()):
+            tokens.append(token)
+
+    def decode(rows: list[tuple[list[int], int]]) -> None:
+        step = forward.decode([t[-1] for t, _ in rows], [len(t) - 1 for t, _ in rows], [s for _, s in rows])
+        check(step.logits, rows)
+
+    rows = [(list(range(100, 100 + n)), slot) for n, slot in ((5, 2), (17, 0), (9, 1), (30, 2))]
+    with torch.no_grad():
+        check(forward.prefill([t for t, _ in rows], [s for _, s in rows], 0), rows)
+        for _ in range(2):
+            decode(rows)
+        forward.move_rows([3], [2])  # row 2 finished: the last row takes its place
+        rows = rows[:2] + rows[3:]
+        for _ in range(2):  # the base and the second adapter only
+            decode(rows)
+        for _ in range(2):  # one adapter in the batch
+            decode(rows[:1])

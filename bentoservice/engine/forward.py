@@ -6,6 +6,8 @@ buffers (token, position and LoRA mask of each row); rows past the batch are pad
 only to free cache rows. Graphs are captured on first use and dropped when the cache or the adapter
 stacks move.
 
+On a CPU, Llama-architecture models run through the lean pass of `lean.py` instead of the HF modules.
+
 A decode pass returns a `Step` at once, before the device has finished it. The next pass can take its
 input tokens straight from that step's device output (`Chained`), so the caller can queue pass N+1
 and then read pass N's tokens while the device runs N+1.
@@ -22,6 +24,7 @@ import torch
 
 from bentoservice.engine.attention import use_varlen
 from bentoservice.engine.cache import LENGTH_STEP, SlotCache
+from bentoservice.engine.lean import LeanModel, supports
 from bentoservice.engine.lora import LoraBatch
 from bentoservice.engine.packing import pack_linears
 from bentoservice.engine.prefixes import PrefixStore
@@ -62,7 +65,8 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 class Forward:
     def __init__(self, model: Any, lora: LoraBatch, max_rows: int, cuda_graphs: bool, prefix_bytes: int = 0) -> None:
-        if not cuda_graphs and next(model.parameters()).device.type == "cpu":
+        self.lean = LeanModel(model, lora, max_rows) if not cuda_graphs and supports(model) else None
+        if self.lean is None and not cuda_graphs and next(model.parameters()).device.type == "cpu":
             pack_linears(model, max_rows)
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
@@ -105,6 +109,8 @@ class Forward:
 
     def adapters_changed(self) -> None:
         self.prefixes.clear()  # stored keys and values belong to the adapters as they were
+        if self.lean is not None:
+            self.lean.adapters_changed()
         self._drop_graphs()
         self._lora_mask = None
 
@@ -139,14 +145,18 @@ class Forward:
         else:
             mask = (segment[:, None] == keys_segment[None, :]) & (keys_position[None, :] <= positions[:, None])
             attention = {"attention_mask": mask[None, None].to(self.device)}
-        ids = torch.tensor([t for p, r in zip(prompts, reused) for t in p[r:]], device=self.device)[None]
-        hidden = self.decoder(input_ids=ids, position_ids=positions[None].to(self.device), past_key_values=self.cache,
-                              use_cache=True, **attention).last_hidden_state
+        ids = torch.tensor([t for p, r in zip(prompts, reused) for t in p[r:]], device=self.device)
+        positions = positions.to(self.device)
+        if self.lean is not None:
+            hidden = self.lean(ids, positions, attention["attention_mask"][0, 0], self.cache)
+        else:
+            hidden = self.decoder(input_ids=ids[None], position_ids=positions[None], past_key_values=self.cache,
+                                  use_cache=True, **attention).last_hidden_state[0]
         for i, (prompt, slot) in enumerate(zip(prompts, slots)):
             if self.prefixes.wants(slot, prompt):
                 self.prefixes.add(slot, prompt, *self.cache.copy_out(row0 + i, full[i]))
         last = torch.tensor(ends, device=self.device) - 1
-        return self.head(hidden[0, last]).float()
+        return self._logits(hidden[last])
 
     def _reuse(self, prompt: list[int], slot: int, row: int) -> int:
         """Copy the longest stored prefix of `prompt` into `row`; how many tokens that is."""
@@ -205,9 +215,14 @@ class Forward:
         arange = self._rows[:n] if self.cuda_graphs else torch.arange(n, device=self.device)
         self.cache.decode(arange, positions, length)
         mask = torch.arange(length, device=self.device)[None, :] <= positions[:, None]
+        if self.lean is not None:
+            return self._logits(self.lean(ids[:, 0], positions, mask, self.cache))
         hidden = self.decoder(input_ids=ids, position_ids=positions[:, None], attention_mask=mask[:, None, None, :],
                               past_key_values=self.cache, use_cache=True).last_hidden_state
-        return self.head(hidden[:, -1]).float()
+        return self._logits(hidden[:, -1])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (self.head(hidden) if self.lean is None else self.lean.logits(hidden)).float()
 
     def _capture(self, size: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """Capture the decode pass of `size` rows. Its warm-up runs do this step's real work: a pass

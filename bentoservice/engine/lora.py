@@ -5,12 +5,51 @@ stack entry), so requests for different adapters share one batch without cross-t
 runs two dense products over the concatenated ranks of all stacked adapters, with a per-token 0/1
 mask between them that keeps each token's own adapter: no per-token gather of weights, and fixed
 shapes, so the step can be captured in a CUDA graph. The scaling factor is folded into B at load time.
+
+On a CPU (the lean pass, `LoraGroup`) a mixed batch instead groups its tokens by adapter and runs batched
+products, one batch entry per adapter: the mask's products compute every adapter for every token, which
+there costs as much time as it costs FLOPs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass
+class Segments:
+    """The tokens of a mixed pass grouped by adapter: group g holds the tokens of slot first + 1 + g (stack
+    entry first + g), padded to one width by repeats of token 0 that `valid` zeroes. A base token's update
+    is read from a padding entry (a group is widened by one where no padding would be left)."""
+
+    first: int
+    order: torch.Tensor  # [groups * width] token indices, group after group
+    valid: torch.Tensor  # [groups, width, 1]: 1 for a token, 0 for padding
+    place: torch.Tensor  # [tokens]: each token's entry in `order` (a padding entry for a base token)
+
+    @classmethod
+    def of(cls, slots: list[int], dtype: torch.dtype, device: torch.device) -> Segments:
+        used = [slot for slot in slots if slot]
+        first = min(used)
+        members: list[list[int]] = [[] for _ in range(max(used) - first + 1)]
+        for token, slot in enumerate(slots):
+            if slot:
+                members[slot - first].append(token)
+        width = max(len(tokens) for tokens in members)
+        if len(used) < len(slots) and all(len(tokens) == width for tokens in members):
+            width += 1
+        order = [token for tokens in members for token in tokens + [0] * (width - len(tokens))]
+        valid = [[[1.0]] * len(tokens) + [[0.0]] * (width - len(tokens)) for tokens in members]
+        padding = next((g * width + width - 1 for g, tokens in enumerate(members) if len(tokens) < width), 0)
+        place = [padding] * len(slots)
+        for g, tokens in enumerate(members):
+            for i, token in enumerate(tokens):
+                place[token] = g * width + i
+        return cls(first - 1, torch.tensor(order, device=device), torch.tensor(valid, dtype=dtype, device=device),
+                   torch.tensor(place, device=device))
 
 
 class LoraBatch:
@@ -21,6 +60,8 @@ class LoraBatch:
         self.mask: torch.Tensor | None = None  # [tokens, stacked * rank] when slots are mixed
         self.stacked = 0  # adapter slots held in the stacks (slots 1..stacked)
         self.rank = 0
+        self._slots: tuple[list[int], torch.dtype, torch.device] = ([], torch.float32, torch.device("cpu"))
+        self._segments: Segments | None = None
 
     def set(self, slots: list[int], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None = None) -> None:
         """The slot of each token of the pass, in order.
@@ -28,6 +69,7 @@ class LoraBatch:
         With `out` (a preallocated mask, at least as long as the pass, for CUDA graphs) the mixed
         path is always taken, so that a captured pass does not depend on the slots.
         """
+        self._slots, self._segments = (slots, dtype, device), None
         if out is None and len(set(slots)) == 1:
             self.single, self.mask = slots[0], None
             return
@@ -39,6 +81,13 @@ class LoraBatch:
             self.mask = out[: len(slots)]
             self.mask.copy_(mask.pin_memory(), non_blocking=True)
         self.single = None
+
+    @property
+    def segments(self) -> Segments:
+        """The mixed pass's tokens grouped by adapter (made on first use: only the CPU's lean pass asks)."""
+        if self._segments is None:
+            self._segments = Segments.of(*self._slots)
+        return self._segments
 
 
 class BatchedLoraLinear(nn.Module):
@@ -101,3 +150,53 @@ class BatchedLoraLinear(nn.Module):
             y2.addmm_((x2 @ self.lora_A.view(self.in_features, -1)).mul_(batch.mask),
                       self.lora_B.view(-1, self.out_features))
         return y
+
+
+class LoraGroup:
+    """The LoRA updates of layers that read one input (q, k and v; gate and up), added into their fused
+    output, whose columns are the layers' outputs side by side.
+
+    The layers' A stacks are copied side by side once per adapter change, as [stacked, in, layers * rank], so
+    that a pass runs one A product for the group; each layer's B product then adds into its own columns.
+    """
+
+    def __init__(self, batch: LoraBatch, parent: nn.Module, names: list[str]) -> None:
+        self.batch = batch
+        self.parent, self.names = parent, names
+        widths = [getattr(parent, name).out_features for name in names]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        self._columns = [slice(start, start + width) for start, width in zip(starts, widths)]
+        self.a: torch.Tensor | None = None
+        self.targets: list[tuple[slice, torch.Tensor]] = []  # (output columns, B stack) per wrapped layer
+
+    def refresh(self) -> None:
+        """Read the stacks again: the adapter manager wraps layers and grows or rewrites their stacks."""
+        wrapped = [(columns, layer) for columns, name in zip(self._columns, self.names)
+                   if isinstance(layer := getattr(self.parent, name), BatchedLoraLinear) and layer.lora_A is not None]
+        if not wrapped:
+            self.a, self.targets = None, []
+            return
+        a = torch.stack([layer.lora_A for _, layer in wrapped], dim=2)  # [in, stacked, layers, rank]
+        self.a = a.permute(1, 0, 2, 3).flatten(2).contiguous()
+        self.targets = [(columns, layer.lora_B) for columns, layer in wrapped]
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y[:, layer's columns] += that layer's LoRA update of x, for each token's adapter."""
+        batch = self.batch
+        if self.a is None or batch.single == 0:
+            return
+        rank = batch.rank
+        if batch.single is not None:
+            index = batch.single - 1
+            t = x @ self.a[index]
+            for i, (columns, b) in enumerate(self.targets):
+                y[:, columns].addmm_(t[:, i * rank:(i + 1) * rank], b[index])
+            return
+        segments = batch.segments
+        groups, width = segments.valid.shape[:2]
+        stacks = slice(segments.first, segments.first + groups)
+        t = torch.bmm(x.index_select(0, segments.order).view(groups, width, -1), self.a[stacks])
+        t.mul_(segments.valid)
+        for i, (columns, b) in enumerate(self.targets):
+            update = torch.bmm(t[:, :, i * rank:(i + 1) * rank], b[stacks])
+            y[:, columns] += update.view(groups * width, -1).index_select(0, segments.place)

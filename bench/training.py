@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -63,6 +64,8 @@ class Spec:
     seed: int
     baseline_checkpointing: bool = False
     lora_dropout: float | None = None
+    accumulate: int = 1
+    profile: str | None = None
 
 
 @dataclass
@@ -85,6 +88,8 @@ class Result:
     mean_length: float = 0.0
     first_step_seconds: float = 0.0
     """The first step's time: compilation, when the variant compiles."""
+    passes: int = 1
+    """The most forward passes in one measured step."""
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -129,6 +134,9 @@ class StepMeter:
         self.ends: list[float] = []
         self.tokens: list[int] = []
         self.padded: list[int] = []
+        self.passes: list[int] = []
+        self.pass_tokens: int | None = None
+        """The trainer's most tokens a pass, when it splits batches."""
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -153,10 +161,14 @@ class StepMeter:
             torch.cuda.synchronize()
 
     def wrap(self, collator: Any) -> Any:
+        from bentoservice.training.speed import split_passes
+
         def collate(features: list[dict[str, Any]]) -> Any:
             batch = collator(features)
             self.tokens.append(sum(len(f["input_ids"]) for f in features))
             self.padded.append(batch["input_ids"].numel())
+            split = self.pass_tokens and "cu_seq_lens_q" in batch
+            self.passes.append(len(split_passes(batch, self.pass_tokens)) if split else 1)
             return batch
 
         return collate
@@ -201,8 +213,9 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
     rows = chat_rows(tokenizer, spec)
     dataset = trainers.hf_dataset(tokenizer, formats.Dataset("openai_chat", "sft", rows))
     model = build_model(spec, device, tokenizer)
-    args = {"per_device_train_batch_size": spec.batch, "max_steps": spec.warmup + spec.steps, "logging_steps": 1,
-            "save_strategy": "no", "seed": spec.seed, "data_seed": spec.seed}
+    args = {"per_device_train_batch_size": spec.batch, "gradient_accumulation_steps": spec.accumulate,
+            "max_steps": spec.warmup + spec.steps + bool(spec.profile), "logging_steps": 1, "save_strategy": "no",
+            "seed": spec.seed, "data_seed": spec.seed}
     lora = {} if spec.lora_dropout is None else {"lora_dropout": spec.lora_dropout}
     config = TrainingConfig(model="bench", args=args, **lora)
     output_dir = Path(tempfile.mkdtemp(prefix="bench-training-"))
@@ -215,8 +228,51 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
         trainer = trainers.build_trainer(config, model, tokenizer, trainer_args, dataset, None, ProgressCallback(),
                                          device, variant_speedups(spec.variant, device))
     trainer.data_collator = meter.wrap(trainer.data_collator)
+    meter.pass_tokens = getattr(trainer, "pass_tokens", None)
     trainer.add_callback(meter.callback())
+    if spec.profile:
+        trainer.add_callback(profile_callback(spec, device))
     return trainer, meter, [len(ids) for ids in dataset["input_ids"]]
+
+
+def profile_callback(spec: Spec, device: str) -> Any:
+    """Profiles the step after the measured ones: the kernels and operators that took the most time, and how busy
+    the device was, written to `spec.profile`/VARIANT.txt."""
+    import torch
+    from transformers import TrainerCallback
+
+    profiled = spec.warmup + spec.steps
+
+    class Callback(TrainerCallback):
+        profiler: Any = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == profiled:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if device == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.profiler is None:
+                return
+            if device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.start
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            kernels = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+            sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            path = Path(spec.profile) / (re.sub(r"[^\w.-]", "_", spec.variant) + ".txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}), {len(kernels)} kernels\n"
+                            + events.table(sort_by=sort, row_limit=40, max_name_column_width=80))
+            self.profiler = None
+
+    return Callback()
 
 
 def run_variant(spec: Spec) -> Result:
@@ -231,20 +287,23 @@ def run_variant(spec: Spec) -> Result:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
 
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    step_times = [b - a for a, b in zip(meter.ends[spec.warmup:], meter.ends[spec.warmup + 1:], strict=False)]
-    measured = meter.tokens[spec.warmup:spec.warmup + spec.steps]
-    seconds = meter.ends[-1] - meter.ends[spec.warmup]
-    tokens = sum(measured)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log][:spec.warmup + spec.steps]
+    ends = meter.ends[:spec.warmup + spec.steps + 1]
+    step_times = [b - a for a, b in zip(ends[spec.warmup:], ends[spec.warmup + 1:], strict=False)]
+    per_step = trainer.args.gradient_accumulation_steps  # collated batches a step
+    window = slice(spec.warmup * per_step, (spec.warmup + spec.steps) * per_step)
+    seconds = ends[-1] - ends[spec.warmup]
+    tokens = sum(meter.tokens[window])
     if device == "cuda":
         peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     else:
         peak = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = Result(spec.variant, device, tokens / seconds, statistics.median(step_times), peak / 2**30,
                     reserved / 2**30, statistics.fmean(losses[-3:]), losses, tokens,
-                    sum(meter.padded[spec.warmup:spec.warmup + spec.steps]), params,
-                    checkpointed_layers=most_checkpointed(trainer, meter.padded[spec.warmup:spec.warmup + spec.steps]),
-                    mean_length=statistics.fmean(lengths), first_step_seconds=meter.ends[1] - meter.ends[0])
+                    sum(meter.padded[window]), params,
+                    checkpointed_layers=most_checkpointed(trainer, meter.padded[window]),
+                    mean_length=statistics.fmean(lengths), first_step_seconds=ends[1] - ends[0],
+                    passes=max(meter.passes[window], default=1))
     if device == "cuda":
         flops = 4 * params * tokens
         # The measured steps' examples are not known one by one here: scale the data's mean l^2 to their tokens.
@@ -305,8 +364,8 @@ def variant_speedups(variant: str, device: str) -> Any:
 def compare(results: list[Result]) -> str:
     base = next((r for r in results if r.variant == "baseline"), None)
     lines = ["| variant | tokens/s | x baseline | step s | peak GiB | x baseline | loss | max step loss diff "
-             "| MFU 4N | MFU 4N+attn | padding | most checkpointed layers |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| MFU 4N | MFU 4N+attn | padding | most checkpointed layers | most passes a step |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         speedup = f"{r.tokens_per_second / base.tokens_per_second:.2f}" if base else "-"
         memory = f"{r.peak_gib / base.peak_gib:.2f}" if base else "-"
@@ -316,7 +375,7 @@ def compare(results: list[Result]) -> str:
         padding = f"{1 - r.tokens / r.padded_tokens:.0%}" if r.padded_tokens else "-"
         lines.append(f"| {r.variant} | {r.tokens_per_second:,.0f} | {speedup} | {r.step_seconds:.3f} | "
                      f"{r.peak_gib:.2f} | {memory} | {r.loss:.4f} | {diff:.4f} | {mfu} | {mfu_attn} | {padding} | "
-                     f"{r.checkpointed_layers} |")
+                     f"{r.checkpointed_layers} | {r.passes} |")
     return "\n".join(lines)
 
 
@@ -338,6 +397,9 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, help="LoRA dropout for all variants (default: the product's)")
     parser.add_argument("--baseline-checkpointing", action="store_true",
                         help="checkpoint every layer of the baseline (when it does not fit otherwise)")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="gradient accumulation steps: a step trains --batch x this many chats")
+    parser.add_argument("--profile", help="profile one step after the measured ones into this folder")
     parser.add_argument("--json", type=Path, help="append each result to this JSON Lines file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     ns = parser.parse_args()
@@ -354,7 +416,7 @@ def main() -> None:
     for variant in ns.variants.split(","):
         spec = Spec(variant, ns.model, ns.shape, ns.tokenizer, ns.examples, ns.mean_tokens, ns.min_tokens,
                     ns.max_tokens, ns.batch, ns.steps, ns.warmup, ns.seed, ns.baseline_checkpointing,
-                    ns.lora_dropout)
+                    ns.lora_dropout, ns.accumulate, ns.profile)
         result = run_child(spec)
         if result is None:
             continue

@@ -75,11 +75,12 @@ def test_packed_examples_never_attend_to_each_other(tiny_dir: Path) -> None:
         torch.testing.assert_close(bare, packed)
 
 
-def sft_trainer(tiny: store.StoredModel, rows: list[dict[str, Any]], out: Path, speedups: speed.Speedups) -> Any:
+def sft_trainer(tiny: store.StoredModel, rows: list[dict[str, Any]], out: Path, speedups: speed.Speedups,
+                **args: Any) -> Any:
     tokenizer = load_tokenizer(tiny.path)
     config = TrainingConfig(model="tiny", lora_dropout=0.0, args={
         "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
-        "save_strategy": "no"})
+        "save_strategy": "no", **args})
     dataset = hf_dataset(tokenizer, formats.Dataset("openai_chat", "sft", rows))
     torch.manual_seed(0)  # the same LoRA initialisation for every run
     return build_trainer(config, hardware.load_model(tiny.path, "cpu", "lora"), tokenizer,
@@ -108,6 +109,29 @@ def test_padding_free_training_follows_the_padded_path(tiny: store.StoredModel, 
     assert losses(short) == pytest.approx(fast, rel=1e-5)
     assert [layer.gradient_checkpointing for layer in short.layers] == [True, True]
 
+    # A step's examples trained in several passes (of at most 40 tokens here) learn what one pass learns. Gradient
+    # accumulation by example count becomes one batch, split by tokens.
+    split = sft_trainer(tiny, rows, tmp_path / "split", speed.defaults("cpu", planned_tokens=0),
+                        per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert (split.args.per_device_train_batch_size, split.args.gradient_accumulation_steps) == (4, 1)
+    split.pass_tokens = 40
+    assert losses(split) == pytest.approx(fast, rel=1e-5)
+
+
+def test_a_batch_splits_into_passes_of_whole_examples() -> None:
+    examples = [list(range(1, n + 1)) for n in (10, 25, 3, 50, 7)]
+    batch = packed_batch(examples)
+    passes = speed.split_passes(batch, tokens=30)
+    # In order, at most 30 tokens a pass: [10], [25, 3], [50] (longer than 30, alone), [7].
+    assert [p["cu_seq_lens_q"].tolist() for p in passes] == [[0, 10], [0, 25, 28], [0, 50], [0, 7]]
+    assert [p["max_length_q"] for p in passes] == [10, 25, 50, 7]
+    for key in ("input_ids", "labels", "position_ids"):
+        torch.testing.assert_close(torch.cat([p[key] for p in passes], dim=1), batch[key])
+    assert speed.split_passes(batch, tokens=95) == [batch]
+    # As few passes as fit, of about equal size: 60 tokens in at most 40 a pass is 30 + 30, not 40 + 20.
+    even = speed.split_passes(packed_batch([list(range(1, 11))] * 6), tokens=40)
+    assert [p["input_ids"].shape[1] for p in even] == [30, 30]
+
 
 def test_checkpointing_some_layers_changes_no_gradient(tiny_dir: Path) -> None:
     from peft import LoraConfig, get_peft_model
@@ -134,3 +158,39 @@ def test_checkpointing_some_layers_changes_no_gradient(tiny_dir: Path) -> None:
     checkpointed = gradients()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad)
+
+
+def test_fused_lora_layers_compute_what_peft_does(tiny_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from bentoservice.training.fused_lora import fuse_lora_layers
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False)).train()
+    fused = copy.deepcopy(peft_model)
+    assert fuse_lora_layers(fused) == 7 * base.config.num_hidden_layers
+    ids = torch.randint(0, 1000, (2, 24))
+
+    def run(model: Any, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    for autocast, tolerance in ((False, {}), (True, {"rtol": 0.05, "atol": 0.05})):
+        logits, grads = run(peft_model, autocast)
+        fused_logits, fused_grads = run(fused, autocast)
+        torch.testing.assert_close(fused_logits, logits, **tolerance)
+        assert fused_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert fused_grads[name].dtype == torch.float32
+            torch.testing.assert_close(fused_grads[name], grad, **tolerance)
+    with torch.no_grad():  # adapters disabled: PEFT's own forward, the bare base
+        with peft_model.disable_adapter():
+            bare = peft_model(input_ids=ids).logits
+        with fused.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=ids).logits, bare)
+        assert not torch.allclose(fused(input_ids=ids).logits, bare)

@@ -9,12 +9,14 @@ here as VARLEN attends within each example only: flash attention's varlen kernel
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import itertools
 import logging
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,11 @@ class Speedups:
     labelled_logits: bool = False
     """Project through the LM head only the positions that predict a trained token, with plain cross-entropy.
     TRL's fused LM head does so with Triton on CUDA, but scores every position elsewhere, and recomputes them."""
+    fused_lora: bool = True
+    """Each PEFT LoRA linear layer as one autograd function (fused_lora.py): fewer kernels and less host work."""
+    passes: bool = True
+    """Train a batch that would not fit in memory in several passes rather than checkpointing layers
+    (MemoryPlan.pass_tokens)."""
 
 
 def defaults(device: Device, planned_tokens: int) -> Speedups:
@@ -75,6 +82,12 @@ def sft_args(args: dict[str, Any], speedups: Speedups, packing: bool) -> dict[st
     if speedups.padding_free and not packing:
         # Lengths were checked against max_seq_length before the model loaded: nothing is left to truncate.
         args.update(padding_free=True, max_length=None)
+        if speedups.passes and not {"gradient_checkpointing", "activation_checkpointing"} & set(args):
+            # The trainer splits a step's examples into passes by tokens (MemoryPlan.pass_tokens), not by count:
+            # one batch of all of them, the same examples per optimizer step and the same gradients. (Where the
+            # user chose checkpointing, no memory plan is made, so the steps stay as the user set them.)
+            accumulate = int(args.pop("gradient_accumulation_steps", 1))
+            args["per_device_train_batch_size"] = int(args.get("per_device_train_batch_size", 8)) * accumulate
     # TRL checkpoints every layer by default, which recomputes the whole forward pass (a third more compute);
     # the trainer checkpoints only the layers that each batch needs for memory (`memory_plan`), unless the user
     # chose.
@@ -94,6 +107,17 @@ class MemoryPlan:
     layers: int
     budget: int
     """Bytes free for activations."""
+    pass_tokens: int = 2**62
+    """The most tokens one forward pass takes: a batch of more is trained in several passes of about equal size,
+    split between examples, whose gradients add up to the whole batch's. This is what fits in memory without
+    checkpointing: a pass recomputes nothing and Inductor can compile its layers (it fails on checkpointed ones),
+    while each extra pass costs its launch overhead. Smaller passes would save memory but, on the H100 machine, are
+    bound by the host's kernel launches (docs/benchmarks.md: the 8B shape in passes of up to 2,000 tokens trained
+    2.5 times slower than in one pass of about 4,400)."""
+
+    def largest_pass(self, largest_batch: int) -> int:
+        """The most tokens a pass can hold, for batches of up to `largest_batch` tokens."""
+        return min(largest_batch, self.pass_tokens)
 
     def checkpointed(self, tokens: int) -> int:
         excess = self.keep_per_token * tokens * self.layers - self.budget
@@ -102,9 +126,12 @@ class MemoryPlan:
         return min(self.layers, math.ceil(excess / ((self.keep_per_token - self.input_per_token) * tokens)))
 
 
-def memory_plan(model: PreTrainedModel, lora_dropout: float, fused: bool, device: Device) -> MemoryPlan:
-    """The plan for `model` (the trainer's, on its device), LoRA on all linear layers; `fused`: Liger's RMSNorm and
-    SwiGLU kernels, which keep less.
+def memory_plan(model: PreTrainedModel, lora_dropout: float, fused: bool, device: Device,
+                longest: int | None) -> MemoryPlan:
+    """The plan for `model` (the trainer's, on its device), LoRA on all linear layers, for examples of up to
+    `longest` tokens (None: each batch in one pass); `fused`: Liger's RMSNorm and SwiGLU kernels, which keep less.
+
+    A pass takes as many tokens as fit, and at least the longest example (which cannot be split).
 
     Per token and layer, in activations: the norms' inputs and outputs, q, k, v (after RoPE) and the attention
     output, the MLP's gate, up and product; without Liger, the norms' float32 intermediates and the MLP's
@@ -120,8 +147,11 @@ def memory_plan(model: PreTrainedModel, lora_dropout: float, fused: bool, device
     if lora_dropout > 0:
         elements += 7 * hidden + inner // 2
     itemsize = next(p for p in model.parameters() if p.is_floating_point()).dtype.itemsize
-    return MemoryPlan(elements * itemsize, hidden * itemsize, len(decoder_layers(model)),
-                      int(0.75 * free_memory(device)))
+    layers, budget = len(decoder_layers(model)), int(0.75 * free_memory(device))
+    plan = MemoryPlan(elements * itemsize, hidden * itemsize, layers, budget)
+    if longest is None:
+        return plan
+    return replace(plan, pass_tokens=max(budget // (plan.keep_per_token * layers), longest))
 
 
 def largest_batch(lengths: list[int], args: dict[str, Any]) -> int:
@@ -173,6 +203,10 @@ def finish(model: PreTrainedModel, speedups: Speedups, mixed_precision: bool) ->
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
+    if speedups.fused_lora:
+        from bentoservice.training.fused_lora import fuse_lora_layers
+
+        log.info("fused %d LoRA layers", fuse_lora_layers(model))
     if speedups.compile:
         compile_layers(model)
     elif speedups.liger:
@@ -194,16 +228,36 @@ def sft_trainer_class() -> type[SFTTrainer]:
         memory: MemoryPlan | None = None
         layers: list[torch.nn.Module] = []
 
+        pass_tokens: int | None = None
+
         def fit_memory(self, plan: MemoryPlan, largest_batch: int) -> None:
-            """Checkpoint, batch by batch, the layers that `plan` says the batch needs (`largest_batch`: the most
-            tokens a batch can hold)."""
-            most = plan.checkpointed(largest_batch)
-            log.info("checkpointing at most %d of %d layers (batches of up to %d tokens, %.1f GiB free)", most,
-                     plan.layers, largest_batch, plan.budget / 0.75 / 2**30)
+            """Train each batch in passes of up to `plan.pass_tokens` tokens, and checkpoint, pass by pass, the
+            layers that `plan` says the pass needs (`largest_batch`: the most tokens a batch can hold)."""
+            largest = plan.largest_pass(largest_batch)
+            most = plan.checkpointed(largest)
+            log.info("passes of up to %d tokens, checkpointing at most %d of %d layers (batches of up to %d "
+                     "tokens, %.1f GiB free)", largest, most, plan.layers, largest_batch, plan.budget / 0.75 / 2**30)
+            if largest < largest_batch:
+                self.pass_tokens = plan.pass_tokens
             if most:
                 self.memory, self.layers = plan, decoder_layers(self.model)
                 self.model.activation_checkpointing_enable({"use_reentrant": False})
                 checkpoint_layers(self.layers, 0)
+
+        def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                          num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+            passes = [inputs]
+            if self.pass_tokens and num_items_in_batch is not None and "cu_seq_lens_q" in inputs:
+                passes = split_passes(inputs, self.pass_tokens)
+            loss = None
+            for i, part in enumerate(passes):
+                # The loss is normalised by the whole batch's count, so the passes' gradients add up to the batch's;
+                # data-parallel ranks exchange them once, after the last pass.
+                sync = contextlib.nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
+                with sync:
+                    part_loss = super().training_step(model, part, num_items_in_batch)
+                loss = part_loss if loss is None else loss + part_loss
+            return loss
 
         def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -227,6 +281,52 @@ def sft_trainer_class() -> type[SFTTrainer]:
             return loss
 
     return FastSFTTrainer
+
+
+def split_passes(inputs: dict[str, Any], tokens: int) -> list[dict[str, Any]]:
+    """A padding-free batch (one row; TRL's `cu_seq_lens_q` marks where each example starts) as consecutive passes of
+    whole examples, as few as hold at most `tokens` tokens each (unless one example alone is longer) and of about
+    equal size."""
+    bounds = inputs["cu_seq_lens_q"].tolist()
+    count = math.ceil(bounds[-1] / tokens)
+    if count <= 1 or len(bounds) <= 2:
+        return [inputs]
+    cuts = _even_cuts(bounds, count)
+    if any(last - first > 1 and bounds[last] - bounds[first] > tokens for first, last in itertools.pairwise(cuts)):
+        cuts = _greedy_cuts(bounds, tokens)
+    row = inputs["input_ids"].shape[1]
+    passes = []
+    for first, last in itertools.pairwise(cuts):
+        start, end = bounds[first], bounds[last]
+        part = {key: value[:, start:end] if getattr(value, "ndim", 0) == 2 and value.shape[1] == row else value
+                for key, value in inputs.items()}
+        cu = inputs["cu_seq_lens_q"][first:last + 1] - start
+        longest = max(b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1], strict=False))
+        part.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        if "seq_idx" in part:
+            part["seq_idx"] = part["seq_idx"] - first
+        passes.append(part)
+    return passes
+
+
+def _even_cuts(bounds: list[int], count: int) -> list[int]:
+    """Example indices that cut `bounds` (example starts, then the end) nearest to `count` equal parts."""
+    cuts = [0]
+    for j in range(1, count):
+        goal = bounds[-1] * j / count
+        candidates = range(cuts[-1] + 1, len(bounds) - 1)
+        if candidates:
+            cuts.append(min(candidates, key=lambda k: abs(bounds[k] - goal)))
+    return [*cuts, len(bounds) - 1]
+
+
+def _greedy_cuts(bounds: list[int], tokens: int) -> list[int]:
+    """Example indices that cut `bounds` into passes filled in order up to `tokens`."""
+    cuts = [0]
+    for k in range(1, len(bounds) - 1):
+        if bounds[k + 1] - bounds[cuts[-1]] > tokens:
+            cuts.append(k)
+    return [*cuts, len(bounds) - 1]
 
 
 def compile_layers(model: PreTrainedModel) -> None:

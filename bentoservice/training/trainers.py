@@ -176,12 +176,15 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     trainer.labelled_logits = speedups.labelled_logits and padding_free
     checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
     if not checkpointing_chosen:
-        plan = speed.memory_plan(trainer.model, config.lora_dropout, speedups.liger or speedups.compile, device)
+        plan = speed.memory_plan(trainer.model, config.lora_dropout, speedups.liger or speedups.compile, device,
+                                 longest=max(lengths) if speedups.passes else None)
         largest = speed.largest_batch(lengths, args)
-        checkpointing = bool(plan.checkpointed(largest))
+        checkpointing = bool(plan.checkpointed(plan.largest_pass(largest)))
         trainer.fit_memory(plan, largest)
     if checkpointing:  # Inductor fails on checkpointed layers
         speedups = replace(speedups, compile=False)
+    if args.get("fsdp") or args.get("deepspeed"):  # they shard the weights the fused LoRA layers read
+        speedups = replace(speedups, fused_lora=False)
     speed.finish(trainer.model, speedups, mixed_precision=bool(args.get("bf16") or args.get("fp16")))
     return trainer
 

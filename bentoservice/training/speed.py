@@ -227,12 +227,12 @@ def sft_trainer_class() -> type[SFTTrainer]:
         labelled_logits = False
         memory: MemoryPlan | None = None
         layers: list[torch.nn.Module] = []
-
         pass_tokens: int | None = None
 
-        def fit_memory(self, plan: MemoryPlan, largest_batch: int) -> None:
+        def fit_memory(self, plan: MemoryPlan, largest_batch: int) -> int:
             """Train each batch in passes of up to `plan.pass_tokens` tokens, and checkpoint, pass by pass, the
-            layers that `plan` says the pass needs (`largest_batch`: the most tokens a batch can hold)."""
+            layers that `plan` says the pass needs (`largest_batch`: the most tokens a batch can hold); the most
+            layers a pass will checkpoint."""
             largest = plan.largest_pass(largest_batch)
             most = plan.checkpointed(largest)
             log.info("passes of up to %d tokens, checkpointing at most %d of %d layers (batches of up to %d "
@@ -243,6 +243,7 @@ def sft_trainer_class() -> type[SFTTrainer]:
                 self.memory, self.layers = plan, decoder_layers(self.model)
                 self.model.activation_checkpointing_enable({"use_reentrant": False})
                 checkpoint_layers(self.layers, 0)
+            return most
 
         def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                           num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:

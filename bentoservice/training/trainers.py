@@ -178,9 +178,7 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     if not checkpointing_chosen:
         plan = speed.memory_plan(trainer.model, config.lora_dropout, speedups.liger or speedups.compile, device,
                                  longest=max(lengths) if speedups.passes else None)
-        largest = speed.largest_batch(lengths, args)
-        checkpointing = bool(plan.checkpointed(plan.largest_pass(largest)))
-        trainer.fit_memory(plan, largest)
+        checkpointing = bool(trainer.fit_memory(plan, speed.largest_batch(lengths, args)))
     if checkpointing:  # Inductor fails on checkpointed layers
         speedups = replace(speedups, compile=False)
     if args.get("fsdp") or args.get("deepspeed"):  # they shard the weights the fused LoRA layers read

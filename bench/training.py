@@ -237,7 +237,7 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
 
 def profile_callback(spec: Spec, device: str) -> Any:
     """Profiles the step after the measured ones: the kernels and operators that took the most time, and how busy
-    the device was, written to `spec.profile`/VARIANT.txt."""
+    the device was, written to `spec.profile`/VARIANT.txt, and its timeline to VARIANT.json.gz (chrome://tracing)."""
     import torch
     from transformers import TrainerCallback
 
@@ -270,6 +270,7 @@ def profile_callback(spec: Spec, device: str) -> Any:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}), {len(kernels)} kernels\n"
                             + events.table(sort_by=sort, row_limit=40, max_name_column_width=80))
+            self.profiler.export_chrome_trace(str(path.with_suffix(".json.gz")))
             self.profiler = None
 
     return Callback()

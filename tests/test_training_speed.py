@@ -194,3 +194,50 @@ def test_fused_lora_layers_compute_what_peft_does(tiny_dir: Path) -> None:
         with fused.disable_adapter():
             torch.testing.assert_close(fused(input_ids=ids).logits, bare)
         assert not torch.allclose(fused(input_ids=ids).logits, bare)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_passes_learn_what_eager_passes_do() -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bentoservice.training.fused_lora import fuse_lora_layers
+    from bentoservice.training.graphs import graph_decoder
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = LlamaForCausalLM(config).to(torch.bfloat16)
+    speed.prepare(base, padding_free=True)  # flash attention's varlen kernel, which takes bf16
+    eager = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    fuse_lora_layers(eager)
+    graphed = copy.deepcopy(eager)
+    decoder = graph_decoder(graphed, sequences=4, max_tokens=300, longest=120)
+    # Passes of 3 and 2 examples go to buckets of 128 and 256 tokens; 400 tokens are more than the most, and 5
+    # examples more than a graphed pass takes, so those two passes run eagerly, in the same step (the first one
+    # before any graph, the other between them). Attention is captured for sequences of up to 128 tokens (the
+    # padding one included).
+    passes = [packed_batch([torch.randint(0, 1000, (n,)).tolist() for n in sizes])
+              for sizes in ((400,), (12, 30, 5), (100, 90), (7, 3, 9, 4, 20), (40, 50))]
+
+    def train_pass(model: Any, batch: dict[str, Any]) -> float:
+        # The loss goes with its autograd graph before the next pass: a graph kept alive would keep the
+        # LoRA weights' gradient accumulators on the stream they were made on, which a capture cannot wait for.
+        loss = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}, use_cache=False).loss
+        loss.backward()
+        return loss.item()
+
+    def step(model: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model.zero_grad()
+        step_losses = [train_pass(model, batch) for batch in passes]
+        return step_losses, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    for _ in range(2):  # the second step replays the graphs captured in the first
+        want_losses, want = step(eager)
+        got_losses, got = step(graphed)
+        assert got_losses == pytest.approx(want_losses, rel=1e-3)
+        assert got.keys() == want.keys()
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=0.02, atol=1e-4)
+    assert sorted(decoder.buckets) == [128, 256, 384]  # up to the most tokens a pass takes

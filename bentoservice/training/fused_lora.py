@@ -4,7 +4,8 @@ PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate modul
 scaling and the sum among them), more backward, and several autograd nodes and Python calls per layer. On a GPU
 a training pass issues thousands of them and the host, launching them one by one, becomes the bound (see
 docs/benchmarks.md). Here the forward is three products, the last adding the scaled update into the base output
-(`addmm`), and the backward five products with no element-wise passes over activations. The result is PEFT's.
+(`addmm`), and the backward five products with no element-wise passes over activations (only over the rank-wide
+ones and the LoRA weights' gradients). The result is PEFT's.
 
 Only plain LoRA qualifies: one active adapter on an `nn.Linear` base, no dropout (PEFT's default 0), no DoRA or
 other variant, not merged. Anything else, or a call PEFT must handle itself (disabled adapters, per-row adapter
@@ -45,13 +46,20 @@ class LoraLinearFunction(torch.autograd.Function):
         scaling = ctx.scaling
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
-            gh = g @ b  # d(loss)/d(h), unscaled
+            gh = (g @ b).mul_(scaling)  # d(loss)/d(h)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ w).addmm_(gh, a, alpha=scaling).view(ctx.input_shape).to(ctx.input_dtype)
-            grad_a = torch.mm(gh.t(), rows).mul_(scaling).to(ctx.lora_dtypes[0])
-            grad_b = torch.mm(g.t(), h).mul_(scaling).to(ctx.lora_dtypes[1])
+                grad_x = (g @ w).addmm_(gh, a).view(ctx.input_shape).to(ctx.input_dtype)
+            grad_a = _product(gh.t(), rows, ctx.lora_dtypes[0])
+            grad_b = _product(g.t(), h, ctx.lora_dtypes[1]).mul_(scaling)
         return grad_x, None, None, grad_a, grad_b, None
+
+
+def _product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ y in `dtype`: on CUDA, written in it by the product itself (one kernel rather than two)."""
+    if x.is_cuda and x.dtype != dtype:
+        return torch.mm(x, y, out_dtype=dtype)
+    return torch.mm(x, y).to(dtype)
 
 
 def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,10 @@ IGNORE = -100  # the label that leaves a token out of the loss
 # Compiling the decoder layers took 73 to 102 s on an H100, then saved 10 to 15 us a token (Llama-3.2-1B shape,
 # 8 chats a batch; docs/benchmarks.md): it pays from about ten million trained tokens.
 COMPILE_FROM_TOKENS = 10_000_000
+# With graphed passes, a pass holds about this much work (forward FLOPs, 2 x parameters x tokens), or the longest
+# example: enough to keep the GPU busy (Llama-3-8B shape on the H100: 2,048 tokens a pass, 38% MFU in 24 GiB against
+# 41 GiB in one pass; docs/benchmarks.md), so the passes of larger models take fewer tokens and less memory.
+GRAPHED_PASS_FLOPS = 32e12
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class Speedups:
     passes: bool = True
     """Train a batch that would not fit in memory in several passes rather than checkpointing layers
     (MemoryPlan.pass_tokens)."""
+    graphs: bool = False
+    """Replay each padding-free pass as CUDA graphs (graphs.py), in passes of about GRAPHED_PASS_FLOPS: with the
+    host's launches gone, small passes keep the GPU as busy as large ones, with less memory."""
 
 
 def defaults(device: Device, planned_tokens: int) -> Speedups:
@@ -64,7 +72,7 @@ def defaults(device: Device, planned_tokens: int) -> Speedups:
         # Liger and Inductor's kernels are Triton (GPU) kernels.
         return Speedups(labelled_logits=True)
     return Speedups(liger=importlib.util.find_spec("liger_kernel") is not None,
-                    compile=planned_tokens >= COMPILE_FROM_TOKENS)
+                    compile=planned_tokens >= COMPILE_FROM_TOKENS, graphs=True)
 
 
 def planned_tokens(lengths: list[int], args: dict[str, Any]) -> int:
@@ -111,9 +119,10 @@ class MemoryPlan:
     """The most tokens one forward pass takes: a batch of more is trained in several passes of about equal size,
     split between examples, whose gradients add up to the whole batch's. This is what fits in memory without
     checkpointing: a pass recomputes nothing and Inductor can compile its layers (it fails on checkpointed ones),
-    while each extra pass costs its launch overhead. Smaller passes would save memory but, on the H100 machine, are
-    bound by the host's kernel launches (docs/benchmarks.md: the 8B shape in passes of up to 2,000 tokens trained
-    2.5 times slower than in one pass of about 4,400)."""
+    while each extra pass costs its launch overhead. Eager passes smaller than that would save memory but, on the
+    H100 machine, are bound by the host's kernel launches (docs/benchmarks.md: the 8B shape in passes of up to 2,000
+    tokens trained 2.5 times slower than in one pass of about 4,400); graphed passes are not, and take about
+    GRAPHED_PASS_FLOPS of work each."""
 
     def largest_pass(self, largest_batch: int) -> int:
         """The most tokens a pass can hold, for batches of up to `largest_batch` tokens."""
@@ -127,11 +136,11 @@ class MemoryPlan:
 
 
 def memory_plan(model: PreTrainedModel, lora_dropout: float, fused: bool, device: Device,
-                longest: int | None) -> MemoryPlan:
+                longest: int | None, most: int | None = None) -> MemoryPlan:
     """The plan for `model` (the trainer's, on its device), LoRA on all linear layers, for examples of up to
     `longest` tokens (None: each batch in one pass); `fused`: Liger's RMSNorm and SwiGLU kernels, which keep less.
 
-    A pass takes as many tokens as fit, and at least the longest example (which cannot be split).
+    A pass takes as many tokens as fit, up to `most`, and at least the longest example (which cannot be split).
 
     Per token and layer, in activations: the norms' inputs and outputs, q, k, v (after RoPE) and the attention
     output, the MLP's gate, up and product; without Liger, the norms' float32 intermediates and the MLP's
@@ -151,7 +160,13 @@ def memory_plan(model: PreTrainedModel, lora_dropout: float, fused: bool, device
     plan = MemoryPlan(elements * itemsize, hidden * itemsize, layers, budget)
     if longest is None:
         return plan
-    return replace(plan, pass_tokens=max(budget // (plan.keep_per_token * layers), longest))
+    fits = budget // (plan.keep_per_token * layers)
+    return replace(plan, pass_tokens=max(min(fits, most or fits), longest))
+
+
+def graphed_pass_tokens(model: torch.nn.Module) -> int:
+    """The tokens of a graphed pass of `model` (GRAPHED_PASS_FLOPS)."""
+    return int(GRAPHED_PASS_FLOPS / (2 * sum(p.numel() for p in model.parameters())))
 
 
 def largest_batch(lengths: list[int], args: dict[str, Any]) -> int:
@@ -228,6 +243,7 @@ def sft_trainer_class() -> type[SFTTrainer]:
         memory: MemoryPlan | None = None
         layers: list[torch.nn.Module] = []
         pass_tokens: int | None = None
+        counted_parameters: int | None = None
 
         def fit_memory(self, plan: MemoryPlan, largest_batch: int) -> int:
             """Train each batch in passes of up to `plan.pass_tokens` tokens, and checkpoint, pass by pass, the
@@ -251,14 +267,22 @@ def sft_trainer_class() -> type[SFTTrainer]:
             if self.pass_tokens and num_items_in_batch is not None and "cu_seq_lens_q" in inputs:
                 passes = split_passes(inputs, self.pass_tokens)
             loss = None
-            for i, part in enumerate(passes):
-                # The loss is normalised by the whole batch's count, so the passes' gradients add up to the batch's;
-                # data-parallel ranks exchange them once, after the last pass.
-                sync = contextlib.nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
-                with sync:
-                    part_loss = super().training_step(model, part, num_items_in_batch)
-                loss = part_loss if loss is None else loss + part_loss
+            with training_mode(model):
+                for i, part in enumerate(passes):
+                    # The loss is normalised by the whole batch's count, so the passes' gradients add up to the
+                    # batch's; data-parallel ranks exchange them once, after the last pass.
+                    sync = contextlib.nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
+                    with sync:
+                        part_loss = super().training_step(model, part, num_items_in_batch)
+                    loss = part_loss if loss is None else loss + part_loss
             return loss
+
+        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+            # Trainer's counts the model's parameters again for every batch (its running FLOP total): milliseconds of
+            # host time a step, with the GPU idle.
+            if self.counted_parameters is None:
+                self.counted_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs["input_ids"].numel() * self.counted_parameters if "input_ids" in inputs else 0
 
         def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -282,6 +306,20 @@ def sft_trainer_class() -> type[SFTTrainer]:
             return loss
 
     return FastSFTTrainer
+
+
+@contextlib.contextmanager
+def training_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Trainer's training step puts the model in training mode each time, a walk over its thousands of modules (about
+    14 ms of host time on the H100 machine for the 8B shape, with the GPU idle at the start of a step): done here
+    only when the model is not in it already, and skipped within."""
+    if not model.training:
+        model.train()
+    model.train = lambda mode=True: model if mode else type(model).train(model, mode)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.train
 
 
 def split_passes(inputs: dict[str, Any], tokens: int) -> list[dict[str, Any]]:

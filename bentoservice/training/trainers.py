@@ -175,15 +175,29 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
                                         callbacks=[progress])
     trainer.labelled_logits = speedups.labelled_logits and padding_free
     checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
+    sharded = bool(args.get("fsdp") or args.get("deepspeed"))
+    # Graphed passes take fused LoRA layers (no dropout) on one GPU. They replace compiling, which gave them nothing
+    # (docs/benchmarks.md) for minutes of compilation.
+    graphs = (speedups.graphs and device == "cuda" and padding_free and config.lora_dropout == 0
+              and speedups.fused_lora and not sharded and trainer.accelerator.num_processes == 1)
+    largest = speed.largest_batch(lengths, args)
     if not checkpointing_chosen:
         plan = speed.memory_plan(trainer.model, config.lora_dropout, speedups.liger or speedups.compile, device,
-                                 longest=max(lengths) if speedups.passes else None)
-        checkpointing = bool(trainer.fit_memory(plan, speed.largest_batch(lengths, args)))
-    if checkpointing:  # Inductor fails on checkpointed layers
-        speedups = replace(speedups, compile=False)
-    if args.get("fsdp") or args.get("deepspeed"):  # they shard the weights the fused LoRA layers read
+                                 longest=max(lengths) if speedups.passes else None,
+                                 most=speed.graphed_pass_tokens(model) if graphs and speedups.passes else None)
+        checkpointing = bool(trainer.fit_memory(plan, largest))
+        largest = plan.largest_pass(largest)
+    if checkpointing:  # Inductor fails on checkpointed layers, and graphs are not captured over them
+        speedups, graphs = replace(speedups, compile=False), False
+    if sharded:  # they shard the weights the fused LoRA layers read
         speedups = replace(speedups, fused_lora=False)
+    if graphs:
+        speedups = replace(speedups, compile=False)
     speed.finish(trainer.model, speedups, mixed_precision=bool(args.get("bf16") or args.get("fp16")))
+    if graphs:
+        from bentoservice.training.graphs import graph_decoder
+
+        graph_decoder(trainer.model, int(args.get("per_device_train_batch_size", 8)), largest, max(lengths))
     return trainer
 
 

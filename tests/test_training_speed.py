@@ -241,3 +241,5 @@ def test_graphed_passes_learn_what_eager_passes_do() -> None:
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=0.02, atol=1e-4)
     assert sorted(decoder.buckets) == [128, 256, 384]  # up to the most tokens a pass takes
+    decoder.release()  # training over: the decoder's own forward again
+    assert decoder.decoder.forward == decoder.eager and not decoder.buckets

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,12 @@ class GraphedDecoder:
         self._own_grads()
         return BaseModelOutputWithPast(last_hidden_state=_Replay.apply(self.params[0], bucket, tokens))
 
+    def release(self) -> None:
+        """Give back the graphs and their memory: the decoder runs its own forward again."""
+        self.decoder.forward = self.eager
+        self.buckets.clear()
+        self.hidden = self.grad = None
+
     def _own_grads(self) -> None:
         """Make the parameters' `.grad` the views the backward graph adds into, keeping what they hold (the
         trainer sets them to None after each optimizer step)."""
@@ -197,6 +204,16 @@ class GraphedDecoder:
         with torch.cuda.graph(backward, pool=self.pool):
             torch._foreach_add_(self.grads, torch.autograd.grad(hidden, self.params, grad))
         return Bucket(tokens, ids, positions, self.bounds, out, grad, forward, backward)
+
+
+class ReleaseAtTheEnd(TrainerCallback):
+    """Releases the graphs when training ends, before the final evaluation (eager, and wanting the memory)."""
+
+    def __init__(self, graphed: GraphedDecoder) -> None:
+        self.graphed = graphed
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.graphed.release()
 
 
 def graph_decoder(model: nn.Module, sequences: int, max_tokens: int, longest: int) -> GraphedDecoder | None:

@@ -195,9 +195,11 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
         speedups = replace(speedups, compile=False)
     speed.finish(trainer.model, speedups, mixed_precision=bool(args.get("bf16") or args.get("fp16")))
     if graphs:
-        from bentoservice.training.graphs import graph_decoder
+        from bentoservice.training.graphs import ReleaseAtTheEnd, graph_decoder
 
-        graph_decoder(trainer.model, int(args.get("per_device_train_batch_size", 8)), largest, max(lengths))
+        graphed = graph_decoder(trainer.model, int(args.get("per_device_train_batch_size", 8)), largest, max(lengths))
+        if graphed is not None:
+            trainer.add_callback(ReleaseAtTheEnd(graphed))
     return trainer
 
 

@@ -84,3 +84,11 @@ def fuse_lora_layers(model: nn.Module) -> int:
             module.forward = MethodType(fused_forward, module)
             count += 1
     return count
+
+
+def all_fused(model: nn.Module) -> bool:
+    """Whether every PEFT LoRA layer of `model` has the fused forward (none is quantized, for one)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    return all(getattr(module.forward, "__func__", None) is fused_forward
+               for module in model.modules() if isinstance(module, LoraLayer))

@@ -163,7 +163,7 @@ def test_checkpointing_some_layers_changes_no_gradient(tiny_dir: Path) -> None:
 def test_fused_lora_layers_compute_what_peft_does(tiny_dir: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from bentoservice.training.fused_lora import all_fused, fuse_lora_layers
+    from bentoservice.training.fused_lora import all_fusable, fusable, fuse_lora_layers
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     torch.manual_seed(0)
@@ -171,7 +171,11 @@ def test_fused_lora_layers_compute_what_peft_does(tiny_dir: Path) -> None:
                                                  init_lora_weights=False)).train()
     fused = copy.deepcopy(peft_model)
     assert fuse_lora_layers(fused) == 7 * base.config.num_hidden_layers
-    assert all_fused(fused) and not all_fused(peft_model)  # what CUDA graphs require
+    assert all_fusable(peft_model)  # what CUDA graphs require...
+    first = next(m for m in peft_model.modules() if fusable(m))
+    first.base_layer.weight.requires_grad_(True)  # ...which a trained base layer is not
+    assert not fusable(first) and not all_fusable(peft_model)
+    first.base_layer.weight.requires_grad_(False)
     ids = torch.randint(0, 1000, (2, 24))
 
     def run(model: Any, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

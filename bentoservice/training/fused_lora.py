@@ -73,22 +73,27 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
                                     self.lora_B[adapter].weight, self.scaling[adapter])
 
 
-def fuse_lora_layers(model: nn.Module) -> int:
-    """Give each qualifying LoRA linear layer of `model` the fused forward; how many there were."""
+def fusable(module: nn.Module) -> bool:
+    """Whether `module` is a LoRA linear layer that the fused forward takes: a plain, frozen `nn.Linear` base
+    (not a quantized one, for one)."""
     from peft.tuners.lora.layer import Linear
 
+    return (type(module) is Linear and type(module.base_layer) is nn.Linear and not module.fan_in_fan_out
+            and not module.base_layer.weight.requires_grad)
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Give each fusable LoRA linear layer of `model` the fused forward; how many there were."""
     count = 0
     for module in model.modules():
-        if (type(module) is Linear and type(module.base_layer) is nn.Linear and not module.fan_in_fan_out
-                and not module.base_layer.weight.requires_grad):
+        if fusable(module):
             module.forward = MethodType(fused_forward, module)
             count += 1
     return count
 
 
-def all_fused(model: nn.Module) -> bool:
-    """Whether every PEFT LoRA layer of `model` has the fused forward (none is quantized, for one)."""
+def all_fusable(model: nn.Module) -> bool:
+    """Whether every PEFT LoRA layer of `model` is fusable."""
     from peft.tuners.lora.layer import LoraLayer
 
-    return all(getattr(module.forward, "__func__", None) is fused_forward
-               for module in model.modules() if isinstance(module, LoraLayer))
+    return all(fusable(module) for module in model.modules() if isinstance(module, LoraLayer))

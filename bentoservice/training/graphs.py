@@ -216,15 +216,16 @@ class ReleaseAtTheEnd(TrainerCallback):
         self.graphed.release()
 
 
-def graph_decoder(model: nn.Module, sequences: int, max_tokens: int, longest: int) -> GraphedDecoder | None:
-    """Replay `model`'s (PEFT's model's) decoder passes as CUDA graphs, for passes of up to `sequences` examples
-    and `max_tokens` tokens, of examples of up to `longest`; None where a LoRA layer is not fused (quantized
-    base layers, whose kernels are not known to be capturable) or the trained weights are not all of one dtype
-    (one gradient buffer)."""
-    from bentoservice.training.fused_lora import all_fused
+def graphable(model: nn.Module) -> bool:
+    """Whether `model`'s (PEFT's model's) passes can be graphed: every LoRA layer a fusable one (quantized base
+    layers' kernels are not known to be capturable) and the trained weights of one dtype (one gradient buffer)."""
+    from bentoservice.training.fused_lora import all_fusable
 
+    return all_fusable(model) and len({p.dtype for p in model.parameters() if p.requires_grad}) == 1
+
+
+def graph_decoder(model: nn.Module, sequences: int, max_tokens: int, longest: int) -> GraphedDecoder:
+    """Replay `model`'s (PEFT's model's, `graphable`) decoder passes as CUDA graphs, for passes of up to
+    `sequences` examples and `max_tokens` tokens, of examples of up to `longest`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if not all_fused(model) or len({p.dtype for p in params}) != 1:
-        log.info("training passes run eagerly: not every LoRA layer is a fused one of one dtype")
-        return None
     return GraphedDecoder(model.get_base_model().base_model, params, sequences, max_tokens, longest)

@@ -164,6 +164,8 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
                  progress: ProgressCallback, device: hardware.Device, speedups: speed.Speedups | None) -> Trainer:
     from trl import SFTConfig
 
+    from bentoservice.training.graphs import ReleaseAtTheEnd, graph_decoder, graphable
+
     lengths = [len(ids) for ids in train["input_ids"]]
     speedups = speedups or speed.defaults(device, speed.planned_tokens(lengths, args))
     checkpointing_chosen = bool({"gradient_checkpointing", "activation_checkpointing"} & set(config.args))
@@ -176,10 +178,11 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     trainer.labelled_logits = speedups.labelled_logits and padding_free
     checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
     sharded = bool(args.get("fsdp") or args.get("deepspeed"))
-    # Graphed passes take fused LoRA layers (no dropout) on one GPU. They replace compiling, which gave them nothing
-    # (docs/benchmarks.md) for minutes of compilation.
+    # Graphed passes take fused LoRA layers (no dropout) on one GPU, decided before the memory plan sizes the passes
+    # for them. They replace compiling, which gave them nothing (docs/benchmarks.md) for minutes of compilation.
     graphs = (speedups.graphs and device == "cuda" and padding_free and config.lora_dropout == 0
-              and speedups.fused_lora and not sharded and trainer.accelerator.num_processes == 1)
+              and speedups.fused_lora and not sharded and trainer.accelerator.num_processes == 1
+              and graphable(trainer.model))
     largest = speed.largest_batch(lengths, args)
     if not checkpointing_chosen:
         plan = speed.memory_plan(trainer.model, config.lora_dropout, speedups.liger or speedups.compile, device,
@@ -195,11 +198,8 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
         speedups = replace(speedups, compile=False)
     speed.finish(trainer.model, speedups, mixed_precision=bool(args.get("bf16") or args.get("fp16")))
     if graphs:
-        from bentoservice.training.graphs import ReleaseAtTheEnd, graph_decoder
-
         graphed = graph_decoder(trainer.model, int(args.get("per_device_train_batch_size", 8)), largest, max(lengths))
-        if graphed is not None:
-            trainer.add_callback(ReleaseAtTheEnd(graphed))
+        trainer.add_callback(ReleaseAtTheEnd(graphed))
     return trainer
 
 

@@ -221,6 +221,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(tiny: store.StoredModel,
     assert len(saved) == 1 and saved[0] < 5
     checkpoint = tmp_path / "out" / f"checkpoint-{saved[0]}"
     assert (checkpoint / "adapter_model.safetensors").is_file()
+    (tmp_path / "out" / f"checkpoint-{saved[0] + 1}").mkdir()  # a newer one cut short by a crash: passed over
 
     second: list[dict[str, Any]] = []
     result = llm.tuning(rows, args=args, sink=second.append, resume=True)

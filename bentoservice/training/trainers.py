@@ -287,9 +287,15 @@ def train_and_evaluate(trainer: Trainer, checkpoint: str | None, progress: Progr
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint in `output_dir`. Trainer writes `trainer_state.json` last, so a checkpoint
+    without it was cut short (the process killed while saving it) and cannot be resumed from."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    steps = [int(path.name.removeprefix(prefix)) for path in output_dir.glob(f"{prefix}*")
+             if path.name.removeprefix(prefix).isdigit() and (path / TRAINER_STATE_NAME).is_file()]
+    return str(output_dir / f"{prefix}{max(steps)}") if steps else None
 
 
 def default_adapter_name(base: str, method: str, output_dir: Path) -> str:

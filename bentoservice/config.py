@@ -17,6 +17,11 @@ def _xdg(var: str, default: str) -> Path:
     return Path(os.environ.get(var) or Path.home() / default)
 
 
+def cache_root() -> Path:
+    """Where this machine keeps what can be made again (fine-tune checkpoints, compiled kernels)."""
+    return _xdg("XDG_CACHE_HOME", ".cache") / "bentoservice"
+
+
 class AdapterSpec(BaseModel):
     """An adapter to load at start: a PEFT folder, a model store tag or a hub id, and its name."""
 
@@ -104,7 +109,7 @@ class Settings(BaseSettings):
 
     @property
     def fine_tune_root(self) -> Path:
-        return _xdg("XDG_CACHE_HOME", ".cache") / "bentoservice" / "fine_tune"
+        return cache_root() / "fine_tune"
 
 
 @lru_cache

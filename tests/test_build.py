@@ -26,7 +26,8 @@ EXPECTED = {
     "cpu": {"from": "python:3.11-slim", "resources": {"cpu": "2", "memory": "8Gi"},
             "present": ["--extra-index-url https://download.pytorch.org/whl/cpu", f"{TORCH_PIN}+cpu"],
             "absent": ["bitsandbytes", "optimum-habana"],
-            "dockerfile": ["ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY"], "instance_type": "cpu.4"},
+            # build-essential: BentoML's own, a C compiler for the CPU LoRA kernel
+            "dockerfile": ["ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY", "build-essential"], "instance_type": "cpu.4"},
     "cuda": {"from": "nvidia/cuda:13.0.2-runtime-ubuntu24.04",
              "resources": {"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4"},
              "present": ["--extra-index-url https://download.pytorch.org/whl/cu130", f"{TORCH_PIN}+cu130",
@@ -94,7 +95,9 @@ def test_bento_per_target(target: str, tags: dict[str, str], tiny: store.StoredM
     assert lines == info["image"]["python_requirements"].splitlines()
     assert all(line in lines for line in expected["present"])
     assert not [line for line in lines if line.startswith(tuple(expected["absent"]))]
-    dockerfile = build.dockerfile(bentoml.bentos.get(tags[target])).read_text()
+    bento = bentoml.bentos.get(tags[target])
+    assert (Path(bento.path) / "src" / "bentoservice" / "engine" / "lora_cpu.c").is_file()
+    dockerfile = build.dockerfile(bento).read_text()
     assert f"FROM {expected['from']} AS base-container" in dockerfile
     assert all(line in dockerfile for line in expected["dockerfile"])
     assert "uv --directory $INSTALL_ROOT pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile

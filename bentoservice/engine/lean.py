@@ -7,7 +7,7 @@ operations:
 
 - per layer, one oneDNN-prepacked product for [q; k; v] and one for [gate; up] (plus o and down, each adding
   the residual as oneDNN writes its output); the HF layers' dense weights are dropped;
-- the LoRA updates of layers that share an input as one A product (`LoraGroup`);
+- the LoRA updates of layers that share an input in one call of the LoRA kernel (`LoraGroup`, `lora_native`);
 - rotary embeddings from the model's own rotary module (so its scaling variants hold), for q and k at once;
 - decode attention as two batched products and a softmax over each row's cache, the query heads of one
   KV head side by side; packed prefill keeps SDPA under the prompts' mask.
@@ -20,6 +20,7 @@ here; other models keep the HF modules (`supports`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -57,7 +58,8 @@ class Layer:
 
 
 class LeanModel:
-    def __init__(self, model: Any, lora: LoraBatch, batch_hint: int) -> None:
+    def __init__(self, model: Any, lora: LoraBatch, batch_hint: int,
+                 kernel: Callable[[int, int, int, int, int, int], None] | None = None) -> None:
         config = model.config
         decoder = model.get_decoder()
         tied = tied_parameters(model)
@@ -85,15 +87,18 @@ class LeanModel:
                 layer.input_layernorm.weight, packed(attn, ["q_proj", "k_proj", "v_proj"]), packed(attn, ["o_proj"]),
                 layer.post_attention_layernorm.weight, packed(mlp, ["gate_proj", "up_proj"]),
                 packed(mlp, ["down_proj"]),
-                LoraGroup(lora, attn, ["q_proj", "k_proj", "v_proj"]), LoraGroup(lora, attn, ["o_proj"]),
-                LoraGroup(lora, mlp, ["gate_proj", "up_proj"]), LoraGroup(lora, mlp, ["down_proj"])))
+                LoraGroup(lora, attn, ["q_proj", "k_proj", "v_proj"], kernel), LoraGroup(lora, attn, ["o_proj"], kernel),
+                LoraGroup(lora, mlp, ["gate_proj", "up_proj"], kernel), LoraGroup(lora, mlp, ["down_proj"], kernel)))
         self.head = packed(model, ["lm_head"])  # a weight tied to the input embedding stays
         self.adapters_changed()
 
     def adapters_changed(self) -> None:
+        for group in self.lora_groups():
+            group.refresh()
+
+    def lora_groups(self) -> Iterator[LoraGroup]:
         for layer in self.layers:
-            for group in (layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora):
-                group.refresh()
+            yield from (layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora)
 
     def packed_weights(self) -> list[torch.Tensor]:
         return [self.head, *(w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down))]

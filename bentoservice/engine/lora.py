@@ -6,17 +6,23 @@ runs two dense products over the concatenated ranks of all stacked adapters, wit
 mask between them that keeps each token's own adapter: no per-token gather of weights, and fixed
 shapes, so the step can be captured in a CUDA graph. The scaling factor is folded into B at load time.
 
-On a CPU (the lean pass, `LoraGroup`) a mixed batch instead groups its tokens by adapter and runs batched
-products, one batch entry per adapter: the mask's products compute every adapter for every token, which
-there costs as much time as it costs FLOPs.
+On a CPU (the lean pass, `LoraGroup`) a batch instead groups its tokens by adapter, so that each token
+computes only its own adapter (the mask's products compute every adapter for every token, which there costs
+as much time as it costs FLOPs): in one call of the compiled kernel (`lora_native`) per group of layers, or,
+where it cannot be built, as batched torch products, one batch entry per adapter.
 """
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from bentoservice.engine import lora_native
 
 
 @dataclass
@@ -52,6 +58,20 @@ class Segments:
                    torch.tensor(place, device=device))
 
 
+def native_pass(slots: list[int]) -> lora_native.Pass:
+    """The tokens that use an adapter, grouped by adapter (block after block, each in token order), for the CPU
+    kernel."""
+    members: dict[int, list[int]] = {}
+    for token, slot in enumerate(slots):
+        if slot:
+            members.setdefault(slot, []).append(token)
+    blocks = sorted(members.items())
+    sizes = [len(tokens) for _, tokens in blocks]
+    return lora_native.Pass.of(torch.tensor([0, *itertools.accumulate(sizes)]),
+                               torch.tensor([slot - 1 for slot, _ in blocks], dtype=torch.int64),
+                               torch.tensor([token for _, tokens in blocks for token in tokens], dtype=torch.int64))
+
+
 class LoraBatch:
     """The adapter slot of each token in the forward pass under way; shared by every wrapped layer."""
 
@@ -62,6 +82,7 @@ class LoraBatch:
         self.rank = 0
         self._slots: tuple[list[int], torch.dtype, torch.device] = ([], torch.float32, torch.device("cpu"))
         self._segments: Segments | None = None
+        self._native: lora_native.Pass | None = None
 
     def set(self, slots: list[int], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None = None) -> None:
         """The slot of each token of the pass, in order.
@@ -69,7 +90,7 @@ class LoraBatch:
         With `out` (a preallocated mask, at least as long as the pass, for CUDA graphs) the mixed
         path is always taken, so that a captured pass does not depend on the slots.
         """
-        self._slots, self._segments = (slots, dtype, device), None
+        self._slots, self._segments, self._native = (slots, dtype, device), None, None
         if out is None and len(set(slots)) == 1:
             self.single, self.mask = slots[0], None
             return
@@ -88,6 +109,13 @@ class LoraBatch:
         if self._segments is None:
             self._segments = Segments.of(*self._slots)
         return self._segments
+
+    @property
+    def native(self) -> lora_native.Pass:
+        """The pass's tokens grouped by adapter for the CPU kernel (made on first use)."""
+        if self._native is None:
+            self._native = native_pass(self._slots[0])
+        return self._native
 
 
 class BatchedLoraLinear(nn.Module):
@@ -160,14 +188,17 @@ class LoraGroup:
     that a pass runs one A product for the group; each layer's B product then adds into its own columns.
     """
 
-    def __init__(self, batch: LoraBatch, parent: nn.Module, names: list[str]) -> None:
+    def __init__(self, batch: LoraBatch, parent: nn.Module, names: list[str],
+                 kernel: Callable[[int, int, int, int, int, int], None] | None = None) -> None:
         self.batch = batch
         self.parent, self.names = parent, names
+        self.kernel = kernel  # lora_native.lora_add, or None for torch operations
         widths = [getattr(parent, name).out_features for name in names]
         starts = [sum(widths[:i]) for i in range(len(widths))]
         self._columns = [slice(start, start + width) for start, width in zip(starts, widths)]
         self.a: torch.Tensor | None = None
         self.targets: list[tuple[slice, torch.Tensor]] = []  # (output columns, B stack) per wrapped layer
+        self._native: lora_native.Group | None = None
 
     def refresh(self) -> None:
         """Read the stacks again: the adapter manager wraps layers and grows or rewrites their stacks."""
@@ -179,6 +210,9 @@ class LoraGroup:
         a = torch.stack([layer.lora_A for _, layer in wrapped], dim=2)  # [in, stacked, layers, rank]
         self.a = a.permute(1, 0, 2, 3).flatten(2).contiguous()
         self.targets = [(columns, layer.lora_B) for columns, layer in wrapped]
+        if self.kernel is not None:
+            self._native = lora_native.Group.of(self.a, [(columns.start, b) for columns, b in self.targets],
+                                                self.batch.rank)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y[:, layer's columns] += that layer's LoRA update of x, for each token's adapter."""
@@ -186,6 +220,9 @@ class LoraGroup:
         if self.a is None or batch.single == 0:
             return
         rank = batch.rank
+        if self.kernel is not None:
+            self._add_native(x, y)
+            return
         if batch.single is not None:
             index = batch.single - 1
             t = x @ self.a[index]
@@ -200,3 +237,8 @@ class LoraGroup:
         for i, (columns, b) in enumerate(self.targets):
             update = torch.bmm(t[:, :, i * rank:(i + 1) * rank], b[stacks])
             y[:, columns] += update.view(groups * width, -1).index_select(0, segments.place)
+
+    def _add_native(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """`add` in one call of the CPU kernel (x and y: float32 rows of contiguous columns)."""
+        self.kernel(ctypes.addressof(self._native), ctypes.addressof(self.batch.native), x.data_ptr(), x.stride(0),
+                    y.data_ptr(), y.stride(0))

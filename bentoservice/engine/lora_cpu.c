@@ -6,8 +6,9 @@
  *   t[k, :]                  = x[order[k], :] @ a[stacks[g]]                        (a: [stacked, in, width])
  *   y[order[k], cols[l] + :] += t[k, l * rank : (l + 1) * rank] @ b[l][stacks[g]]  (b[l]: [stacked, rank, outs[l]])
  * Both products run over chunks of 16 columns for tiles of up to 4 tokens of one adapter, so that a row of a stack
- * is read once per tile and the sums stay in registers. A token's sums are taken in the same order whatever else
- * is in the pass. */
+ * is read once per tile and the sums stay in registers. The stacks are read from memory (a decode step streams the
+ * whole model through the caches first), so the loops read them in order: A 32 rows at a time, B one adapter's
+ * rows left to right per thread. A token's sums are taken in the same order whatever else is in the pass. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -15,6 +16,7 @@
 #define LANES 8
 #define CHUNK 16
 #define TILE 4
+#define ROWS 32
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
 
@@ -30,12 +32,17 @@ typedef struct {
     const int64_t *starts, *stacks, *order;
 } lora_pass_t;
 
-/* t[j, c:c+16] = x[tokens[j]] @ a[:, c:c+16] for a tile of N tokens (N known at compile time, so that the sums
- * stay in registers) */
+/* t[j, c:c+16] (+)= x[tokens[j], i0:i1] @ a[i0:i1, c:c+16] for a tile of N tokens (N known at compile time, so that
+ * the sums stay in registers); the first rows start the sums, later rows add to them */
 #define DOWN(N)                                                                               \
     do {                                                                                      \
         vec acc[N][2] = {{{0}}};                                                              \
-        for (int64_t i = 0; i < in; i++) {                                                    \
+        if (i0 > 0)                                                                           \
+            for (int j = 0; j < (N); j++) {                                                   \
+                acc[j][0] = ((vec *)(t + j * width + c))[0];                                  \
+                acc[j][1] = ((vec *)(t + j * width + c))[1];                                  \
+            }                                                                                 \
+        for (int64_t i = i0; i < i1; i++) {                                                   \
             const vec *column = (const vec *)(a + i * width + c);                             \
             for (int j = 0; j < (N); j++) {                                                   \
                 float value = x[tokens[j] * x_stride + i];                                    \
@@ -80,18 +87,20 @@ typedef struct {
         default: BODY(1);           \
     }
 
+/* t[j, :] = x[tokens[j]] @ a for the tile's n tokens, ROWS rows of a at a time (read once from memory, then from
+ * the L1 cache for each chunk of columns) */
 static void down_tile(const float *x, int64_t x_stride, const int64_t *tokens, int64_t n, int64_t in,
-                      const float *a, int64_t width, int64_t c, float *t) {
-    if (width - c < CHUNK) {  /* the last columns of a width that is not a multiple of CHUNK */
-        for (int64_t j = 0; j < n; j++)
+                      const float *a, int64_t width, float *t) {
+    for (int64_t i0 = 0; i0 < in; i0 += ROWS) {
+        int64_t i1 = i0 + ROWS < in ? i0 + ROWS : in, c = 0;
+        for (; c + CHUNK <= width; c += CHUNK) BY_TILE(n, DOWN);
+        for (int64_t j = 0; j < n; j++)  /* the last columns of a width that is not a multiple of CHUNK */
             for (int64_t col = c; col < width; col++) {
-                float sum = 0;
-                for (int64_t i = 0; i < in; i++) sum += x[tokens[j] * x_stride + i] * a[i * width + col];
+                float sum = i0 > 0 ? t[j * width + col] : 0;
+                for (int64_t i = i0; i < i1; i++) sum += x[tokens[j] * x_stride + i] * a[i * width + col];
                 t[j * width + col] = sum;
             }
-        return;
     }
-    BY_TILE(n, DOWN);
 }
 
 static void up_tile(const float *t, int64_t width, const int64_t *tokens, int64_t n, int64_t rank,
@@ -118,29 +127,29 @@ static int64_t tile_size(const lora_pass_t *pass, int64_t g, int64_t k0) {
 void lora_add(const lora_group_t *group, const lora_pass_t *pass, const float *x, int64_t x_stride, float *y,
               int64_t y_stride) {
     int64_t in = group->in, width = group->width, rank = group->rank, blocks = pass->blocks;
-    int64_t down_chunks = chunks(width), tiles = 0, up_chunks = 0;
+    int64_t tiles = 0, up_chunks = 0;
     for (int64_t g = 0; g < blocks; g++) tiles += (pass->starts[g + 1] - pass->starts[g] + TILE - 1) / TILE;
     for (int64_t l = 0; l < group->layers; l++) up_chunks += chunks(group->outs[l]);
     float *t = malloc(pass->starts[blocks] * width * sizeof(float));
     #pragma omp parallel num_threads(pass->threads)
     {
-        /* the A products: (tile, column chunk) tasks, the tiles block after block */
+        /* the A products: a task per tile, the tiles block after block */
         #pragma omp for schedule(static)
-        for (int64_t task = 0; task < tiles * down_chunks; task++) {
-            int64_t tile = task / down_chunks, c = (task % down_chunks) * CHUNK, g = 0;
-            int64_t count;
+        for (int64_t task = 0; task < tiles; task++) {
+            int64_t tile = task, g = 0, count;
             while (tile >= (count = (pass->starts[g + 1] - pass->starts[g] + TILE - 1) / TILE)) {
                 tile -= count;
                 g++;
             }
             int64_t k0 = pass->starts[g] + tile * TILE;
             down_tile(x, x_stride, pass->order + k0, tile_size(pass, g, k0), in,
-                      group->a + pass->stacks[g] * in * width, width, c, t + k0 * width);
+                      group->a + pass->stacks[g] * in * width, width, t + k0 * width);
         }
-        /* the B products: (layer's column chunk, block) tasks */
+        /* the B products: (block, layer's column chunk) tasks, so that a thread reads one adapter's B rows left
+         * to right */
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < up_chunks * blocks; task++) {
-            int64_t g = task % blocks, chunk = task / blocks, l = 0;
+            int64_t g = task / up_chunks, chunk = task % up_chunks, l = 0;
             while (chunk >= chunks(group->outs[l])) chunk -= chunks(group->outs[l++]);
             int64_t out = group->outs[l];
             const float *b = group->b[l] + pass->stacks[g] * rank * out;

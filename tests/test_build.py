@@ -96,7 +96,7 @@ def test_bento_per_target(target: str, tags: dict[str, str], tiny: store.StoredM
     assert all(line in lines for line in expected["present"])
     assert not [line for line in lines if line.startswith(tuple(expected["absent"]))]
     bento = bentoml.bentos.get(tags[target])
-    assert (Path(bento.path) / "src" / "bentoservice" / "engine" / "lora_cpu.c").is_file()
+    assert (Path(bento.path) / "src" / "bentoservice" / "engine" / "cpu_kernels.c").is_file()
     dockerfile = build.dockerfile(bento).read_text()
     assert f"FROM {expected['from']} AS base-container" in dockerfile
     assert all(line in dockerfile for line in expected["dockerfile"])

@@ -129,17 +129,17 @@ def test_a_reused_prefix_gives_what_a_full_prefill_gives(tiny_dir) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("lora", ["kernel", "torch"])
-def test_the_lean_pass_gives_the_hf_models_logits(tiny_dir, lora: str) -> None:
+@pytest.mark.parametrize("kernels", ["compiled", "torch"])
+def test_the_lean_pass_gives_the_hf_models_logits(tiny_dir, kernels: str) -> None:
     """On a CPU a Llama runs through the lean pass (fused products, its own decode attention, LoRA grouped by
-    adapter, in the compiled kernel or, where it cannot be built, in torch). Its logits are the HF model's on
+    adapter; LoRA and RMSNorm in compiled kernels or, where they cannot be built, in torch). Its logits are the HF model's on
     each sequence alone under that sequence's adapter: prompts of different lengths packed in one prefill, then
     decode steps over rows at different lengths with mixed adapters (one on every layer, one on q, v and down
     only, the base), after a row moves, and with one adapter left."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bentoservice.engine import lora_native
+    from bentoservice.engine import native
     from bentoservice.engine.adapters import AdapterManager, PreparedAdapter
     from bentoservice.engine.forward import Forward
 
@@ -149,8 +149,9 @@ def test_the_lean_pass_gives_the_hf_models_logits(tiny_dir, lora: str) -> None:
     reference, model = load(), load()
     managers = [AdapterManager(reference, 2, 8), AdapterManager(model, 2, 8)]
     forward = Forward(model, managers[1].batch, 4, cuda_graphs=False)
-    assert forward.lean is not None and lora_native.lora_add() is not None  # this machine has a C compiler
-    if lora == "torch":
+    assert forward.lean is not None and native.kernels() is not None  # this machine has a C compiler
+    if kernels == "torch":
+        forward.lean.kernels = None
         for group in forward.lean.lora_groups():
             group.kernel = None
     generator = torch.Generator().manual_seed(0)

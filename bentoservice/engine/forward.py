@@ -24,7 +24,7 @@ import torch
 
 from bentoservice.engine.attention import use_varlen
 from bentoservice.engine.cache import LENGTH_STEP, SlotCache
-from bentoservice.engine import lora_native
+from bentoservice.engine import native
 from bentoservice.engine.lean import LeanModel, supports
 from bentoservice.engine.lora import LoraBatch
 from bentoservice.engine.packing import pack_linears
@@ -66,7 +66,7 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 class Forward:
     def __init__(self, model: Any, lora: LoraBatch, max_rows: int, cuda_graphs: bool, prefix_bytes: int = 0) -> None:
-        self.lean = (LeanModel(model, lora, max_rows, lora_native.lora_add()) if not cuda_graphs and supports(model)
+        self.lean = (LeanModel(model, lora, max_rows, native.kernels()) if not cuda_graphs and supports(model)
                      else None)
         if self.lean is None and not cuda_graphs and next(model.parameters()).device.type == "cpu":
             pack_linears(model, max_rows)

@@ -7,7 +7,8 @@ operations:
 
 - per layer, one oneDNN-prepacked product for [q; k; v] and one for [gate; up] (plus o and down, each adding
   the residual as oneDNN writes its output); the HF layers' dense weights are dropped;
-- the LoRA updates of layers that share an input in one call of the LoRA kernel (`LoraGroup`, `lora_native`);
+- the LoRA updates of layers that share an input in one call of a compiled kernel (`LoraGroup`, `native`), and
+  RMSNorm in another (torch operations where the kernels cannot be built);
 - rotary embeddings from the model's own rotary module (so its scaling variants hold), for q and k at once;
 - decode attention as two batched products and a softmax over each row's cache, the query heads of one
   KV head side by side; packed prefill keeps SDPA under the prompts' mask.
@@ -20,13 +21,14 @@ here; other models keep the HF modules (`supports`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bentoservice.engine import native
 from bentoservice.engine.cache import SlotCache
 from bentoservice.engine.lora import LoraBatch, LoraGroup
 from bentoservice.engine.packing import drop_weight, linear, linear_add, pack, tied_parameters
@@ -58,8 +60,7 @@ class Layer:
 
 
 class LeanModel:
-    def __init__(self, model: Any, lora: LoraBatch, batch_hint: int,
-                 kernel: Callable[[int, int, int, int, int, int], None] | None = None) -> None:
+    def __init__(self, model: Any, lora: LoraBatch, batch_hint: int, kernels: native.Kernels | None = None) -> None:
         config = model.config
         decoder = model.get_decoder()
         tied = tied_parameters(model)
@@ -72,6 +73,8 @@ class LeanModel:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.intermediate = config.intermediate_size
+        self.kernels = kernels
+        kernel = kernels.lora_add if kernels is not None else None
 
         def packed(parent: nn.Module, names: list[str]) -> torch.Tensor:
             layers = [getattr(parent, name) for name in names]
@@ -123,12 +126,17 @@ class LeanModel:
             bias = bias.repeat_interleave(self.kv_heads, dim=0)[:, None]
         for index, layer in enumerate(self.layers):
             hidden = self._layer(index, layer, hidden, rotary, bias, cache)
-        return torch.rms_norm(hidden, self.norm.shape, self.norm, self.eps)
+        return self._norm(hidden, self.norm)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.kernels is None:
+            return torch.rms_norm(x, weight.shape, weight, self.eps)
+        return self.kernels.norm(x, weight, self.eps)
 
     def _layer(self, index: int, layer: Layer, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                bias: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         tokens, dim = hidden.shape[0], self.head_dim
-        x = torch.rms_norm(hidden, layer.norm1.shape, layer.norm1, self.eps)
+        x = self._norm(hidden, layer.norm1)
         qkv = linear(x, layer.qkv)
         layer.qkv_lora.add(x, qkv)
         rotated_heads = self.heads + self.kv_heads
@@ -143,7 +151,7 @@ class LeanModel:
             out = self._decode_attention(index, queries, keys, values, bias, cache)
         hidden = linear_add(out, layer.o, hidden)
         layer.o_lora.add(out, hidden)
-        x = torch.rms_norm(hidden, layer.norm2.shape, layer.norm2, self.eps)
+        x = self._norm(hidden, layer.norm2)
         gate_up = linear(x, layer.gate_up)
         layer.gate_up_lora.add(x, gate_up)
         act = F.silu(gate_up[:, :self.intermediate]).mul_(gate_up[:, self.intermediate:])

@@ -8,7 +8,7 @@ shapes, so the step can be captured in a CUDA graph. The scaling factor is folde
 
 On a CPU (the lean pass, `LoraGroup`) a batch instead groups its tokens by adapter, so that each token
 computes only its own adapter (the mask's products compute every adapter for every token, which there costs
-as much time as it costs FLOPs): in one call of the compiled kernel (`lora_native`) per group of layers, or,
+as much time as it costs FLOPs): in one call of the compiled kernel (`native`) per group of layers, or,
 where it cannot be built, as batched torch products, one batch entry per adapter.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bentoservice.engine import lora_native
+from bentoservice.engine import native
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Segments:
                    torch.tensor(place, device=device))
 
 
-def native_pass(slots: list[int]) -> lora_native.Pass:
+def native_pass(slots: list[int]) -> native.Pass:
     """The tokens that use an adapter, grouped by adapter (block after block, each in token order), for the CPU
     kernel."""
     members: dict[int, list[int]] = {}
@@ -67,7 +67,7 @@ def native_pass(slots: list[int]) -> lora_native.Pass:
             members.setdefault(slot, []).append(token)
     blocks = sorted(members.items())
     sizes = [len(tokens) for _, tokens in blocks]
-    return lora_native.Pass.of(torch.tensor([0, *itertools.accumulate(sizes)]),
+    return native.Pass.of(torch.tensor([0, *itertools.accumulate(sizes)]),
                                torch.tensor([slot - 1 for slot, _ in blocks], dtype=torch.int64),
                                torch.tensor([token for _, tokens in blocks for token in tokens], dtype=torch.int64))
 
@@ -82,7 +82,7 @@ class LoraBatch:
         self.rank = 0
         self._slots: tuple[list[int], torch.dtype, torch.device] = ([], torch.float32, torch.device("cpu"))
         self._segments: Segments | None = None
-        self._native: lora_native.Pass | None = None
+        self._native: native.Pass | None = None
 
     def set(self, slots: list[int], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None = None) -> None:
         """The slot of each token of the pass, in order.
@@ -111,7 +111,7 @@ class LoraBatch:
         return self._segments
 
     @property
-    def native(self) -> lora_native.Pass:
+    def native(self) -> native.Pass:
         """The pass's tokens grouped by adapter for the CPU kernel (made on first use)."""
         if self._native is None:
             self._native = native_pass(self._slots[0])
@@ -192,13 +192,13 @@ class LoraGroup:
                  kernel: Callable[[int, int, int, int, int, int], None] | None = None) -> None:
         self.batch = batch
         self.parent, self.names = parent, names
-        self.kernel = kernel  # lora_native.lora_add, or None for torch operations
+        self.kernel = kernel  # native.Kernels.lora_add, or None for torch operations
         widths = [getattr(parent, name).out_features for name in names]
         starts = [sum(widths[:i]) for i in range(len(widths))]
         self._columns = [slice(start, start + width) for start, width in zip(starts, widths)]
         self.a: torch.Tensor | None = None
         self.targets: list[tuple[slice, torch.Tensor]] = []  # (output columns, B stack) per wrapped layer
-        self._native: lora_native.Group | None = None
+        self._native: native.Group | None = None
 
     def refresh(self) -> None:
         """Read the stacks again: the adapter manager wraps layers and grows or rewrites their stacks."""
@@ -211,7 +211,7 @@ class LoraGroup:
         self.a = a.permute(1, 0, 2, 3).flatten(2).contiguous()
         self.targets = [(columns, layer.lora_B) for columns, layer in wrapped]
         if self.kernel is not None:
-            self._native = lora_native.Group.of(self.a, [(columns.start, b) for columns, b in self.targets],
+            self._native = native.Group.of(self.a, [(columns.start, b) for columns, b in self.targets],
                                                 self.batch.rank)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:

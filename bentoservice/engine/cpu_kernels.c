@@ -1,8 +1,7 @@
-/* Batched LoRA on the CPU: the updates of a group of layers that read one input (q, k and v; gate and up), for
- * the tokens of a pass grouped by adapter, added into the group's fused output. Built and loaded by
- * lora_native.py.
+/* Kernels of the CPU's lean pass (lean.py), built and loaded by native.py.
  *
- * Block g of tokens order[starts[g] .. starts[g + 1]) uses stack entry stacks[g]. For a token k of block g:
+ * lora_add: batched LoRA, the updates of a group of layers that read one input (q, k and v; gate and up), for the
+ * tokens of a pass grouped by adapter, added into the group's fused output. Block g of tokens order[starts[g] .. starts[g + 1]) uses stack entry stacks[g]. For a token k of block g:
  *   t[k, :]                  = x[order[k], :] @ a[stacks[g]]                        (a: [stacked, in, width])
  *   y[order[k], cols[l] + :] += t[k, l * rank : (l + 1) * rank] @ b[l][stacks[g]]  (b[l]: [stacked, rank, outs[l]])
  * Both products run over chunks of 16 columns for tiles of up to 4 tokens of one adapter, so that a row of a stack
@@ -10,6 +9,7 @@
  * whole model through the caches first), so the loops read them in order: A 32 rows at a time, B one adapter's
  * rows left to right per thread. A token's sums are taken in the same order whatever else is in the pass. */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -159,4 +159,28 @@ void lora_add(const lora_group_t *group, const lora_pass_t *pass, const float *x
         }
     }
     free(t);
+}
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, as Llama's RMSNorm, for rows of cols floats; in torch a call on a
+ * decode step's few rows cost about 50 us, here a few */
+void rms_norm(const float *x, int64_t x_stride, const float *w, float eps, int64_t rows, int64_t cols, float *out,
+              int64_t threads) {
+    #pragma omp parallel for num_threads(threads) if (rows * cols >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * x_stride;
+        float *o = out + r * cols;
+        vec squares = {0};
+        int64_t c = 0;
+        for (; c + LANES <= cols; c += LANES) {
+            vec v = *(const vec *)(row + c);
+            squares += v * v;
+        }
+        float sum = 0;
+        for (int i = 0; i < LANES; i++) sum += squares[i];
+        for (; c < cols; c++) sum += row[c] * row[c];
+        float scale = 1.0f / sqrtf(sum / cols + eps);
+        for (c = 0; c + LANES <= cols; c += LANES)
+            *(vec *)(o + c) = *(const vec *)(row + c) * scale * *(const vec *)(w + c);
+        for (; c < cols; c++) o[c] = row[c] * scale * w[c];
+    }
 }

@@ -90,6 +90,9 @@ class Result:
     """The first step's time: compilation, when the variant compiles."""
     passes: int = 1
     """The most forward passes in one measured step."""
+    step_times: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
+    """Each measured step's seconds and trained tokens."""
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -160,18 +163,23 @@ class StepMeter:
 
             torch.cuda.synchronize()
 
-    def wrap(self, collator: Any) -> Any:
+    def watch(self, trainer: Any) -> None:
+        """Count each batch the trainer fetches (in this process: the batches may be collated in loader workers)."""
         from bentoservice.training.speed import split_passes
 
-        def collate(features: list[dict[str, Any]]) -> Any:
-            batch = collator(features)
-            self.tokens.append(sum(len(f["input_ids"]) for f in features))
-            self.padded.append(batch["input_ids"].numel())
-            split = self.pass_tokens and "cu_seq_lens_q" in batch
-            self.passes.append(len(split_passes(batch, self.pass_tokens)) if split else 1)
-            return batch
+        fetch = trainer.get_batch_samples
 
-        return collate
+        def get_batch_samples(*args: Any, **kwargs: Any) -> Any:
+            batches, count = fetch(*args, **kwargs)
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                self.tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+                self.padded.append(batch["input_ids"].numel())
+                split = self.pass_tokens and "cu_seq_lens_q" in batch
+                self.passes.append(len(split_passes(batch, self.pass_tokens)) if split else 1)
+            return batches, count
+
+        trainer.get_batch_samples = get_batch_samples
 
 
 def build_model(spec: Spec, device: str, tokenizer: Any) -> Any:
@@ -227,7 +235,7 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
     else:
         trainer = trainers.build_trainer(config, model, tokenizer, trainer_args, dataset, None, ProgressCallback(),
                                          device, variant_speedups(spec.variant, device))
-    trainer.data_collator = meter.wrap(trainer.data_collator)
+    meter.watch(trainer)
     meter.pass_tokens = getattr(trainer, "pass_tokens", None)
     trainer.add_callback(meter.callback())
     if spec.profile:
@@ -236,8 +244,9 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
 
 
 def profile_callback(spec: Spec, device: str) -> Any:
-    """Profiles the step after the measured ones: the kernels and operators that took the most time, and how busy
-    the device was, written to `spec.profile`/VARIANT.txt, and its timeline to VARIANT.json.gz (chrome://tracing)."""
+    """Profiles the step after the measured ones, as the step meter times a step (from the end of the one before:
+    its log and the next batch included): the kernels and operators that took the most time, and how busy the
+    device was, written to `spec.profile`/VARIANT.txt, and its timeline to VARIANT.json.gz (chrome://tracing)."""
     import torch
     from transformers import TrainerCallback
 
@@ -246,16 +255,15 @@ def profile_callback(spec: Spec, device: str) -> Any:
     class Callback(TrainerCallback):
         profiler: Any = None
 
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == profiled:
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == profiled:  # after the step meter's callback, which waits for the device
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device == "cuda":
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
                 self.profiler = torch.profiler.profile(activities=activities)
                 self.profiler.__enter__()
                 self.start = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                return
             if self.profiler is None:
                 return
             if device == "cuda":
@@ -304,7 +312,8 @@ def run_variant(spec: Spec) -> Result:
                     sum(meter.padded[window]), params,
                     checkpointed_layers=most_checkpointed(trainer, meter.padded[window]),
                     mean_length=statistics.fmean(lengths), first_step_seconds=ends[1] - ends[0],
-                    passes=max(meter.passes[window], default=1))
+                    passes=max(meter.passes[window], default=1), step_times=step_times,
+                    step_tokens=[sum(meter.tokens[i:i + per_step]) for i in range(window.start, window.stop, per_step)])
     if device == "cuda":
         flops = 4 * params * tokens
         # The measured steps' examples are not known one by one here: scale the data's mean l^2 to their tokens.

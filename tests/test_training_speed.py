@@ -4,6 +4,7 @@ training on padding-free batches gives the padded path's losses. (Speed itself i
 from __future__ import annotations
 
 import copy
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,49 @@ def test_padding_free_training_follows_the_padded_path(tiny: store.StoredModel, 
     assert losses(split) == pytest.approx(fast, rel=1e-5)
 
 
+def test_the_fused_loss_learns_and_logs_what_trl_does(tiny: store.StoredModel, tmp_path: Path) -> None:
+    # On the CPU the fused loss folds its tiles with TRL's torch code; on a GPU with TRL's Triton kernels (below).
+    rows = chats(16)
+    runs = {}
+    for fused in (False, True):
+        trainer = sft_trainer(tiny, rows, tmp_path / str(fused), speed.Speedups(fused_loss=fused),
+                              per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        trainer.pass_tokens = 40  # several passes a step: the loss is normalised by the step's labelled tokens
+        assert (trainer.head is not None) == fused
+        trainer.train()
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        lora = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+        runs[fused] = logs, lora, trainer.state.num_input_tokens_seen
+    (trl_logs, trl_lora, trl_seen), (logs, lora, seen) = runs[False], runs[True]
+    assert len(logs) == 4 and logs[-1]["loss"] < logs[0]["loss"]
+    for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert [log[key] for log in logs] == pytest.approx([log[key] for log in trl_logs], rel=1e-5), key
+    for name, weight in trl_lora.items():
+        torch.testing.assert_close(lora[name], weight, rtol=1e-4, atol=1e-5)
+    assert seen == trl_seen > 0  # the padding-free batches' tokens, counted without Trainer's read-back
+
+
+def test_a_step_with_an_infinite_loss_is_logged_as_trainer_logs_it(tiny: store.StoredModel, tmp_path: Path) -> None:
+    from transformers import TrainerCallback
+
+    class BreakTheModel(TrainerCallback):  # the second step's loss is NaN
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if state.global_step == 1:
+                with torch.no_grad():
+                    model.get_base_model().lm_head.weight.fill_(float("nan"))
+
+    logged = {}
+    for nan_filter in (True, False):
+        trainer = sft_trainer(tiny, chats(8), tmp_path / str(nan_filter), speed.defaults("cpu", planned_tokens=0),
+                              max_steps=2, logging_nan_inf_filter=nan_filter)
+        trainer.add_callback(BreakTheModel())
+        logged[nan_filter] = losses(trainer)
+        assert trainer.args.logging_nan_inf_filter is False  # Trainer's own check, which waits for the device, is off
+    # Filtered (the default), the NaN step adds the mean of the steps since the last log: none, so 0.
+    assert logged[True][1] == 0.0 and logged[True][0] == logged[False][0] > 0
+    assert math.isnan(logged[False][1])
+
+
 def test_a_batch_splits_into_passes_of_whole_examples() -> None:
     examples = [list(range(1, n + 1)) for n in (10, 25, 3, 50, 7)]
     batch = packed_batch(examples)
@@ -131,6 +175,11 @@ def test_a_batch_splits_into_passes_of_whole_examples() -> None:
     # As few passes as fit, of about equal size: 60 tokens in at most 40 a pass is 30 + 30, not 40 + 20.
     even = speed.split_passes(packed_batch([list(range(1, 11))] * 6), tokens=40)
     assert [p["input_ids"].shape[1] for p in even] == [30, 30]
+    # Passes padded to multiples of 16 tokens (graphed buckets): the cut that pads least, 16 + 24 (48 tokens once
+    # padded) rather than 23 + 17 (64).
+    odd = packed_batch([list(range(1, n + 1)) for n in (7, 9, 7, 9, 8)])
+    assert [p["input_ids"].shape[1] for p in speed.split_passes(odd, tokens=32)] == [23, 17]
+    assert [p["input_ids"].shape[1] for p in speed.split_passes(odd, tokens=32, granularity=16)] == [16, 24]
 
 
 def test_checkpointing_some_layers_changes_no_gradient(tiny_dir: Path) -> None:
@@ -248,3 +297,43 @@ def test_graphed_passes_learn_what_eager_passes_do() -> None:
     assert sorted(decoder.buckets) == [128, 256, 384]  # up to the most tokens a pass takes
     decoder.release()  # training over: the decoder's own forward again
     assert decoder.decoder.forward == decoder.eager and not decoder.buckets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TRL's Triton kernels need a GPU")
+def test_the_fused_loss_on_a_gpu_computes_trls_loss_without_waiting_for_it() -> None:
+    from trl.kernels import ChunkedLogProbFunction
+
+    from bentoservice.training.fused_loss import TILE, labelled_loss
+
+    torch.manual_seed(0)
+    tokens, width, vocab = 8000, 256, 50_000
+    head = torch.nn.Linear(width, vocab, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    hidden = (4 * torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    with torch.no_grad():  # a third of the targets are the most likely token, for the accuracy
+        top = torch.rand(tokens, device="cuda") < 0.3
+        labels[1:][top[1:]] = (hidden[:-1] @ head.weight.t()).argmax(-1)[top[1:]]
+    labels[torch.rand(tokens, device="cuda") < 0.4] = -100
+    labelled = int((labels[1:] != -100).sum())
+    assert labelled > TILE // vocab  # more than one tile
+    divisor = torch.tensor(labelled + 100, device="cuda")  # the step's count, over several passes
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any read back to the host raises
+    try:
+        loss, entropy, top1 = labelled_loss(hidden, labels, labelled, head, divisor)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    grad, hidden.grad = hidden.grad, None
+
+    mask = labels[1:] != -100
+    log_p, want_entropy, _, _, want_top1 = ChunkedLogProbFunction.apply(
+        hidden[:-1][mask], head.weight, None, labels[1:][mask], 1.0, 32768, None, 1.0, ("entropy", "is_top1"))
+    want = -log_p.sum() / divisor
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(entropy, want_entropy.sum())
+    assert top1 == want_top1.sum() > labelled // 5
+    assert grad[:-1][~mask].abs().max() == 0 and grad[-1].abs().max() == 0  # only labelled positions learn
+    torch.testing.assert_close(grad, hidden.grad, rtol=0.02, atol=1e-6)

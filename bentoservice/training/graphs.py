@@ -146,11 +146,15 @@ class GraphedDecoder:
         trainer sets them to None after each optimizer step)."""
         if all(p.grad is g for p, g in zip(self.params, self.grads, strict=True)):
             return
-        if all(p.grad is None for p in self.params):
-            self.flat.zero_()
+        cleared = all(p.grad is None for p in self.params)
+        if cleared:
+            self.flat.zero_()  # one kernel, not one a parameter
         for p, g in zip(self.params, self.grads, strict=True):
             if p.grad is not g:
-                g.zero_() if p.grad is None else g.copy_(p.grad)
+                if p.grad is not None:
+                    g.copy_(p.grad)
+                elif not cleared:
+                    g.zero_()
                 p.grad = g
 
     def _bucket(self, tokens: int) -> Bucket:

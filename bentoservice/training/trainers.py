@@ -176,8 +176,16 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
                                         processing_class=tokenizer, peft_config=lora_config(config),
                                         callbacks=[progress])
     trainer.labelled_logits = speedups.labelled_logits and padding_free
+    if args.get("padding_free"):
+        # TRL's collator makes a tensor of each example's token ids: from Python lists, milliseconds of host time a
+        # step with the GPU idle (the step waits for its batch); from NumPy arrays, a copy.
+        trainer.train_dataset = trainer.train_dataset.with_format("numpy")
     checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
     sharded = bool(args.get("fsdp") or args.get("deepspeed"))
+    if speedups.fused_loss and padding_free and not sharded and trainer.accelerator.num_processes == 1:
+        from bentoservice.training.fused_loss import plain_head
+
+        trainer.head = plain_head(trainer.model.get_base_model())
     # Graphed passes take fused LoRA layers (no dropout) on one GPU, decided before the memory plan sizes the passes
     # for them. They replace compiling, which gave them nothing (docs/benchmarks.md) for minutes of compilation.
     graphs = (speedups.graphs and device == "cuda" and padding_free and config.lora_dropout == 0
@@ -199,6 +207,7 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     speed.finish(trainer.model, speedups, mixed_precision=bool(args.get("bf16") or args.get("fp16")))
     if graphs:
         graphed = graph_decoder(trainer.model, int(args.get("per_device_train_batch_size", 8)), largest, max(lengths))
+        trainer.pass_granularity = graphed.step
         trainer.add_callback(ReleaseAtTheEnd(graphed))
     return trainer
 

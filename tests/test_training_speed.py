@@ -220,6 +220,8 @@ def test_fused_lora_layers_compute_what_peft_does(tiny_dir: Path) -> None:
                                                  init_lora_weights=False)).train()
     fused = copy.deepcopy(peft_model)
     assert fuse_lora_layers(fused) == 7 * base.config.num_hidden_layers
+    attention = fused.get_base_model().model.layers[0].self_attn  # q, k and v computed together, from one input
+    assert attention.q_proj.shared_input is attention.v_proj.shared_input
     assert all_fusable(peft_model)  # what CUDA graphs require...
     first = next(m for m in peft_model.modules() if fusable(m))
     first.base_layer.weight.requires_grad_(True)  # ...which a trained base layer is not

@@ -373,8 +373,9 @@ def sft_trainer_class() -> type[SFTTrainer]:
 
             decoder = self.model.get_base_model().base_model
             hidden = decoder(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
-            loss, entropy, top1 = labelled_loss(hidden.last_hidden_state[0], inputs["labels"][0], labelled,
-                                                self.head, labelled if num_items_in_batch is None else num_items_in_batch)
+            divisor = labelled if num_items_in_batch is None else num_items_in_batch
+            loss, entropy, top1 = labelled_loss(hidden.last_hidden_state[0], inputs["labels"][0], labelled, self.head,
+                                                divisor)
             # TRL's metrics, kept on the device until they are logged.
             metrics, count = self._metrics["train"], max(labelled, 1)
             metrics["entropy"].append(entropy / count)

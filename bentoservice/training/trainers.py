@@ -176,10 +176,6 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
                                         processing_class=tokenizer, peft_config=lora_config(config),
                                         callbacks=[progress])
     trainer.labelled_logits = speedups.labelled_logits and padding_free
-    if args.get("padding_free"):
-        # TRL's collator makes a tensor of each example's token ids: from Python lists, milliseconds of host time a
-        # step with the GPU idle (the step waits for its batch); from NumPy arrays, a copy.
-        trainer.train_dataset = trainer.train_dataset.with_format("numpy")
     checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
     sharded = bool(args.get("fsdp") or args.get("deepspeed"))
     if speedups.fused_loss and padding_free and not sharded and trainer.accelerator.num_processes == 1:

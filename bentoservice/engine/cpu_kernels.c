@@ -1,7 +1,8 @@
 /* Kernels of the CPU's lean pass (lean.py), built and loaded by native.py.
  *
  * lora_add: batched LoRA, the updates of a group of layers that read one input (q, k and v; gate and up), for the
- * tokens of a pass grouped by adapter, added into the group's fused output. Block g of tokens order[starts[g] .. starts[g + 1]) uses stack entry stacks[g]. For a token k of block g:
+ * tokens of a pass grouped by adapter, added into the group's fused output. Block g of tokens
+ * order[starts[g] .. starts[g + 1]) uses stack entry stacks[g]. For a token k of block g:
  *   t[k, :]                  = x[order[k], :] @ a[stacks[g]]                        (a: [stacked, in, width])
  *   y[order[k], cols[l] + :] += t[k, l * rank : (l + 1) * rank] @ b[l][stacks[g]]  (b[l]: [stacked, rank, outs[l]])
  * Both products run over chunks of 16 columns for tiles of up to 4 tokens of one adapter, so that a row of a stack

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from bentoservice.engine import native
 from bentoservice.engine.attention import use_varlen
 from bentoservice.engine.cache import LENGTH_STEP, SlotCache
-from bentoservice.engine import native
 from bentoservice.engine.lean import LeanModel, supports
 from bentoservice.engine.lora import LoraBatch
 from bentoservice.engine.packing import pack_linears

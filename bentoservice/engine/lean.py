@@ -20,8 +20,8 @@ here; other models keep the HF modules (`supports`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch

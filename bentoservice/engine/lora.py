@@ -25,6 +25,15 @@ from torch import nn
 from bentoservice.engine import native
 
 
+def tokens_by_slot(slots: list[int]) -> dict[int, list[int]]:
+    """The tokens of each adapter slot in use (not 0, the base), in token order."""
+    members: dict[int, list[int]] = {}
+    for token, slot in enumerate(slots):
+        if slot:
+            members.setdefault(slot, []).append(token)
+    return members
+
+
 @dataclass
 class Segments:
     """The tokens of a mixed pass grouped by adapter: group g holds the tokens of slot first + 1 + g (stack
@@ -38,14 +47,11 @@ class Segments:
 
     @classmethod
     def of(cls, slots: list[int], dtype: torch.dtype, device: torch.device) -> Segments:
-        used = [slot for slot in slots if slot]
-        first = min(used)
-        members: list[list[int]] = [[] for _ in range(max(used) - first + 1)]
-        for token, slot in enumerate(slots):
-            if slot:
-                members[slot - first].append(token)
+        by_slot = tokens_by_slot(slots)
+        first = min(by_slot)
+        members = [by_slot.get(slot, []) for slot in range(first, max(by_slot) + 1)]
         width = max(len(tokens) for tokens in members)
-        if len(used) < len(slots) and all(len(tokens) == width for tokens in members):
+        if sum(map(len, members)) < len(slots) and all(len(tokens) == width for tokens in members):
             width += 1
         order = [token for tokens in members for token in tokens + [0] * (width - len(tokens))]
         valid = [[[1.0]] * len(tokens) + [[0.0]] * (width - len(tokens)) for tokens in members]
@@ -61,15 +67,11 @@ class Segments:
 def native_pass(slots: list[int]) -> native.Pass:
     """The tokens that use an adapter, grouped by adapter (block after block, each in token order), for the CPU
     kernel."""
-    members: dict[int, list[int]] = {}
-    for token, slot in enumerate(slots):
-        if slot:
-            members.setdefault(slot, []).append(token)
-    blocks = sorted(members.items())
+    blocks = sorted(tokens_by_slot(slots).items())
     sizes = [len(tokens) for _, tokens in blocks]
     return native.Pass.of(torch.tensor([0, *itertools.accumulate(sizes)]),
-                               torch.tensor([slot - 1 for slot, _ in blocks], dtype=torch.int64),
-                               torch.tensor([token for _, tokens in blocks for token in tokens], dtype=torch.int64))
+                          torch.tensor([slot - 1 for slot, _ in blocks], dtype=torch.int64),
+                          torch.tensor([token for _, tokens in blocks for token in tokens], dtype=torch.int64))
 
 
 class LoraBatch:
@@ -211,8 +213,7 @@ class LoraGroup:
         self.a = a.permute(1, 0, 2, 3).flatten(2).contiguous()
         self.targets = [(columns, layer.lora_B) for columns, layer in wrapped]
         if self.kernel is not None:
-            self._native = native.Group.of(self.a, [(columns.start, b) for columns, b in self.targets],
-                                                self.batch.rank)
+            self._native = native.Group.of(self.a, [(columns.start, b) for columns, b in self.targets])
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y[:, layer's columns] += that layer's LoRA update of x, for each token's adapter."""

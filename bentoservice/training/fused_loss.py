@@ -28,6 +28,8 @@ from trl.kernels.chunked_logprob import (
     _use_triton,
 )
 
+from bentoservice.training.speed import IGNORE
+
 # The most logits a tile holds: TRL's tile (4,096 tokens by 32,768 vocabulary entries), 256 MiB in bf16.
 TILE = 4096 * 32768
 # Config attributes by which some models scale or cap the logits (TRL's fused LM head reads them): such heads are
@@ -108,7 +110,7 @@ def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, labelled: int, hea
     `labelled` are not IGNORE (-100); the summed cross-entropy over `divisor`, the entropy summed over the labelled
     positions, and how many of them the model predicts as its top token."""
     targets = labels[1:]
-    keep = torch.nonzero_static(targets != -100, size=labelled).squeeze(-1)
+    keep = torch.nonzero_static(targets != IGNORE, size=labelled).squeeze(-1)
     # TRL's divisor: the step's labelled tokens (Trainer's count), at least 1; a number is filled in on the device,
     # not copied there (a copy from the host waits for the GPU).
     if torch.is_tensor(divisor):

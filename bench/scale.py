@@ -33,8 +33,8 @@ def chats(count: int, seed: int) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace, backend: str, workers: int, train: Path, folder: Path) -> dict[str, Any]:
-    from bentoservice.training.jobs import JobStore
-    from bentoservice.training.queue import JobQueue
+    from bentoservice.training.jobs.store import JobStore
+    from bentoservice.training.jobs.queue import JobQueue
 
     jobs = JobStore()
     config = {"model": args.model, "method": "sft", "train_file": str(train),

@@ -103,7 +103,7 @@ def chat_rows(tokenizer: Any, spec: Spec) -> list[dict[str, Any]]:
     The assistant repeats the user's words, sometimes over two turns: a task with something to learn, so
     that the losses say whether both trainers learn the same.
     """
-    from bentoservice.training.trainers import render
+    from bentoservice.training.methods.trainers import render
 
     words = sorted({w.strip() for w in tokenizer.convert_ids_to_tokens(range(min(len(tokenizer), 30000)))
                     if w.startswith("Ġ") and w[1:].isalpha() and w[1:].islower() and len(w) > 3})
@@ -165,7 +165,7 @@ class StepMeter:
 
     def watch(self, trainer: Any) -> None:
         """Count each batch the trainer fetches (in this process: the batches may be collated in loader workers)."""
-        from bentoservice.training.speed import split_passes
+        from bentoservice.training.speed.plan import split_passes
 
         fetch = trainer.get_batch_samples
 
@@ -212,8 +212,10 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
     import torch
     from transformers import AutoTokenizer
 
-    from bentoservice.training import formats, hardware, trainers
-    from bentoservice.training.callbacks import ProgressCallback
+    from bentoservice.training import hardware
+    from bentoservice.training.data import formats
+    from bentoservice.training.methods import trainers
+    from bentoservice.training.jobs.callbacks import ProgressCallback
     from bentoservice.training.config import TrainingConfig
 
     device = hardware.detect_device()
@@ -326,7 +328,7 @@ def run_variant(spec: Spec) -> Result:
 
 def most_checkpointed(trainer: Any, batches: list[int]) -> int:
     """The most decoder layers checkpointed in one of the steps, which held `batches` tokens (padding included)."""
-    from bentoservice.training import speed
+    from bentoservice.training.speed import plan as speed
 
     plan = getattr(trainer, "memory", None)
     if plan is not None:
@@ -341,7 +343,7 @@ def baseline_trainer(config: Any, model: Any, tokenizer: Any, args: dict[str, An
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from bentoservice.training.trainers import IGNORE, lora_config
+    from bentoservice.training.methods.trainers import IGNORE, lora_config
 
     plain = {k: v for k, v in args.items() if k in TrainingArguments.__dataclass_fields__}
     plain.update(include_num_input_tokens_seen="no", gradient_checkpointing=checkpointing)
@@ -355,7 +357,7 @@ def variant_speedups(variant: str, device: str) -> Any:
     speedups a short run gets."""
     from dataclasses import replace
 
-    from bentoservice.training import speed
+    from bentoservice.training.speed import plan as speed
 
     if variant == "ours":
         return None

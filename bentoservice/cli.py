@@ -86,7 +86,7 @@ def merge(base: Annotated[str, typer.Option(help="the base model")],
           lora: Annotated[str, typer.Option(help="the adapter: PEFT folder, store tag or hub id")],
           target: Annotated[str, typer.Option(help="store name of the merged model")]) -> None:
     """Merge a LoRA adapter into its base: a new base model in the store, servable like any other."""
-    from bentoservice.training.merge import merge_adapter
+    from bentoservice.training.methods.merge import merge_adapter
 
     try:
         typer.echo(merge_adapter(base, lora, target).tag)

@@ -13,13 +13,13 @@ from pydantic import ValidationError
 from bentoservice import store
 from bentoservice.api import create_app
 from bentoservice.api.errors import APIError
-from bentoservice.api.fine_tuning import JobRequest, create_job, job_object
+from bentoservice.api.fine_tuning.routes import JobRequest, create_job, job_object
 from bentoservice.build import bento_args, service_options, with_model_refs
 from bentoservice.config import AdapterSpec, fine_tune_path_var, get_settings
-from bentoservice.training import backends
-from bentoservice.training.encoder_config import ENCODER_METHODS
-from bentoservice.training.jobs import FINAL, JobStore
-from bentoservice.training.queue import JobQueue
+from bentoservice.training.distributed import backends
+from bentoservice.training.methods.encoder_config import ENCODER_METHODS
+from bentoservice.training.jobs.store import FINAL, JobStore
+from bentoservice.training.jobs.queue import JobQueue
 
 logger = logging.getLogger(__name__)
 settings = get_settings()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bentoservice.training.formats import DataFormatError, Dataset, check_lengths, load_file, parse_bytes
+from bentoservice.training.data.formats import DataFormatError, Dataset, check_lengths, load_file, parse_bytes
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "What is 2+2?"}

@@ -20,9 +20,9 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, 
 
 from bentoservice import store
 from bentoservice.config import get_settings
-from bentoservice.training import backends
-from bentoservice.training.jobs import JobStore, database, jobs as jobs_table
-from bentoservice.training.queue import JobQueue
+from bentoservice.training.distributed import backends
+from bentoservice.training.jobs.store import JobStore, database, jobs as jobs_table
+from bentoservice.training.jobs.queue import JobQueue
 from conftest import ROOT, Server, free_port
 from test_fine_tuning import jsonl, wait_for
 
@@ -265,7 +265,7 @@ def test_file_store_copies_remote_files(tmp_path: Path) -> None:
     """A training file at a URL that is no local path is copied next to the job before training."""
     import fsspec
 
-    from bentoservice.training import filestore
+    from bentoservice.training.data import filestore
 
     with fsspec.open("memory://bucket/file-abc", "wb") as out:
         out.write(b'{"x": 1}\n')

@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from bentoservice import store
-from bentoservice.training import formats, hardware, speed
-from bentoservice.training.callbacks import ProgressCallback
+from bentoservice.training import hardware
+from bentoservice.training.data import formats
+from bentoservice.training.speed import plan as speed
+from bentoservice.training.jobs.callbacks import ProgressCallback
 from bentoservice.training.config import TrainingConfig
-from bentoservice.training.trainers import build_trainer, hf_dataset, load_tokenizer, training_args
+from bentoservice.training.methods.trainers import build_trainer, hf_dataset, load_tokenizer, training_args
 
 WORDS = "apple river stone cloud green quiet market window silver orange planet garden".split()
 
@@ -212,7 +214,7 @@ def test_checkpointing_some_layers_changes_no_gradient(tiny_dir: Path) -> None:
 def test_fused_lora_layers_compute_what_peft_does(tiny_dir: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from bentoservice.training.fused_lora import all_fusable, fusable, fuse_lora_layers
+    from bentoservice.training.speed.fused_lora import all_fusable, fusable, fuse_lora_layers
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     torch.manual_seed(0)
@@ -257,8 +259,8 @@ def test_graphed_passes_learn_what_eager_passes_do() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bentoservice.training.fused_lora import fuse_lora_layers
-    from bentoservice.training.graphs import graph_decoder
+    from bentoservice.training.speed.fused_lora import fuse_lora_layers
+    from bentoservice.training.speed.graphs import graph_decoder
 
     config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -305,7 +307,7 @@ def test_graphed_passes_learn_what_eager_passes_do() -> None:
 def test_the_fused_loss_on_a_gpu_computes_trls_loss_without_waiting_for_it() -> None:
     from trl.kernels import ChunkedLogProbFunction
 
-    from bentoservice.training.fused_loss import TILE, labelled_loss
+    from bentoservice.training.speed.fused_loss import TILE, labelled_loss
 
     torch.manual_seed(0)
     tokens, width, vocab = 8000, 256, 50_000

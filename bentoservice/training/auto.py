@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from bentoservice import store
 from bentoservice.training import hardware
-from bentoservice.training.callbacks import Sink, StopFlag
+from bentoservice.training.jobs.callbacks import Sink, StopFlag
 from bentoservice.training.config import AdapterType, Method, TrainingConfig
-from bentoservice.training.trainers import KIND, TrainingResult, resolve_base, to_dataset, train_on
+from bentoservice.training.methods.trainers import KIND, TrainingResult, resolve_base, to_dataset, train_on
 
 if TYPE_CHECKING:
-    from bentoservice.training.trainers import TrainData
+    from bentoservice.training.methods.trainers import TrainData
 
 LORA_OPTIONS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "bias"})
 

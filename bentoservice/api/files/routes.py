@@ -16,8 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.errors import APIError
 from bentoservice.config import get_settings
-from bentoservice.training import filestore, formats
-from bentoservice.training.jobs import JobStore
+from bentoservice.training.data import filestore, formats
+from bentoservice.training.jobs.store import JobStore
 
 router = APIRouter()
 

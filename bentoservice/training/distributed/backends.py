@@ -1,10 +1,10 @@
 """Where a fine-tuning job trains: `local` (processes on this machine) or `ray` (a Ray cluster, via its Jobs API).
 
-Every training process runs `bentoservice.training.runner`, whose main process (rank 0) writes events, checkpoints
+Every training process runs `bentoservice.training.jobs.runner`, whose main process (rank 0) writes events, checkpoints
 and the outcome into the job store itself; the queue (training.queue) only launches, watches and cancels, through
 a Handle.
 
-- local, one worker: `python -m bentoservice.training.runner JOB_ID` in a session of its own.
+- local, one worker: `python -m bentoservice.training.jobs.runner JOB_ID` in a session of its own.
 - local, N workers: the same under `accelerate launch --multi_gpu --num_processes N`: data parallel over N processes
   (one GPU each, or gloo over CPU processes when there is no GPU or gpus_per_worker is 0).
 - ray: a Ray job whose entry point (training.ray_train) runs the runner in N Ray Train workers (TorchTrainer). The
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from bentoservice.config import get_settings
-from bentoservice.training import filestore
+from bentoservice.training.data import filestore
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -241,7 +241,7 @@ def _spawn(job_id: str, scale: Scale) -> LocalRun:
         "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(scale.num_workers),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port())]
-    command = [sys.executable, *launcher, "-m", "bentoservice.training.runner", job_id]
+    command = [sys.executable, *launcher, "-m", "bentoservice.training.jobs.runner", job_id]
     env = dict(os.environ)
     if scale.gpus_per_worker == 0:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -259,7 +259,7 @@ def _ray_address() -> str:
 
 
 def _submit(job: dict[str, Any]) -> RayRun:
-    from bentoservice.training.jobs import database
+    from bentoservice.training.jobs.store import database
 
     settings = get_settings()
     address = _ray_address()
@@ -269,7 +269,7 @@ def _submit(job: dict[str, Any]) -> RayRun:
     submission_id = f"bentoservice-{job['id']}-{job['attempts']}"
     for attempt in range(SUBMIT_TRIES):
         try:
-            ray_client(address).submit_job(entrypoint=f"python -m bentoservice.training.ray_train {job['id']}",
+            ray_client(address).submit_job(entrypoint=f"python -m bentoservice.training.distributed.ray_train {job['id']}",
                                            submission_id=submission_id, runtime_env=runtime_env)
             break
         except RuntimeError as exc:

@@ -235,7 +235,7 @@ def finish(model: PreTrainedModel, speedups: Speedups, mixed_precision: bool) ->
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     if speedups.fused_lora:
-        from bentoservice.training.fused_lora import fuse_lora_layers
+        from bentoservice.training.speed.fused_lora import fuse_lora_layers
 
         log.info("fused %d LoRA layers", fuse_lora_layers(model))
     if speedups.compile:
@@ -369,7 +369,7 @@ def sft_trainer_class() -> type[SFTTrainer]:
                        num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
             """TRL's loss and metrics for one process's padding-free training pass, of which `labelled` positions
             predict a labelled token, through fused_loss.py."""
-            from bentoservice.training.fused_loss import labelled_loss
+            from bentoservice.training.speed.fused_loss import labelled_loss
 
             decoder = self.model.get_base_model().base_model
             hidden = decoder(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.errors import APIError
-from bentoservice.api.openai import served_model
+from bentoservice.api.completions.routes import served_model
 from bentoservice.engine.errors import UnknownAdapter
 
 router = APIRouter()

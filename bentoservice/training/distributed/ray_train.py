@@ -1,4 +1,4 @@
-"""A job on a Ray cluster: `python -m bentoservice.training.ray_train JOB_ID`, the entry point that training.backends
+"""A job on a Ray cluster: `python -m bentoservice.training.distributed.ray_train JOB_ID`, the entry point that training.backends
 submits through Ray's Jobs API.
 
 It runs the job's runner in `num_workers` Ray Train workers (TorchTrainer: one torch process group, gloo between CPU
@@ -13,14 +13,14 @@ import sys
 from typing import Any
 
 from bentoservice.config import get_settings
-from bentoservice.training.backends import scale_of
-from bentoservice.training.jobs import JobStore
+from bentoservice.training.distributed.backends import scale_of
+from bentoservice.training.jobs.store import JobStore
 
 log = logging.getLogger("bentoservice.ray_train")
 
 
 def _worker(config: dict[str, Any]) -> None:
-    from bentoservice.training.runner import run
+    from bentoservice.training.jobs.runner import run
 
     if run(config["job_id"]) != 0:
         raise RuntimeError(f"the runner of job {config['job_id']} failed; its reason is in the job's events")

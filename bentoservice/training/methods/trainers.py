@@ -10,8 +10,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from bentoservice.training import formats, hardware, speed
-from bentoservice.training.callbacks import ProgressCallback, Sink, StopFlag
+from bentoservice.training import hardware
+from bentoservice.training.data import formats
+from bentoservice.training.speed import plan as speed
+from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.config import TrainingConfig, TrainingError, trl_config_class
 
 if TYPE_CHECKING:
@@ -164,7 +166,7 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
                  progress: ProgressCallback, device: hardware.Device, speedups: speed.Speedups | None) -> Trainer:
     from trl import SFTConfig
 
-    from bentoservice.training.graphs import ReleaseAtTheEnd, graph_decoder, graphable
+    from bentoservice.training.speed.graphs import ReleaseAtTheEnd, graph_decoder, graphable
 
     lengths = [len(ids) for ids in train["input_ids"]]
     speedups = speedups or speed.defaults(device, speed.planned_tokens(lengths, args))
@@ -179,7 +181,7 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
     sharded = bool(args.get("fsdp") or args.get("deepspeed"))
     if speedups.fused_loss and padding_free and not sharded and trainer.accelerator.num_processes == 1:
-        from bentoservice.training.fused_loss import plain_head
+        from bentoservice.training.speed.fused_loss import plain_head
 
         trainer.head = plain_head(trainer.model.get_base_model())
     # Graphed passes take fused LoRA layers (no dropout) on one GPU, decided before the memory plan sizes the passes

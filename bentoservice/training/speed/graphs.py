@@ -223,7 +223,7 @@ class ReleaseAtTheEnd(TrainerCallback):
 def graphable(model: nn.Module) -> bool:
     """Whether `model`'s (PEFT's model's) passes can be graphed: every LoRA layer a fusable one (quantized base
     layers' kernels are not known to be capturable) and the trained weights of one dtype (one gradient buffer)."""
-    from bentoservice.training.fused_lora import all_fusable
+    from bentoservice.training.speed.fused_lora import all_fusable
 
     return all_fusable(model) and len({p.dtype for p in model.parameters() if p.requires_grad}) == 1
 

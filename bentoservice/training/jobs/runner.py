@@ -1,4 +1,4 @@
-"""One fine-tuning job in its own OS process: `python -m bentoservice.training.runner JOB_ID`.
+"""One fine-tuning job in its own OS process: `python -m bentoservice.training.jobs.runner JOB_ID`.
 
 It reads the job from the job store, trains (resuming from the job's newest checkpoint when there is
 one), writes events and checkpoints as it goes, and records the outcome. In a distributed run (see
@@ -14,9 +14,9 @@ import sys
 from typing import Any
 
 from bentoservice.config import get_settings
-from bentoservice.training import filestore
-from bentoservice.training.backends import rank
-from bentoservice.training.jobs import JobStore, now
+from bentoservice.training.data import filestore
+from bentoservice.training.distributed.backends import rank
+from bentoservice.training.jobs.store import JobStore, now
 
 log = logging.getLogger("bentoservice.runner")
 
@@ -74,8 +74,8 @@ def run(job_id: str) -> int:
 
     from bentoservice.store import StoreError
     from bentoservice.training.config import TrainingConfig, TrainingError
-    from bentoservice.training.encoder_config import ENCODER_METHODS, EncoderConfig
-    from bentoservice.training.formats import DataFormatError
+    from bentoservice.training.methods.encoder_config import ENCODER_METHODS, EncoderConfig
+    from bentoservice.training.data.formats import DataFormatError
 
     jobs = JobStore()
     job = jobs.get_job(job_id)
@@ -89,11 +89,11 @@ def run(job_id: str) -> int:
     try:
         options.update(_local_files(options, job_id))
         if options.get("method") in ENCODER_METHODS:
-            from bentoservice.training.encoders import run_encoder_training as train
+            from bentoservice.training.methods.encoders import run_encoder_training as train
 
             config: TrainingConfig | EncoderConfig = EncoderConfig(**options)
         else:
-            from bentoservice.training.trainers import run_training as train
+            from bentoservice.training.methods.trainers import run_training as train
 
             config = TrainingConfig(**options)
         if main:
@@ -105,7 +105,7 @@ def run(job_id: str) -> int:
             return 0
         model, tag = job["fine_tuned_model"], result.tag
         if merge:
-            from bentoservice.training.merge import merge_adapter
+            from bentoservice.training.methods.merge import merge_adapter
 
             tag = str(merge_adapter(config.model, str(result.tag), config.adapter_name + "-merged").tag)
             model = tag.split(":")[0]

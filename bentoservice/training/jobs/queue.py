@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bentoservice.config import get_settings
-from bentoservice.training import backends, filestore
-from bentoservice.training.jobs import JobStore, now
+from bentoservice.training.data import filestore
+from bentoservice.training.distributed import backends
+from bentoservice.training.jobs.store import JobStore, now
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bentoservice import store
 from bentoservice.api.errors import APIError, unknown_model
-from bentoservice.api.files import job_store
+from bentoservice.api.files.routes import job_store
 from bentoservice.config import get_settings
-from bentoservice.training import backends, encoder_config, filestore
+from bentoservice.training.data import filestore
+from bentoservice.training.distributed import backends
+from bentoservice.training.methods import encoder_config
 from bentoservice.training.config import LORA_LEARNING_RATE
-from bentoservice.training.jobs import JobStore, new_id
-from bentoservice.training.queue import request_cancel
+from bentoservice.training.jobs.store import JobStore, new_id
+from bentoservice.training.jobs.queue import request_cancel
 
 router = APIRouter()
 

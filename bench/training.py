@@ -165,7 +165,7 @@ class StepMeter:
 
     def watch(self, trainer: Any) -> None:
         """Count each batch the trainer fetches (in this process: the batches may be collated in loader workers)."""
-        from bentoservice.training.speed.plan import split_passes
+        from bentoservice.training.speed.passes import split_passes
 
         fetch = trainer.get_batch_samples
 
@@ -343,7 +343,8 @@ def baseline_trainer(config: Any, model: Any, tokenizer: Any, args: dict[str, An
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from bentoservice.training.methods.trainers import IGNORE, lora_config
+    from bentoservice.training.data.labels import IGNORE
+    from bentoservice.training.methods.trainers import lora_config
 
     plain = {k: v for k, v in args.items() if k in TrainingArguments.__dataclass_fields__}
     plain.update(include_num_input_tokens_seen="no", gradient_checkpointing=checkpointing)

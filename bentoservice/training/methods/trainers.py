@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from bentoservice.training import hardware
 from bentoservice.training.data import formats
+from bentoservice.training.data.labels import IGNORE
 from bentoservice.training.speed import plan as speed
+from bentoservice.training.speed.trainer import sft_trainer_class
 from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.config import TrainingConfig, TrainingError, trl_config_class
 
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KIND: dict[str, formats.Kind] = {"sft": "sft", "dpo": "preference", "orpo": "preference"}
-IGNORE = speed.IGNORE
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     args = speed.sft_args(args, speedups, config.packing)
     padding_free = bool(args.get("padding_free") or config.packing)
     speed.prepare(model, padding_free)
-    trainer = speed.sft_trainer_class()(model=model, args=SFTConfig(**args), train_dataset=train, eval_dataset=test,
+    trainer = sft_trainer_class()(model=model, args=SFTConfig(**args), train_dataset=train, eval_dataset=test,
                                         processing_class=tokenizer, peft_config=lora_config(config),
                                         callbacks=[progress])
     trainer.labelled_logits = speedups.labelled_logits and padding_free

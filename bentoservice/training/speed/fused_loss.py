@@ -28,7 +28,7 @@ from trl.kernels.chunked_logprob import (
     _use_triton,
 )
 
-from bentoservice.training.speed.plan import IGNORE
+from bentoservice.training.data.labels import IGNORE
 
 # The most logits a tile holds: TRL's tile (4,096 tokens by 32,768 vocabulary entries), 256 MiB in bf16.
 TILE = 4096 * 32768

@@ -1,40 +1,28 @@
 """The fast SFT path: padding-free batches, attention within each example, fused kernels where they pay.
 
-A padding-free batch concatenates its examples into one row: `position_ids` restart at 0 for each example, and
-TRL's collator adds `cu_seq_lens_q/k` (where each example starts) and `max_length_q/k`. The attention registered
-here as VARLEN attends within each example only: flash attention's varlen kernel on CUDA
-(`torch.nn.attention.varlen`), one causal SDPA call per example elsewhere. Nothing is spent on padding and no
-`(tokens x tokens)` mask is built. Inputs with a padding mask or a KV cache fall back to plain SDPA.
+Which speedups pay for a run (`Speedups`, `defaults`), the SFT config's arguments for them, how many layers
+each batch checkpoints and how many tokens a pass holds (`MemoryPlan`), and the model's set-up before and after
+PEFT wraps it. The trainer is trainer.py, the passes passes.py, the attention attention.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import inspect
-import itertools
 import logging
 import math
 import statistics
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 from bentoservice.training.hardware import Device
+from bentoservice.training.speed.attention import VARLEN, register_attention
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
-    from trl import SFTTrainer
 
 log = logging.getLogger(__name__)
 
-VARLEN = "bentoservice_varlen"
-IGNORE = -100  # the label that leaves a token out of the loss
-# The key under which a training pass carries how many of its positions predict a labelled token (a number the host
-# knows, so that the loss needs nothing read back from the GPU).
-LABELLED = "bentoservice_labelled"
 # Compiling the decoder layers took 73 to 102 s on an H100, then saved 10 to 15 us a token (Llama-3.2-1B shape,
 # 8 chats a batch; docs/benchmarks.md): it pays from about ten million trained tokens.
 COMPILE_FROM_TOKENS = 10_000_000
@@ -247,315 +235,9 @@ def finish(model: PreTrainedModel, speedups: Speedups, mixed_precision: bool) ->
         apply_liger_kernel(model, {"fused_linear_cross_entropy": False, "cross_entropy": False})
 
 
-@cache
-def sft_trainer_class() -> type[SFTTrainer]:
-    """SFTTrainer, whose loss on padding-free batches can come from the labelled positions' logits alone, and whose
-    steps wait for the GPU only at their start and when they log."""
-    import torch
-    import torch.nn.functional as F
-    from trl import SFTTrainer
-
-    class FastSFTTrainer(SFTTrainer):
-        labelled_logits = False
-        head: torch.nn.Linear | None = None
-        """The LM head, when the loss of padding-free training passes is fused_loss.py's."""
-        memory: MemoryPlan | None = None
-        layers: list[torch.nn.Module] = []
-        pass_tokens: int | None = None
-        pass_granularity = 1
-        """Passes are padded to multiples of this (graphs.py's buckets): batches are split to pad them least."""
-        counted_parameters: int | None = None
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # Trainer checks each step's loss for inf/NaN on the host, which waits for the GPU before every optimizer
-            # step; training_step applies the same filter on the device.
-            self.nan_inf_filter, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
-
-        def fit_memory(self, plan: MemoryPlan, largest_batch: int) -> int:
-            """Train each batch in passes of up to `plan.pass_tokens` tokens, and checkpoint, pass by pass, the
-            layers that `plan` says the pass needs (`largest_batch`: the most tokens a batch can hold); the most
-            layers a pass will checkpoint."""
-            largest = plan.largest_pass(largest_batch)
-            most = plan.checkpointed(largest)
-            log.info("passes of up to %d tokens, checkpointing at most %d of %d layers (batches of up to %d "
-                     "tokens, %.1f GiB free)", largest, most, plan.layers, largest_batch, plan.budget / 0.75 / 2**30)
-            if largest < largest_batch:
-                self.pass_tokens = plan.pass_tokens
-            if most:
-                self.memory, self.layers = plan, decoder_layers(self.model)
-                self.model.activation_checkpointing_enable({"use_reentrant": False})
-                checkpoint_layers(self.layers, 0)
-            return most
-
-        def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                          num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-            passes = [inputs]
-            if self.pass_tokens and num_items_in_batch is not None and "cu_seq_lens_q" in inputs:
-                passes = split_passes(inputs, self.pass_tokens, self.pass_granularity)
-            if self.head is not None and "cu_seq_lens_q" in inputs:
-                passes = with_labelled_counts(inputs, passes)
-            loss = None
-            with training_mode(model):
-                for i, part in enumerate(passes):
-                    # The loss is normalised by the whole batch's count, so the passes' gradients add up to the
-                    # batch's; data-parallel ranks exchange them once, after the last pass.
-                    sync = contextlib.nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
-                    with sync:
-                        part_loss = super().training_step(model, part, num_items_in_batch)
-                    loss = part_loss if loss is None else loss + part_loss
-            if self.nan_inf_filter:
-                # Trainer's filter: an inf or NaN step counts as the mean of the steps since the last log.
-                steps = 1 + self.state.global_step - self._globalstep_last_logged
-                loss = torch.where(loss.isfinite(), loss, self._tr_loss / steps)
-            return loss
-
-        def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-            # Evaluation's loss leaves out inf/NaN batches by the same setting.
-            self.args.logging_nan_inf_filter = self.nan_inf_filter
-            try:
-                return super().evaluation_loop(*args, **kwargs)
-            finally:
-                self.args.logging_nan_inf_filter = False
-
-        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-            # Trainer's counts the model's parameters again for every batch (its running FLOP total): milliseconds of
-            # host time a step, with the GPU idle.
-            if self.counted_parameters is None:
-                self.counted_parameters = self.model.num_parameters(exclude_embeddings=True)
-            return 6 * inputs["input_ids"].numel() * self.counted_parameters if "input_ids" in inputs else 0
-
-        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-            # Trainer counts the non-padding tokens on the device and reads the count back, waiting for the GPU every
-            # step; a padding-free batch has no padding.
-            if (self.args.include_num_input_tokens_seen != "no" and "cu_seq_lens_q" in inputs
-                    and self.accelerator.num_processes == 1):
-                self.state.num_input_tokens_seen += inputs["input_ids"].numel()
-            else:
-                super()._track_num_input_tokens(inputs)
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            for values in self._metrics["train"].values():
-                read_back(values)
-            super().log(logs, start_time)
-
-        def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-            labelled = inputs.pop(LABELLED, None)
-            if self.memory is not None and model.training:
-                checkpoint_layers(self.layers, self.memory.checkpointed(inputs["input_ids"].numel()))
-            labels = inputs.get("labels")
-            plain = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
-            if not (plain and not self.aux_loss_enabled and not return_outputs and labels is not None
-                    and labels.shape[0] == 1):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if labelled is not None and model.training:
-                return self.fused_loss(inputs, labelled, num_items_in_batch)
-            if not self.labelled_logits:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            targets = labels[0, 1:]
-            keep = (targets != IGNORE).nonzero().squeeze(-1)
-            batch = {k: v for k, v in inputs.items() if k != "labels"}
-            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[0]
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-            count = keep.numel() if num_items_in_batch is None else num_items_in_batch
-            loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # As Trainer and TRL do: the count holds every rank's tokens, and DDP averages the ranks' gradients.
-                loss = loss * self.accelerator.num_processes
-            return loss
-
-        def fused_loss(self, inputs: dict[str, Any], labelled: int,
-                       num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
-            """TRL's loss and metrics for one process's padding-free training pass, of which `labelled` positions
-            predict a labelled token, through fused_loss.py."""
-            from bentoservice.training.speed.fused_loss import labelled_loss
-
-            decoder = self.model.get_base_model().base_model
-            hidden = decoder(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
-            divisor = labelled if num_items_in_batch is None else num_items_in_batch
-            loss, entropy, top1 = labelled_loss(hidden.last_hidden_state[0], inputs["labels"][0], labelled, self.head,
-                                                divisor)
-            # TRL's metrics, kept on the device until they are logged.
-            metrics, count = self._metrics["train"], max(labelled, 1)
-            metrics["entropy"].append(entropy / count)
-            metrics["mean_token_accuracy"].append(top1 / count)
-            self._total_train_tokens += inputs["position_ids"].shape[1]
-            metrics["num_tokens"] = [self._total_train_tokens]
-            return loss
-
-    return FastSFTTrainer
-
-
-def with_labelled_counts(inputs: dict[str, Any], passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The `passes` of the padding-free batch `inputs` (consecutive parts of its row), each with how many of its
-    positions predict a labelled token (under LABELLED), read back from the device at once."""
-    labelled = (inputs["labels"][0] != IGNORE).cpu()
-    counted, start = [], 0
-    for part in passes:
-        end = start + part["labels"].shape[1]
-        counted.append({**part, LABELLED: int(labelled[start + 1:end].sum())})
-        start = end
-    return counted
-
-
-def read_back(values: list[Any]) -> None:
-    """Replace the device tensors among `values` (a metric's values) with their numbers, read back at once."""
-    import torch
-
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if tensors:
-        numbers = iter(torch.stack(tensors).tolist())
-        values[:] = [next(numbers) if isinstance(v, torch.Tensor) else v for v in values]
-
-
-@contextlib.contextmanager
-def training_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Trainer's training step puts the model in training mode each time, a walk over its thousands of modules (about
-    14 ms of host time on the H100 machine for the 8B shape, with the GPU idle at the start of a step): done here
-    only when the model is not in it already, and skipped within."""
-    if not model.training:
-        model.train()
-    model.train = lambda mode=True: model if mode else type(model).train(model, mode)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del model.train
-
-
-def split_passes(inputs: dict[str, Any], tokens: int, granularity: int = 1) -> list[dict[str, Any]]:
-    """A padding-free batch (one row; TRL's `cu_seq_lens_q` marks where each example starts) as consecutive passes of
-    whole examples (`_cuts`: as few as hold at most `tokens` tokens each, unless one example alone is longer, padded
-    to multiples of `granularity`)."""
-    bounds = inputs["cu_seq_lens_q"].tolist()
-    if bounds[-1] <= tokens or len(bounds) <= 2:
-        return [inputs]
-    cuts = _cuts(bounds, tokens, granularity)
-    row = inputs["input_ids"].shape[1]
-    passes = []
-    for first, last in itertools.pairwise(cuts):
-        start, end = bounds[first], bounds[last]
-        part = {key: value[:, start:end] if getattr(value, "ndim", 0) == 2 and value.shape[1] == row else value
-                for key, value in inputs.items()}
-        cu = inputs["cu_seq_lens_q"][first:last + 1] - start
-        longest = max(b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1], strict=False))
-        part.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-        if "seq_idx" in part:
-            part["seq_idx"] = part["seq_idx"] - first
-        passes.append(part)
-    return passes
-
-
-def _cuts(bounds: list[int], tokens: int, granularity: int) -> list[int]:
-    """Example indices that cut `bounds` (example starts, then the end) into passes of at most `tokens` tokens (an
-    example longer than that alone): the fewest passes; of those, the fewest tokens once each pass is padded up to a
-    multiple of `granularity` (a graphed pass runs in the bucket that holds it); then the smallest largest pass."""
-    # best[j]: (passes, padded tokens, largest pass, where the last pass starts) for the first j examples.
-    best: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)]
-    for j in range(1, len(bounds)):
-        options = []
-        for i in range(j - 1, -1, -1):
-            size = bounds[j] - bounds[i]
-            if size > tokens and i < j - 1:
-                break
-            passes, padded, largest, _ = best[i]
-            options.append((passes + 1, padded + -(-size // granularity) * granularity, max(largest, size), i))
-        best.append(min(options))
-    cuts = [len(bounds) - 1]
-    while cuts[-1]:
-        cuts.append(best[cuts[-1]][3])
-    return cuts[::-1]
-
-
 def compile_layers(model: PreTrainedModel) -> None:
     """Compile each decoder layer in place; they share one graph, so it compiles once whatever the depth."""
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
     log.info("compiling %d decoder layers", len(layers))
-
-
-@cache
-def register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(VARLEN, partial(varlen_attention, flash_options=_flash_options()))
-    AttentionMaskInterface.register(VARLEN, _mask)
-
-
-def _flash_options() -> dict[str, Any]:
-    """How this torch's `varlen_attn` asks for causal attention and grouped key/value heads (read once, outside
-    compiled code): torch 2.13 takes window_size and enable_gqa; earlier releases is_causal, and grouped heads
-    as they are."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    takes = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in takes else {"is_causal": True}
-    return {"causal": causal, "gqa": "enable_gqa" in takes}
-
-
-def _mask(*args: Any, attention_mask: torch.Tensor | None = None, q_length: int = 0, kv_length: int = 0,
-          **kwargs: Any) -> torch.Tensor | None:
-    """No mask where VARLEN needs none (no padding, no cache); SDPA's mask otherwise."""
-    if attention_mask is None and q_length == kv_length:
-        return None
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, **kwargs)
-
-
-def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                     position_ids: torch.Tensor | None = None, flash_options: dict[str, Any] | None = None,
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Causal attention within each example of padding-free rows.
-
-    query/key/value: (batch, heads, tokens, dim); the output is (batch, tokens, heads, dim), as transformers'
-    attention functions return it.
-    """
-    import torch
-
-    batch, heads, tokens, dim = query.shape
-    if cu_seq_lens_q is None and attention_mask is None and position_ids is not None and key.shape[2] == tokens:
-        from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
-
-        # Packed position_ids without the collator's boundaries: the examples start where the positions restart.
-        (cu_seq_lens_q, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids.expand(batch, -1))
-        max_length_q = int(longest)
-    if cu_seq_lens_q is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_ids=position_ids, **kwargs)
-    q, k, v = (x.transpose(1, 2).reshape(batch * tokens, x.shape[1], dim) for x in (query, key, value))
-    if q.is_cuda:
-        out = _flash_varlen(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q), scaling, flash_options or {})
-    else:
-        out = _per_example(q, k, v, cu_seq_lens_q.tolist(), scaling)
-    return out.view(batch, tokens, heads, dim), None
-
-
-def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
-                  max_length: int, scaling: float | None, options: dict[str, Any]) -> torch.Tensor:
-    """(tokens, heads, dim) in and out."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    gqa = {"enable_gqa": True} if options["gqa"] and key.shape[1] != query.shape[1] else {}
-    return varlen_attn(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
-                       **options["causal"], **gqa)
-
-
-def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
-                 scaling: float | None) -> torch.Tensor:
-    """One causal SDPA call per example; (tokens, heads, dim) in and out."""
-    import torch
-    import torch.nn.functional as F
-
-    gqa = key.shape[1] != query.shape[1]
-    # 4D inputs: SDPA's CPU flash kernel takes no others (3D ones fall back to the slower math path).
-    parts = [F.scaled_dot_product_attention(*(x[None, start:end].transpose(1, 2) for x in (query, key, value)),
-                                            is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
-             for start, end in zip(bounds[:-1], bounds[1:], strict=False) if end > start]
-    return torch.cat(parts)

@@ -36,7 +36,7 @@ def test_import_from_local_folder(tiny_dir: Path) -> None:
 
 
 def test_import_from_gguf_file(smollm2: store.StoredModel, tmp_path: Path) -> None:
-    gguf = store._bundled_gguf(store.card_for("smollm2").source)
+    gguf = store.bases.bundled_gguf(store.card_for("smollm2").source)
     stored = store.import_model("smolgguf", str(gguf))
     assert stored.labels["source"] == f"gguf:{gguf}"
     assert (stored.path / "model.safetensors").stat().st_size == (smollm2.path / "model.safetensors").stat().st_size

@@ -1,0 +1,151 @@
+"""A fine-tuning job's body in OpenAI's, OpenWeights' or OPEA's dialect, translated into the job's config (plain
+data: no torch on this side): the method, the TrainingArguments, the LoRA settings and the scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bentoservice.api.errors import APIError
+from bentoservice.api.fine_tuning.protocol import (DatasetBlock, EmbeddingTrainingBlock, GeneralBlock,
+                                                   Hyperparameters, JobRequest, LoraBlock, TrainingBlock)
+from bentoservice.config import get_settings
+from bentoservice.training.config import LORA_LEARNING_RATE
+from bentoservice.training.data import filestore
+from bentoservice.training.distributed import backends
+from bentoservice.training.methods import encoder_config
+
+TASKS = {"instruction_tuning": "sft", "sft": "sft", "dpo": "dpo", "orpo": "orpo", "rerank": "rerank",
+         "embedding": "embedding"}
+KIND = {"sft": "sft", "dpo": "preference", "orpo": "preference", "rerank": "rerank", "embedding": "rerank"}
+WANTED = {"sft": "SFT conversations", "preference": "preference pairs", "rerank": "rerank data (query, pos, neg)"}
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None and v != "auto"), None)
+
+
+def training_method(body: JobRequest) -> str:
+    if body.loss:
+        return body.loss
+    if body.method:
+        return "sft" if body.method.type == "supervised" else "dpo"
+    task = body.General.task if body.General else "instruction_tuning"
+    if task not in TASKS:
+        raise APIError(400, f"General.task {task!r} is not supported; use {', '.join(TASKS)}",
+                       "General.task", "unsupported_task")
+    return TASKS[task]
+
+
+def _method_hyperparameters(body: JobRequest) -> Hyperparameters:
+    if body.method is None:
+        return Hyperparameters()
+    block = body.method.supervised if body.method.type == "supervised" else body.method.dpo
+    return block.hyperparameters if block else Hyperparameters()
+
+
+def default_learning_rate(config: dict[str, Any]) -> float:
+    if config["method"] in encoder_config.ENCODER_METHODS:
+        return encoder_config.FULL_LEARNING_RATE if config.get("lora") is None else encoder_config.LORA_LEARNING_RATE
+    return LORA_LEARNING_RATE[config["method"]]
+
+
+def _trainer_args(body: JobRequest, job_id: str, default_learning_rate: float, test: dict | None) -> dict[str, Any]:
+    """The TrainingArguments a job body sets, the same for every method."""
+    top, hyper = body.hyperparameters or Hyperparameters(), _method_hyperparameters(body)
+    training = body.Training or TrainingBlock()
+    multiplier = _first(hyper.learning_rate_multiplier, top.learning_rate_multiplier) or 1.0
+    args = {
+        "num_train_epochs": _first(body.epochs, hyper.n_epochs, top.n_epochs, training.epochs) or 3,
+        "per_device_train_batch_size": _first(body.per_device_train_batch_size, hyper.batch_size,
+                                              top.batch_size, training.batch_size) or 4,
+        "learning_rate": _first(body.learning_rate, training.learning_rate) or default_learning_rate * multiplier,
+        "gradient_accumulation_steps": _first(body.gradient_accumulation_steps, training.gradient_accumulation_steps),
+        "warmup_steps": body.warmup_steps,
+        "max_steps": _first(body.max_steps, training.max_train_steps),
+        "logging_steps": _first(body.logging_steps, training.logging_steps) or 1,
+        "lr_scheduler_type": training.lr_scheduler,
+        "weight_decay": training.weight_decay,
+        "seed": body.seed,
+        "output_dir": str(get_settings().jobs_dir / job_id / "output"),
+        "save_strategy": "steps" if body.save_steps else "epoch",
+        "save_steps": body.save_steps,
+    }
+    args = {k: v for k, v in args.items() if v is not None}
+    if test:
+        args.update(eval_strategy=args["save_strategy"], eval_steps=body.save_steps)
+    return args
+
+
+def _lora_settings(body: JobRequest, opea_lora: LoraBlock) -> dict[str, Any]:
+    """The LoRA settings of a job: OpenWeights' top-level fields, else OPEA's General.lora_config."""
+    return {"r": _first(body.r, opea_lora.r), "lora_alpha": _first(body.lora_alpha, opea_lora.lora_alpha),
+            "lora_dropout": _first(body.lora_dropout, opea_lora.lora_dropout),
+            "target_modules": _first(body.target_modules, opea_lora.target_modules)}
+
+
+def _training_config(body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None,
+                     method: str) -> dict[str, Any]:
+    """The TrainingConfig fields the runner will use (plain data: no torch on this side)."""
+    hyper = _method_hyperparameters(body)
+    opea_lora = body.General.lora_config if body.General else LoraBlock()
+    if opea_lora is None:
+        raise APIError(400, "General.lora_config: null (full fine-tuning) is only for rerank and embedding "
+                            "tasks; LLM jobs train LoRA adapters", "General.lora_config", "unsupported")
+    training, dataset = body.Training or TrainingBlock(), body.Dataset or DatasetBlock()
+    config = {
+        "model": base_name, "method": method, "train_file": filestore.file_url(train["id"]),
+        "test_file": filestore.file_url(test["id"]) if test else None,
+        "adapter_name": f"ft-{job_id.removeprefix('ftjob-')}",
+        **_lora_settings(body, opea_lora),
+        "beta": _first(body.beta, hyper.beta, training.dpo_beta),
+        "max_seq_length": _first(body.max_seq_length, dataset.max_length),
+        "merge_before_push": body.merge_before_push,
+        "args": _trainer_args(body, job_id, LORA_LEARNING_RATE[method], test),
+    }
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _encoder_config(body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None,
+                    method: str) -> dict[str, Any]:
+    """The EncoderConfig fields of a rerank or embedding job. As in OPEA these train in full; LoRA (merged into
+    the stored model) only when the body gives General.lora_config."""
+    general, dataset = body.General or GeneralBlock(), body.Dataset or DatasetBlock()
+    training = body.Training or TrainingBlock()
+    opea_lora = general.lora_config if "lora_config" in general.model_fields_set else None
+    lora = None if opea_lora is None else _lora_settings(body, opea_lora)
+    config = {
+        "method": method, "model": base_name, "train_file": filestore.file_url(train["id"]),
+        "test_file": filestore.file_url(test["id"]) if test else None,
+        "adapter_name": f"ft-{job_id.removeprefix('ftjob-')}",
+        "lora": None if lora is None else {k: v for k, v in lora.items() if v is not None},
+        "group_size": dataset.train_group_size, "max_seq_length": _first(body.max_seq_length, dataset.max_length),
+        "query_max_len": dataset.query_max_len, "passage_max_len": dataset.passage_max_len,
+        "query_instruction": dataset.query_instruction_for_retrieval,
+        "passage_instruction": dataset.passage_instruction_for_retrieval,
+        "temperature": (training.embedding_training_config or EmbeddingTrainingBlock()).temperature,
+    }
+    config["args"] = _trainer_args(body, job_id, default_learning_rate(config), test)
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _add_scale(body: JobRequest, config: dict[str, Any]) -> None:
+    """Where and over how many processes the job trains, and the training arguments that spreads it so."""
+    fields = body.model_dump(include={"backend", "num_workers", "gpus_per_worker", "distributed"}, exclude_none=True)
+    try:
+        scale = backends.check(backends.Scale(**fields))
+    except backends.BackendError as exc:
+        raise APIError(400, str(exc), exc.param, "invalid_scale") from None
+    if scale.num_workers > 1 and config["method"] in encoder_config.ENCODER_METHODS:
+        raise APIError(400, "rerank and embedding jobs train in one process: num_workers must be 1", "num_workers",
+                       "invalid_scale")
+    config["scale"] = scale.model_dump()
+    config["args"].update(backends.DISTRIBUTED_ARGS[scale.distributed])
+
+
+def job_config(body: JobRequest, job_id: str, base_name: str, train: dict[str, Any], test: dict[str, Any] | None,
+               method: str) -> dict[str, Any]:
+    """The one place a job body, in any dialect, becomes the config the runner trains from."""
+    config = (_encoder_config if method in encoder_config.ENCODER_METHODS else _training_config)(
+        body, job_id, base_name, train, test, method)
+    _add_scale(body, config)
+    return config

@@ -1,0 +1,118 @@
+"""The wire format of a fine-tuning job's body: OpenAI's fields, OpenWeights' flat fields and OPEA's blocks, side
+by side in one pydantic model (dialects.py turns it into a job's config)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    n_epochs: int | Auto | None = Field(None)
+    batch_size: int | Auto | None = None
+    learning_rate_multiplier: float | Auto | None = None
+    beta: float | Auto | None = None
+
+
+class MethodBlock(BaseModel):
+    hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class Method(BaseModel):
+    type: Literal["supervised", "dpo"]
+    supervised: MethodBlock | None = None
+    dpo: MethodBlock | None = None
+
+
+class LoraBlock(BaseModel):
+    """OPEA's General.lora_config."""
+
+    model_config = ConfigDict(extra="ignore")
+    r: int | None = Field(None, gt=0)
+    lora_alpha: int | None = Field(None, gt=0)
+    lora_dropout: float | None = Field(None, ge=0, lt=1)
+    target_modules: list[str] | str | None = None
+
+
+class GeneralBlock(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    task: str = "instruction_tuning"
+    lora_config: LoraBlock | None = LoraBlock()
+
+
+class DatasetBlock(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    max_length: int | None = Field(None, gt=0)
+    # Rerank and embedding tasks (FlagEmbedding's names).
+    train_group_size: int | None = Field(None, ge=2)
+    query_max_len: int | None = Field(None, gt=0)
+    passage_max_len: int | None = Field(None, gt=0)
+    query_instruction_for_retrieval: str | None = None
+    passage_instruction_for_retrieval: str | None = None
+
+
+class EmbeddingTrainingBlock(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    temperature: float | None = Field(None, gt=0)
+
+
+class TrainingBlock(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    epochs: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    max_train_steps: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int | None = Field(None, gt=0)
+    logging_steps: int | None = Field(None, gt=0)
+    lr_scheduler: str | None = None
+    weight_decay: float | None = Field(None, ge=0)
+    dpo_beta: float | None = Field(None, gt=0)
+    embedding_training_config: EmbeddingTrainingBlock | None = None
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+    # OpenWeights' names.
+    loss: Literal["sft", "dpo", "orpo"] | None = None
+    epochs: int | None = Field(None, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    beta: float | None = Field(None, gt=0)
+    r: int | None = Field(None, gt=0)
+    lora_alpha: int | None = Field(None, gt=0)
+    lora_dropout: float | None = Field(None, ge=0, lt=1)
+    target_modules: list[str] | str | None = None
+    max_seq_length: int | None = Field(None, gt=0)
+    per_device_train_batch_size: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int | None = Field(None, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_steps: int | None = Field(None, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    logging_steps: int | None = Field(None, gt=0)
+    test_file: str | None = None
+    merge_before_push: bool = False
+    # Scaling out (training.backends): where the job trains, over how many data-parallel worker processes.
+    backend: Literal["local", "ray"] | None = None
+    num_workers: int | None = Field(None, ge=1, le=1024)
+    gpus_per_worker: float | None = Field(None, ge=0)
+    distributed: Literal["ddp", "fsdp", "deepspeed"] | None = None
+    # OPEA's blocks.
+    General: GeneralBlock | None = None
+    Dataset: DatasetBlock | None = None
+    Training: TrainingBlock | None = None
+
+
+class JobRef(BaseModel):
+    fine_tuning_job_id: str

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +32,8 @@ def chats(count: int, seed: int) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace, backend: str, workers: int, train: Path, folder: Path) -> dict[str, Any]:
-    from bentoservice.training.jobs.store import JobStore
     from bentoservice.training.jobs.queue import JobQueue
+    from bentoservice.training.jobs.store import JobStore
 
     jobs = JobStore()
     config = {"model": args.model, "method": "sft", "train_file": str(train),

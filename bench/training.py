@@ -213,10 +213,10 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
     from transformers import AutoTokenizer
 
     from bentoservice.training import hardware
-    from bentoservice.training.data import formats
-    from bentoservice.training.methods import trainers
-    from bentoservice.training.jobs.callbacks import ProgressCallback
     from bentoservice.training.config import TrainingConfig
+    from bentoservice.training.data import formats
+    from bentoservice.training.jobs.callbacks import ProgressCallback
+    from bentoservice.training.methods import trainers
 
     device = hardware.detect_device()
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or model_dir(spec.model))  # type: ignore[arg-type]

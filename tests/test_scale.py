@@ -15,16 +15,17 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import Server, free_port
 from safetensors import safe_open
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, inspect, select
+from test_fine_tuning import jsonl, wait_for
 
 from bentoservice import store
 from bentoservice.config import get_settings
 from bentoservice.training.distributed import backends
-from bentoservice.training.jobs.store import JobStore, database, jobs as jobs_table
 from bentoservice.training.jobs.queue import JobQueue
-from conftest import ROOT, Server, free_port
-from test_fine_tuning import jsonl, wait_for
+from bentoservice.training.jobs.store import JobStore, database
+from bentoservice.training.jobs.store import jobs as jobs_table
 
 VENV_BIN = Path(sys.executable).parent
 # Replies of different lengths, so that the two halves of a batch weigh differently in its loss.

@@ -22,12 +22,12 @@ from typer.testing import CliRunner
 import bentoservice
 from bentoservice import store
 from bentoservice.training import hardware
-from bentoservice.training.data import formats
-from bentoservice.training.jobs.callbacks import ProgressCallback
 from bentoservice.training.commands import fine_tune_app, train
 from bentoservice.training.config import TrainingConfig, TrainingError
+from bentoservice.training.data import formats
 from bentoservice.training.data.formats import DataFormatError
 from bentoservice.training.data.labels import IGNORE
+from bentoservice.training.jobs.callbacks import ProgressCallback
 from bentoservice.training.methods.trainers import assistant_labels, build_trainer, hf_dataset, load_tokenizer
 
 QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "gradient_checkpointing": False}

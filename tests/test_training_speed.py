@@ -16,12 +16,12 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from bentoservice import store
 from bentoservice.training import hardware
-from bentoservice.training.data import formats
-from bentoservice.training.speed.passes import split_passes
-from bentoservice.training.speed import plan as speed
-from bentoservice.training.jobs.callbacks import ProgressCallback
 from bentoservice.training.config import TrainingConfig
+from bentoservice.training.data import formats
+from bentoservice.training.jobs.callbacks import ProgressCallback
 from bentoservice.training.methods.trainers import build_trainer, hf_dataset, load_tokenizer, training_args
+from bentoservice.training.speed import plan as speed
+from bentoservice.training.speed.passes import split_passes
 
 WORDS = "apple river stone cloud green quiet market window silver orange planet garden".split()
 

@@ -12,9 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bentoservice.api.adapters import routes as adapters
 from bentoservice.api.completions import routes as openai
 from bentoservice.api.embeddings import routes as embeddings
+from bentoservice.api.errors import envelope, install_error_handlers
 from bentoservice.api.files import routes as files
 from bentoservice.api.fine_tuning import routes as fine_tuning
-from bentoservice.api.errors import envelope, install_error_handlers
 from bentoservice.config import Settings
 
 

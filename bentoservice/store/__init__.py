@@ -4,12 +4,26 @@
 The package exposes each module's public names, so callers write `store.resolve_base(...)`.
 """
 
-from bentoservice.store.adapters import (ADAPTER_FILES, AdapterSource, adapter_source, adapters_of, fine_tune_dir,
-                                         latest_fine_tune, new_fine_tune_path, save_adapter)
+from bentoservice.store.adapters import (
+    ADAPTER_FILES,
+    AdapterSource,
+    adapter_source,
+    adapters_of,
+    fine_tune_dir,
+    latest_fine_tune,
+    new_fine_tune_path,
+    save_adapter,
+)
 from bentoservice.store.bases import HF_FILES, ensure_base, import_model, resolve_base, save_merged
 from bentoservice.store.cards import Card, card_for, cards
-from bentoservice.store.encoders import (BUNDLED_ENCODERS, ENCODER_KINDS, ensure_encoder, import_encoder,
-                                         resolve_encoder, save_encoder)
+from bentoservice.store.encoders import (
+    BUNDLED_ENCODERS,
+    ENCODER_KINDS,
+    ensure_encoder,
+    import_encoder,
+    resolve_encoder,
+    save_encoder,
+)
 from bentoservice.store.models import StoredModel, StoreError, get, list_models, store_root
 
 __all__ = ["ADAPTER_FILES", "BUNDLED_ENCODERS", "ENCODER_KINDS", "HF_FILES", "AdapterSource", "Card", "StoreError",

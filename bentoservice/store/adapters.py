@@ -15,8 +15,16 @@ import bentoml
 from bentoservice.config import get_settings
 from bentoservice.store.bases import resolve_base
 from bentoservice.store.cards import card_for
-from bentoservice.store.models import (StoredModel, StoreError, default_name, download, looks_like_path, get,
-                                       list_models, store_root)
+from bentoservice.store.models import (
+    StoredModel,
+    StoreError,
+    default_name,
+    download,
+    get,
+    list_models,
+    looks_like_path,
+    store_root,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

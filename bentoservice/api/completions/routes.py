@@ -12,9 +12,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from bentoservice.api.completions.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    TemplateQuery,
+    TemplateRegistration,
+)
 from bentoservice.api.errors import APIError, unknown_model
-from bentoservice.api.completions.protocol import (ChatCompletionRequest, CompletionRequest, SamplingFields,
-                                      TemplateQuery, TemplateRegistration)
 from bentoservice.engine.params import Delta, Failed, Finished, SamplingParams
 from bentoservice.engine.templates import chat_templates, register_chat_template
 

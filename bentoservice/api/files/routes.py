@@ -7,8 +7,8 @@ fsspec URL); the uploaded name is kept as data, never used as a path.
 from __future__ import annotations
 
 import hashlib
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse

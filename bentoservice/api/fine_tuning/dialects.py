@@ -6,8 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from bentoservice.api.errors import APIError
-from bentoservice.api.fine_tuning.protocol import (DatasetBlock, EmbeddingTrainingBlock, GeneralBlock,
-                                                   Hyperparameters, JobRequest, LoraBlock, TrainingBlock)
+from bentoservice.api.fine_tuning.protocol import (
+    DatasetBlock,
+    EmbeddingTrainingBlock,
+    GeneralBlock,
+    Hyperparameters,
+    JobRequest,
+    LoraBlock,
+    TrainingBlock,
+)
 from bentoservice.config import get_settings
 from bentoservice.training.config import LORA_LEARNING_RATE
 from bentoservice.training.data import filestore

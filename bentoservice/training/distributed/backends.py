@@ -269,8 +269,9 @@ def _submit(job: dict[str, Any]) -> RayRun:
     submission_id = f"bentoservice-{job['id']}-{job['attempts']}"
     for attempt in range(SUBMIT_TRIES):
         try:
-            ray_client(address).submit_job(entrypoint=f"python -m bentoservice.training.distributed.ray_train {job['id']}",
-                                           submission_id=submission_id, runtime_env=runtime_env)
+            ray_client(address).submit_job(
+                entrypoint=f"python -m bentoservice.training.distributed.ray_train {job['id']}",
+                submission_id=submission_id, runtime_env=runtime_env)
             break
         except RuntimeError as exc:
             # A head that has just started answers "No available agent to submit job, please try again later".

@@ -1,5 +1,5 @@
-"""A job on a Ray cluster: `python -m bentoservice.training.distributed.ray_train JOB_ID`, the entry point that training.backends
-submits through Ray's Jobs API.
+"""A job on a Ray cluster: `python -m bentoservice.training.distributed.ray_train JOB_ID`, the entry point that
+training.distributed.backends submits through Ray's Jobs API.
 
 It runs the job's runner in `num_workers` Ray Train workers (TorchTrainer: one torch process group, gloo between CPU
 workers, NCCL between GPUs), where the HF Trainer trains data-parallel exactly as under `accelerate launch`. The

@@ -74,8 +74,8 @@ def run(job_id: str) -> int:
 
     from bentoservice.store import StoreError
     from bentoservice.training.config import TrainingConfig, TrainingError
-    from bentoservice.training.methods.encoder_config import ENCODER_METHODS, EncoderConfig
     from bentoservice.training.data.formats import DataFormatError
+    from bentoservice.training.methods.encoder_config import ENCODER_METHODS, EncoderConfig
 
     jobs = JobStore()
     job = jobs.get_job(job_id)

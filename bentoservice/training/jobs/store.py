@@ -11,8 +11,23 @@ import time
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import (JSON, Column, Engine, Integer, MetaData, String, Table, Text, create_engine, event,
-                        insert, inspect, select, text, update)
+from sqlalchemy import (
+    JSON,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 
 from bentoservice.config import get_settings
 

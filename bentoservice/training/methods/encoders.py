@@ -17,15 +17,26 @@ from torch.utils.data import Dataset
 from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from bentoservice import store
-from bentoservice.engine.embeddings import (SENTENCE_FILES, Pooling, as_features, embed_batch, load_encoder_model,
-                                            read_pooling, score_batch)
+from bentoservice.engine.embeddings import (
+    SENTENCE_FILES,
+    Pooling,
+    as_features,
+    embed_batch,
+    load_encoder_model,
+    read_pooling,
+    score_batch,
+)
 from bentoservice.training import hardware
+from bentoservice.training.config import TrainingError
 from bentoservice.training.data import formats
 from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
-from bentoservice.training.config import TrainingError
 from bentoservice.training.methods.encoder_config import EncoderConfig
-from bentoservice.training.methods.trainers import (TrainingResult, _last_checkpoint, default_adapter_name,
-                                            train_and_evaluate)
+from bentoservice.training.methods.trainers import (
+    TrainingResult,
+    _last_checkpoint,
+    default_adapter_name,
+    train_and_evaluate,
+)
 
 log = logging.getLogger(__name__)
 

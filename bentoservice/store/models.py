@@ -1,7 +1,7 @@
 """The BentoML model store itself: what a stored model is, reading it, creating a model in it.
 
 The store's folder has no public BentoML API (`bentoml.models` lists, gets and creates models but does not say
-where they live), so `store_root` reads BentoML's configuration container: the one private import.
+where they live), so `store_root` and `bentoml_home` read BentoML's configuration container: the one private import.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ class StoredModel:
 
 def store_root() -> Path:
     return Path(BentoMLContainer.model_store_dir.get())
+
+
+def bentoml_home() -> Path:
+    return Path(BentoMLContainer.bentoml_home.get())
 
 
 def _stored(model: bentoml.Model) -> StoredModel:

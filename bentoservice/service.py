@@ -1,5 +1,5 @@
-"""The BentoML service: declares the service and mounts the API at /v1; what it serves comes from engine.startup,
-the jobs' hand-off to serving from training.jobs.handoff."""
+"""The BentoML service: declares the service and mounts the API at /v1 and the web console at /ui; what it serves
+comes from engine.startup, the jobs' hand-off to serving from training.jobs.handoff."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import bentoml
 
 from bentoservice.api import create_app
+from bentoservice.api.console import create_console_app
 from bentoservice.api.fine_tuning.routes import submit_and_wait
 from bentoservice.build import bento_args, service_options, with_model_refs
 from bentoservice.config import get_settings
@@ -30,6 +31,7 @@ bento = bento_args()  # set when building a bento or serving one: its target and
                  tracing={"excluded_urls": ["/v1/chat/completions", "/v1/completions"]},
                  **service_options(bento))
 @bentoml.asgi_app(app, path="/v1")
+@bentoml.asgi_app(create_console_app(), path="/ui")  # the web console: static files, no state
 @with_model_refs(bento)
 class LLM:
     """One engine per process: workers=1 keeps the default adapter and hot-loaded adapters in one place."""

@@ -1,0 +1,193 @@
+"""The web console at /ui, driven in headless Chromium (Debian's, through playwright's Python API) against a real
+server: chat, upload checks, a fine-tune watched live, side-by-side compare, and the API key asked once.
+
+Set BENTOSERVICE_CONSOLE_SCREENSHOTS to a folder (`make screenshots` sets docs/images) to keep the screenshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Server
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHATS = [{"messages": [{"role": "user", "content": f"Say hello number {i}."},
+                       {"role": "assistant", "content": f"Hello number {i}! Ahoy!"}]} for i in range(8)]
+TIMEOUT_MS = 180_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium: run the tests through .ci/with-chromium (as root it installs Debian's)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server("tiny", env={"BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("console-data"))})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def page(browser: sync_api.Browser) -> Iterator[sync_api.Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def screenshot(page: sync_api.Page, name: str, tmp_path: Path) -> None:
+    folder = Path(os.environ.get("BENTOSERVICE_CONSOLE_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name), full_page=True)
+    assert (folder / name).stat().st_size > 10_000
+
+
+def answer(server: Server, model: str, prompt: str) -> str:
+    reply = server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                    temperature=0, max_tokens=8)
+    return reply.choices[0].message.content
+
+
+def chat(page: sync_api.Page, prompt: str, panes: int) -> list[str]:
+    """Sends one prompt from the playground; the requests are streamed; returns each pane's answer."""
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "8")
+    page.fill("#prompt", prompt)
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.click("#send")
+    assert request.value.post_data_json["stream"] is True
+    done = page.locator(".pane:not([hidden]) .message.assistant.done")
+    sync_api.expect(done).to_have_count(panes)
+    return [text for text in done.all_inner_texts()]
+
+
+def test_console(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
+    assert httpx.get(f"{server.url}/ui", follow_redirects=True).text.startswith("<!doctype html>")
+    page.goto(f"{server.url}/ui/")
+    rows = page.locator("#model-list tbody tr")
+    sync_api.expect(rows.first).to_contain_text("tiny")
+    sync_api.expect(rows.first).to_contain_text("base")
+
+    # A service error becomes a readable message.
+    page.fill("#load-id", "no-such-adapter")
+    page.click("#load-form button")
+    sync_api.expect(page.locator("#error")).to_contain_text("no-such-adapter")
+
+    # The playground's default pick is the served model (its default adapter, none yet); the answer streams in.
+    page.click("nav a[data-tab=playground]")
+    sync_api.expect(page.locator("#chat-model")).to_have_value("tiny")
+    assert chat(page, "Hello there", 1) == [answer(server, "tiny", "Hello there")]
+
+    # Uploads are checked at once: a broken line is named; a good file is reported with its format and rows.
+    page.click("nav a[data-tab=data]")
+    bad = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": ['
+    page.set_input_files("#data-file", files=[{"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": bad}])
+    page.click("#upload-form button")
+    sync_api.expect(page.locator("#data-report.error")).to_contain_text(re.compile(r"bad\.jsonl: .*line 2"))
+    good = "\n".join(json.dumps(r) for r in CHATS).encode()
+    page.set_input_files("#data-file", files=[{"name": "chats.jsonl", "mimeType": "application/jsonl", "buffer": good}])
+    page.click("#upload-form button")
+    sync_api.expect(page.locator("#data-report.ok")).to_contain_text("chats.jsonl is valid")
+    sync_api.expect(page.locator("#data-report.ok")).to_contain_text("8 rows")
+    sync_api.expect(page.locator("#file-list tbody tr")).to_have_count(1)
+
+    # A job from the form, watched live until it succeeds; the chart holds every logged training loss.
+    page.click("#data-report a")
+    sync_api.expect(page.locator("#job-train option")).to_have_count(1)
+    form = page.locator("#job-form")
+    form.locator("[name=max_steps]").fill("3")
+    form.locator("[name=learning_rate]").fill("0.001")
+    form.locator("[name=per_device_train_batch_size]").fill("2")
+    form.locator("[name=suffix]").fill("ui")
+    page.click("#job-launch")
+    page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+    job_id = page.url.rsplit("/", 1)[1]
+    sync_api.expect(page.locator("#job-cancel")).to_be_visible()
+    sync_api.expect(page.locator("#job-status")).to_have_text("succeeded", timeout=TIMEOUT_MS)
+    client = server.client()
+    events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
+    losses = sorted((e.data["step"], e.data["loss"]) for e in events if "loss" in e.data)
+    assert len(losses) == 3
+    points = page.evaluate("Chart.getChart('loss-chart').data.datasets[0].data.map(p => [p.x, p.y])")
+    assert [tuple(p) for p in points] == losses
+    sync_api.expect(page.locator("#job-cancel")).to_be_hidden()
+    sync_api.expect(page.locator("#job-pause")).to_be_hidden()
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job_id).data
+    sync_api.expect(page.locator("#job-checkpoints tbody tr")).to_have_count(len(checkpoints))
+    sync_api.expect(page.locator("#job-eval")).to_contain_text("train_loss")
+    fine_tuned = client.fine_tuning.jobs.retrieve(job_id).fine_tuned_model
+    sync_api.expect(page.locator("#job-facts")).to_contain_text(fine_tuned)
+    screenshot(page, "console-job.png", tmp_path)
+
+    page.click("nav a[data-tab=jobs]")
+    sync_api.expect(page.locator("#job-list tbody tr")).to_have_count(1)
+    page.select_option("#job-filter", "failed")
+    sync_api.expect(page.locator("#job-list tbody tr")).to_have_count(0)
+    page.select_option("#job-filter", "succeeded")
+    sync_api.expect(page.locator("#job-list tbody tr")).to_contain_text(job_id)
+
+    # The bare base and the new adapter, one prompt, side by side.
+    page.click("nav a[data-tab=playground]")
+    page.select_option("#chat-model", "tiny:base")
+    page.check("#compare")
+    page.select_option("#chat-model-b", fine_tuned)
+    prompt = CHATS[0]["messages"][0]["content"]
+    assert chat(page, prompt, 2) == [answer(server, "tiny:base", prompt), answer(server, fine_tuned, prompt)]
+    screenshot(page, "console-playground.png", tmp_path)
+
+    # The adapter made the default from the models page, and its card.
+    page.click("nav a[data-tab=models]")
+    row = page.locator("#model-list tbody tr", has_text=fine_tuned)
+    row.get_by_role("button", name="Set default").click()
+    sync_api.expect(row.locator("td").nth(1)).to_have_text("adapter (default)")
+    assert httpx.get(f"{server.url}/v1/adapters").json()["default"] == fine_tuned
+    row.get_by_role("button", name="Card").click()
+    sync_api.expect(page.locator("#model-card")).to_contain_text("target_modules")
+    page.click("#base-default")
+    sync_api.expect(row.locator("td").nth(1)).to_have_text("adapter")
+    assert httpx.get(f"{server.url}/v1/adapters").json()["default"] is None
+
+
+def test_console_with_api_key(tiny, browser: sync_api.Browser, page: sync_api.Page) -> None:
+    server = Server("tiny", "--api-key", "sk-console")
+    try:
+        # The page itself holds nothing and loads without the key; the API behind it does not.
+        assert httpx.get(f"{server.url}/ui/app.js").status_code == 200
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        page.goto(f"{server.url}/ui/")
+        sync_api.expect(page.locator("#key-dialog")).to_be_visible()
+        page.fill("#key-input", "sk-wrong")
+        page.click("#key-save")
+        sync_api.expect(page.locator("#key-dialog")).to_be_visible()  # refused: asked again
+        page.fill("#key-input", "sk-console")
+        page.click("#key-save")
+        sync_api.expect(page.locator("#model-list tbody tr").first).to_contain_text("tiny")
+        assert page.evaluate("sessionStorage.getItem('bentoservice.apiKey')") == "sk-console"
+        page.reload()  # asked once: the tab keeps it
+        page.click("nav a[data-tab=playground]")
+        sync_api.expect(page.locator("#chat-model")).to_have_value("tiny")
+        sync_api.expect(page.locator("#key-dialog")).to_be_hidden()
+        assert chat(page, "Hi", 1)[0]
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ export BENTOML_DO_NOT_TRACK := True
 PORT ?= 3000
 HOST ?= 0.0.0.0
 
-.PHONY: install serve test
+.PHONY: install serve test screenshots
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	$(VENV)/bin/bentoservice start --port $(PORT) --host $(HOST)
 
-# The tests run beside a throwaway PostgreSQL (installed from Debian's packages when missing).
+# The tests run beside a throwaway PostgreSQL and with Debian's Chromium (both installed from Debian's packages when
+# missing).
 test: install
-	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 .ci/with-postgres $(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 .ci/with-postgres .ci/with-chromium $(VENV)/bin/pytest -q
+
+# The README's screenshots of the web console, taken by its browser test with the default model.
+screenshots: install
+	HF_HUB_OFFLINE=1 BENTOSERVICE_CONSOLE_MODEL=smollm2 BENTOSERVICE_CONSOLE_SCREENSHOTS=docs/images \
+		.ci/with-chromium $(VENV)/bin/pytest -q tests/test_console.py -k 'test_console and not api_key'

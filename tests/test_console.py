@@ -1,7 +1,8 @@
 """The web console at /ui, driven in headless Chromium (Debian's, through playwright's Python API) against a real
 server: chat, upload checks, a fine-tune watched live, side-by-side compare, and the API key asked once.
 
-Set BENTOSERVICE_CONSOLE_SCREENSHOTS to a folder (`make screenshots` sets docs/images) to keep the screenshots."""
+Set BENTOSERVICE_CONSOLE_SCREENSHOTS to a folder to keep the screenshots and BENTOSERVICE_CONSOLE_MODEL to serve
+another model than the tiny random one (`make screenshots` serves smollm2, whose answers read as text)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 CHATS = [{"messages": [{"role": "user", "content": f"Say hello number {i}."},
                        {"role": "assistant", "content": f"Hello number {i}! Ahoy!"}]} for i in range(8)]
-TIMEOUT_MS = 180_000
+TIMEOUT_MS = 300_000
+MODEL = os.environ.get("BENTOSERVICE_CONSOLE_MODEL", "tiny")
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
 if not CHROMIUM.exists():
@@ -38,8 +40,8 @@ def browser() -> Iterator[sync_api.Browser]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server("tiny", env={"BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("console-data"))})
+def server(tiny, smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(MODEL, env={"BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("console-data"))})
     yield server
     server.stop()
 
@@ -65,14 +67,14 @@ def screenshot(page: sync_api.Page, name: str, tmp_path: Path) -> None:
 
 def answer(server: Server, model: str, prompt: str) -> str:
     reply = server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                    temperature=0, max_tokens=8)
+                                                    temperature=0, max_tokens=16)
     return reply.choices[0].message.content
 
 
 def chat(page: sync_api.Page, prompt: str, panes: int) -> list[str]:
     """Sends one prompt from the playground; the requests are streamed; returns each pane's answer."""
     page.fill("#temperature", "0")
-    page.fill("#max-tokens", "8")
+    page.fill("#max-tokens", "16")
     page.fill("#prompt", prompt)
     with page.expect_request("**/v1/chat/completions") as request:
         page.click("#send")
@@ -86,7 +88,7 @@ def test_console(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
     assert httpx.get(f"{server.url}/ui", follow_redirects=True).text.startswith("<!doctype html>")
     page.goto(f"{server.url}/ui/")
     rows = page.locator("#model-list tbody tr")
-    sync_api.expect(rows.first).to_contain_text("tiny")
+    sync_api.expect(rows.first).to_contain_text(MODEL)
     sync_api.expect(rows.first).to_contain_text("base")
 
     # A service error becomes a readable message.
@@ -96,8 +98,8 @@ def test_console(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
 
     # The playground's default pick is the served model (its default adapter, none yet); the answer streams in.
     page.click("nav a[data-tab=playground]")
-    sync_api.expect(page.locator("#chat-model")).to_have_value("tiny")
-    assert chat(page, "Hello there", 1) == [answer(server, "tiny", "Hello there")]
+    sync_api.expect(page.locator("#chat-model")).to_have_value(MODEL)
+    assert chat(page, "Hello there", 1) == [answer(server, MODEL, "Hello there")]
 
     # Uploads are checked at once: a broken line is named; a good file is reported with its format and rows.
     page.click("nav a[data-tab=data]")
@@ -149,11 +151,11 @@ def test_console(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
 
     # The bare base and the new adapter, one prompt, side by side.
     page.click("nav a[data-tab=playground]")
-    page.select_option("#chat-model", "tiny:base")
+    page.select_option("#chat-model", f"{MODEL}:base")
     page.check("#compare")
     page.select_option("#chat-model-b", fine_tuned)
-    prompt = CHATS[0]["messages"][0]["content"]
-    assert chat(page, prompt, 2) == [answer(server, "tiny:base", prompt), answer(server, fine_tuned, prompt)]
+    prompt = "What is the capital of France?"
+    assert chat(page, prompt, 2) == [answer(server, f"{MODEL}:base", prompt), answer(server, fine_tuned, prompt)]
     screenshot(page, "console-playground.png", tmp_path)
 
     # The adapter made the default from the models page, and its card.

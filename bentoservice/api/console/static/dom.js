@@ -6,8 +6,10 @@ export function el(tag, props = {}, ...children) {
   return node;
 }
 
+// Table rows from arrays of cells: a <td> as it is, anything else (text or a node) wrapped in one.
 export function fill(tbody, rows) {
-  tbody.replaceChildren(...rows.map((cells) => el("tr", {}, ...cells.map((c) => (c instanceof Node && c.tagName === "TD" ? c : el("td", {}, c ?? ""))))));
+  const cell = (c) => (c instanceof Node && c.tagName === "TD" ? c : el("td", {}, c ?? ""));
+  tbody.replaceChildren(...rows.map((cells) => el("tr", {}, ...cells.map(cell))));
 }
 
 // A definition list from an object: nested values as JSON.

@@ -36,8 +36,10 @@ async function launch(event) {
 
 async function fillForm() {
   const [served, files] = await Promise.all([servedModels(), data.files()]);
-  const bases = [served.base, ...served.cards.filter((c) => c.id !== served.base && !c.parent &&
-                                                          !served.adapters.some((a) => a.name === c.id)).map((c) => c.id)];
+  // The served base and the embedding/rerank models (no parent); adapters are not bases.
+  const others = served.cards.filter((c) => c.id !== served.base && !c.parent &&
+                                            !served.adapters.some((a) => a.name === c.id));
+  const bases = [served.base, ...others.map((c) => c.id)];
   const model = document.getElementById("job-model");
   model.replaceChildren(...bases.map((b) => option(b)));
   const names = files.map((f) => option(f.id, `${f.filename} (${f.format}, ${f.rows} rows) ${f.id}`));

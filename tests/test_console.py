@@ -169,6 +169,7 @@ def test_console(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
     page.click("#base-default")
     sync_api.expect(row.locator("td").nth(1)).to_have_text("adapter")
     assert httpx.get(f"{server.url}/v1/adapters").json()["default"] is None
+    assert f"console       http://localhost:{server.port}/ui/" in server.output()  # `bentoservice start` says where
 
 
 def test_console_with_api_key(tiny, browser: sync_api.Browser, page: sync_api.Page) -> None:

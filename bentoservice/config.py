@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_running: int = 16
     max_queued: int = 256
     default_max_tokens: int = 1024
+    max_choices: int = 8
+    """The most completions one request may ask for (OpenAI's `n`); at most `max_running`."""
     prefill_token_budget: int | None = None
     """Prompt tokens one prefill pass takes before running sequences decode again; unset: 4096 on a GPU, 256 on
     a CPU, where a pass of many prompts takes seconds and early arrivals would wait for all of them."""

@@ -104,6 +104,13 @@ class Forward:
     def move_rows(self, sources: list[int], targets: list[int]) -> None:
         self.cache.move_rows(self._to_device(sources), self._to_device(targets))
 
+    def fork(self, source: int, targets: list[int], length: int) -> None:
+        """Copy the first `length` keys and values of row `source` into rows `targets`."""
+        self._reserve(max(targets) + 1, length + 1)
+        keys, values = self.cache.copy_out(source, length)
+        for row in targets:
+            self.cache.copy_in(row, keys, values, length)
+
     def idle(self) -> None:
         """Nothing is running: give the cache's memory back (kept on a GPU, where graphs point at it)."""
         if not self.cuda_graphs:

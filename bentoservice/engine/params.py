@@ -12,11 +12,42 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """Return the chosen token's log-probability and this many of the most likely alternatives."""
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether a row's logits change before it samples (rows that do not stay on the fast path)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether this row needs its logits read on the host every step (no chained greedy passes)."""
+        return self.adjusts or self.logprobs is not None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    def then(self, following: Delta) -> Delta:
+        return Delta(self.text + following.text, self.logprobs + following.logprobs)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,26 @@
-"""Per-request sampling: greedy at temperature 0, else temperature + top-p with the request's own RNG."""
+"""Per-request sampling: greedy at temperature 0, else temperature + top-p with the request's own RNG.
+
+Rows that ask for penalties, a logit bias, a minimum length or log-probabilities get their own logits
+adjusted on the device where the pass left them; the other rows keep the batched argmax.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
 import torch
 
-from bentoservice.engine.params import SamplingParams
+from bentoservice.engine.params import SamplingParams, TokenLogprob
+
+
+class Row(Protocol):
+    """What sampling reads of a running sequence."""
+
+    prompt: list[int]
+    generated: list[int]
+    params: SamplingParams
+    generator: torch.Generator
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -29,12 +45,55 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def next_tokens(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Generator]],
-                greedy: list[int] | None = None) -> list[int]:
+def adjust(logits: torch.Tensor, row: Row, end_ids: Collection[int]) -> torch.Tensor:
+    """A row's logits after its penalties (OpenAI's presence/frequency over the generated tokens, the
+    HF/vLLM repetition penalty over prompt and generated), its logit bias, and its end tokens banned
+    until `min_tokens` are out."""
+    params = row.params
+    logits = logits.clone()
+    device = logits.device
+    if row.generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(row.generated, device=device), minlength=logits.shape[0])
+        counts = counts[: logits.shape[0]].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), device=device)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                   values * params.repetition_penalty)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[torch.tensor(ids, device=device)] += torch.tensor(biases, dtype=logits.dtype, device=device)
+    if len(row.generated) < params.min_tokens:
+        logits[torch.tensor(sorted(set(end_ids) | set(params.stop_token_ids)), device=device)] = float("-inf")
+    return logits
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logprobs.topk(top)
+        alternatives = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
+
+
+def next_tokens(logits: torch.Tensor, rows: Sequence[Row], end_ids: Collection[int],
+                greedy: list[int] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of `logits`: the argmax where temperature is 0 (one batched op, or `greedy`
-    when already computed), else a sample from the row's own RNG."""
+    when already computed), else a sample from the row's own RNG; and the log-probabilities of the
+    rows that asked for them (of the adjusted logits, before temperature and top-p)."""
     ids = logits.argmax(-1).tolist() if greedy is None else list(greedy)
-    for i, (params, generator) in enumerate(rows):
+    logprobs: list[TokenLogprob | None] = [None] * len(ids)
+    for i, row in enumerate(rows):
+        params = row.params
+        if not (params.per_row or params.temperature > 0):
+            continue
+        own = adjust(logits[i], row, end_ids) if params.adjusts else logits[i]
         if params.temperature > 0:
-            ids[i] = sample(logits[i].float().cpu(), params, generator)
-    return ids
+            ids[i] = sample(own.float().cpu(), params, row.generator)
+        elif params.adjusts:
+            ids[i] = int(own.argmax())
+        if params.logprobs is not None:
+            logprobs[i] = token_logprob(own, ids[i], params.logprobs)
+    return ids, logprobs

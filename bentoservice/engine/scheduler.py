@@ -27,7 +27,7 @@ import torch
 from bentoservice.engine.adapters import AdapterManager
 from bentoservice.engine.errors import Overloaded, UnknownAdapter
 from bentoservice.engine.forward import Chained, Forward, Step
-from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams
+from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams, TokenLogprob
 from bentoservice.engine.sampling import make_generator, next_tokens
 from bentoservice.engine.text import TextTracker
 
@@ -59,7 +59,7 @@ class Stream:
                     yield event
                     event = following
                     break
-                event = Delta(event.text + following.text)
+                event = event.then(following)
             yield event
             if not isinstance(event, Delta):
                 return
@@ -120,7 +120,7 @@ class Engine:
             sys.setswitchinterval(0.001)
         self.max_length = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting: collections.deque[list[Sequence]] = collections.deque()  # groups: n choices of a prompt
         self._running: list[Sequence] = []
         self._admitted = 0  # taken from the queue, in the prefill pass under way
         self._inflight: Launched | None = None
@@ -140,18 +140,26 @@ class Engine:
     # -- thread-safe API ----------------------------------------------------------------------
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None) -> Stream:
+        return self.submit_choices(prompt, [params], adapter)[0]
+
+    def submit_choices(self, prompt: list[int], choices: list[SamplingParams], adapter: str | None) -> list[Stream]:
+        """Several completions of one prompt (OpenAI's `n`): one prefill, its keys and values copied to
+        the other rows. They are admitted together, so `len(choices)` must not exceed `max_running`."""
         if adapter is not None and adapter not in self.adapters.loaded:
             raise UnknownAdapter(adapter)
-        stream = Stream(asyncio.get_running_loop())
-        seq = Sequence(prompt, params, adapter, stream, TextTracker(self._decode, params.stop),
-                       make_generator(params.seed))
+        loop = asyncio.get_running_loop()
+        group = [Sequence(prompt, params, adapter, Stream(loop), TextTracker(self._decode, params.stop),
+                          make_generator(params.seed)) for params in choices]
         with self._cv:
-            if len(self._waiting) + len(self._running) + self._admitted >= self.max_running + self.max_queued:
+            if self._count() + len(group) > self.max_running + self.max_queued:
                 raise Overloaded(f"the server is busy: {self.max_running} running and "
                                  f"{self.max_queued} queued requests at most")
-            self._waiting.append(seq)
+            self._waiting.append(group)
             self._cv.notify()
-        return stream
+        return [seq.stream for seq in group]
+
+    def _count(self) -> int:
+        return sum(map(len, self._waiting)) + len(self._running) + self._admitted
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run fn on the engine thread between two steps (for changes to the model)."""
@@ -170,7 +178,7 @@ class Engine:
     @property
     def load(self) -> dict[str, int]:
         with self._cv:
-            return {"running": len(self._running) + self._admitted, "waiting": len(self._waiting)}
+            return {"running": len(self._running) + self._admitted, "waiting": sum(map(len, self._waiting))}
 
     # -- engine thread ------------------------------------------------------------------------
 
@@ -216,8 +224,8 @@ class Engine:
         if self._commands or (self._waiting and len(self._running) < self.max_running):
             return False
         running = self._running
-        if any(s.stream.cancelled or s.params.temperature > 0 or s.next_position + 1 >= self.max_length
-               for s in running):
+        if any(s.stream.cancelled or s.params.temperature > 0 or s.params.per_row
+               or s.next_position + 1 >= self.max_length for s in running):
             return False
         return any(len(s.generated) + s.pending < s.params.max_tokens for s in running)
 
@@ -256,38 +264,57 @@ class Engine:
                 seq.done = True
         self._retire()
 
-    def _admit(self) -> list[Sequence]:
-        new: list[Sequence] = []
+    def _admit(self) -> list[list[Sequence]]:
+        """Groups taken from the queue: each one prompt, admitted whole."""
+        new: list[list[Sequence]] = []
         budget = self.prefill_token_budget
         with self._cv:
-            while self._waiting and len(self._running) + len(new) < self.max_running:
-                seq = self._waiting[0]
-                if seq.stream.cancelled:
+            admitted = 0
+            while self._waiting:
+                group = [s for s in self._waiting[0] if not s.stream.cancelled]
+                if not group:
                     self._waiting.popleft()
                     continue
-                if new and len(seq.prompt) > budget:
+                prompt = group[0].prompt
+                if len(self._running) + admitted + len(group) > self.max_running or (new and len(prompt) > budget):
                     break
                 self._waiting.popleft()
-                budget -= len(seq.prompt)
+                budget -= len(prompt)
                 try:
-                    seq.slot = self.adapters.slot(seq.adapter)
+                    slot = self.adapters.slot(group[0].adapter)
                 except UnknownAdapter:
-                    self._emit(seq, Failed(f"the adapter {seq.adapter!r} was unloaded"))
+                    for seq in group:
+                        self._emit(seq, Failed(f"the adapter {seq.adapter!r} was unloaded"))
                     continue
-                new.append(seq)
-            self._admitted = len(new)
+                for seq in group:
+                    seq.slot = slot
+                new.append(group)
+                admitted += len(group)
+            self._admitted = admitted
         return new
 
-    def _prefill(self, new: list[Sequence]) -> None:
+    def _prefill(self, groups: list[list[Sequence]]) -> None:
+        """One pass over each group's prompt; the group's other rows get copies of its keys and values."""
+        row0 = len(self._running)
+        leaders = [group[0] for group in groups]
+        followers = [(i, seq) for i, group in enumerate(groups) for seq in group[1:]]
+        new = leaders + [seq for _, seq in followers]
         try:
-            logits = self.forward.prefill([s.prompt for s in new], [s.slot for s in new], len(self._running))
+            logits = self.forward.prefill([s.prompt for s in leaders], [s.slot for s in leaders], row0)
+            if followers:
+                row = row0 + len(leaders)
+                for i, group in enumerate(groups):
+                    self.forward.fork(row0 + i, list(range(row, row + len(group) - 1)), len(group[0].prompt))
+                    row += len(group) - 1
+                source = list(range(len(leaders))) + [i for i, _ in followers]
+                logits = logits.index_select(0, torch.tensor(source, device=logits.device))
         finally:
             with self._cv:
                 self._running.extend(new)
                 self._admitted = 0
-        tokens = next_tokens(logits, [(s.params, s.generator) for s in new])
-        for seq, token in zip(new, tokens):
-            self._accept(seq, token)
+        tokens, logprobs = next_tokens(logits, new, self.eos_ids)
+        for seq, token, logprob in zip(new, tokens, logprobs):
+            self._accept(seq, token, logprob)
         self._retire()
 
     def _launch(self, previous: Launched | None) -> Launched:
@@ -307,20 +334,23 @@ class Engine:
         """Wait for a pass, then handle its tokens (a sequence that finished since it was queued ignores its own)."""
         seqs = launched.seqs
         step = launched.step
-        tokens = next_tokens(step.logits, [(s.params, s.generator) for s in seqs], step.greedy_tokens())
-        for seq, token in zip(seqs, tokens):
+        tokens, logprobs = next_tokens(step.logits, seqs, self.eos_ids, step.greedy_tokens())
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.pending -= 1
             if not seq.done:
-                self._accept(seq, token)
+                self._accept(seq, token, logprob)
         self._retire()
 
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.generated.append(token)
-        if token in self.eos_ids:
+        params = seq.params
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            if logprob is not None:
+                self._emit(seq, Delta("", (logprob,)))
             return self._finish(seq, "stop")
         delta = seq.text.add(token)
-        if delta:
-            self._emit(seq, Delta(delta))
+        if delta or logprob is not None:
+            self._emit(seq, Delta(delta, () if logprob is None else (logprob,)))
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.params.max_tokens or seq.position + 1 >= self.max_length:

@@ -62,6 +62,8 @@ class ServedModel:
         self.template_choice = settings.chat_template or card_template
         resolve_template(self.template_choice, self.tokenizer.chat_template)  # fail at start, not per request
         self.default_max_tokens = settings.default_max_tokens
+        self.max_choices = min(settings.max_choices, settings.max_running)
+        self.vocab_size = int(model.config.vocab_size)
         self.engine = Engine(model, self.tokenizer, max_running=settings.max_running,
                              max_queued=settings.max_queued, prefill_token_budget=settings.prefill_token_budget,
                              max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
@@ -128,6 +130,16 @@ class ServedModel:
 
     def generate(self, prompt: list[int], params: SamplingParams, choice: Choice) -> Stream:
         return self.engine.submit(prompt, params, choice.adapter)
+
+    def generate_choices(self, prompt: list[int], params: list[SamplingParams], choice: Choice) -> list[Stream]:
+        """One stream per entry of `params`: completions of the same prompt, which share its prefill."""
+        return self.engine.submit_choices(prompt, params, choice.adapter)
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- adapters -----------------------------------------------------------------------------
 

@@ -1,35 +1,77 @@
-"""Request bodies of the OpenAI-compatible routes (responses follow OpenAI's shapes as plain dicts)."""
+"""Request bodies of the OpenAI-compatible routes (responses follow OpenAI's shapes as plain dicts).
+
+No field is silently ignored. A body field is one of: implemented; harmless metadata that changes nothing
+here (`METADATA`, kept as declared fields so a typo is still refused); an OpenAI feature this server does
+not have, refused with a 400 whose `param` names it unless its value asks for nothing (`REFUSED`); or a
+vLLM extra that is implemented (`repetition_penalty`, `min_tokens`, `stop_token_ids`, `ignore_eos`).
+Anything else is a 400 naming the field (`extra="forbid"`).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+METADATA = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+            "prompt_cache_retention")
+"""Accepted and not acted on: they label a request for OpenAI's own storage, billing and caching."""
+
+HARMLESS: dict[str, tuple[Any, ...]] = {
+    "modalities": (["text"],), "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none",), "suffix": ("",), "best_of": (1,),
+}
+"""Values of refused fields that ask for nothing beyond what the server does."""
 
 
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _refuse(value: Any, info: ValidationInfo) -> Any:
+    if value is not None and value not in HARMLESS.get(info.field_name, ()):
+        raise ValueError(f"`{info.field_name}` is not supported by this server")
+    return value
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    # An assistant message sent back as the SDK dumped it carries these, empty.
+    refusal: str | None = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
+
+    _no_tool_calls = field_validator("tool_calls", "function_call", "audio")(_refuse)
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Message:
+        if self.content is None:
+            raise ValueError("a message needs `content`")
+        return self
 
     def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+    """OpenAI pads chunks against side channels; these are plain chunks (harmless either way)."""
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Strict):
     """Fields common to chat and text completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
@@ -37,16 +79,18 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
+    user: str | None = None
+    # vLLM's extras.
+    repetition_penalty: float = Field(1.0, gt=0, le=2)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -55,6 +99,13 @@ class SamplingFields(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        if bias and any(not -100 <= b <= 100 for b in bias.values()):
+            raise ValueError("logit_bias values lie in -100..100")
+        return bias
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -68,16 +119,60 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: bool | None = None
+    """Only means something with `tools` (refused), as in OpenAI's API."""
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    audio: Any = None
+    modalities: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
+
+    _refused = field_validator("audio", "modalities", "response_format", "tools", "tool_choice", "functions",
+                               "function_call", "prediction", "reasoning_effort", "verbosity",
+                               "web_search_options", "moderation", "prompt_cache_options")(_refuse)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     @property
     def completion_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def top_alternatives(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = None
+    suffix: str | None = None
+
+    _refused = field_validator("best_of", "suffix")(_refuse)
 
     @field_validator("prompt")
     @classmethod
@@ -86,12 +181,16 @@ class CompletionRequest(SamplingFields):
             raise ValueError("give one prompt: a string, a list of one string, or a list of token ids")
         return prompt
 
-    @field_validator("echo")
+    @field_validator("logprobs")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    def _not_with_echo(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
+        if logprobs is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo (the prompt's log-probabilities) is not supported")
+        return logprobs
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
 
 
 class TemplateRegistration(BaseModel):

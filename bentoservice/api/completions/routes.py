@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -15,12 +17,11 @@ from fastapi.responses import StreamingResponse
 from bentoservice.api.completions.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    SamplingFields,
     TemplateQuery,
     TemplateRegistration,
 )
 from bentoservice.api.errors import APIError, unknown_model
-from bentoservice.engine.params import Delta, Failed, Finished, SamplingParams
+from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams, TokenLogprob
 from bentoservice.engine.templates import chat_templates, register_chat_template
 
 if TYPE_CHECKING:
@@ -73,29 +74,89 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     raise unknown_model(model_id)
 
 
-def _params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+def _params(body: ChatCompletionRequest | CompletionRequest, served: ServedModel, max_tokens: int) -> SamplingParams:
+    for param, ids in (("logit_bias", body.logit_bias or {}), ("stop_token_ids", body.stop_token_ids or ())):
+        if any(not 0 <= i < served.vocab_size for i in ids):
+            raise APIError(400, f"{param} names a token id outside the vocabulary (0..{served.vocab_size - 1})",
+                           param, "invalid_value")
+    if body.n > served.max_choices:
+        raise APIError(400, f"n is at most {served.max_choices} here", "n", "invalid_value")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=body.stops)
+                          seed=body.seed, stop=body.stops, presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                          logit_bias=tuple(sorted((body.logit_bias or {}).items())), min_tokens=body.min_tokens,
+                          stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                          logprobs=body.top_alternatives)
 
 
-def _usage(done: Finished) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n completions; with a seed, choice i samples from seed + i (distinct, and repeatable)."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    return [replace(params, seed=params.seed + i) for i in range(n)]
 
 
-async def _collect(stream: Stream) -> tuple[str, Finished]:
+def _usage(done: list[Finished]) -> dict[str, int]:
+    completion = sum(d.completion_tokens for d in done)
+    return {"prompt_tokens": done[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": done[0].prompt_tokens + completion}
+
+
+async def _collect(stream: Stream) -> tuple[str, list[TokenLogprob], Finished]:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     try:
         async for event in stream:
             if isinstance(event, Delta):
                 parts.append(event.text)
+                logprobs.extend(event.logprobs)
             elif isinstance(event, Failed):
                 raise APIError(500, event.message, None, "generation_failed")
             else:
-                return "".join(parts), event
+                return "".join(parts), logprobs, event
     finally:
         stream.cancel()
     raise APIError(500, "generation ended without a result")
+
+
+async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several streams as they come, each with its stream's index."""
+    if len(streams) == 1:  # the common case, without a task per stream
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Stream) -> None:
+        async for event in stream:
+            await queue.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, event = await queue.get()
+            open_streams -= not isinstance(event, Delta)
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def chat_logprobs(served: ServedModel, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = served.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def text_logprobs(served: ServedModel, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    tokens = [served.token_text(e.token) for e in entries]
+    offsets = [offset + n for n in accumulate((len(t) for t in tokens[:-1]), initial=0)] if tokens else []
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "text_offset": offsets,
+            "top_logprobs": [{served.token_text(t): lp for t, lp in e.top} for e in entries]}
 
 
 @dataclass(frozen=True)
@@ -108,63 +169,96 @@ class Shape:
     text_part: Callable[[str | None], dict[str, Any]]
     """The choice's text: in full, or (None) the empty delta of the last chunk."""
     full_part: Callable[[str], dict[str, Any]]
+    logprobs: Callable[[ServedModel, list[TokenLogprob], int], dict[str, Any]]
     first_delta: dict[str, Any] | None = None
 
 
 CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk",
              lambda text: {"delta": {} if text is None else {"content": text}},
              lambda text: {"message": {"role": "assistant", "content": text, "refusal": None}},
+             lambda served, entries, _: chat_logprobs(served, entries),
              {"delta": {"role": "assistant", "content": ""}})
 TEXT = Shape("cmpl", "text_completion", "text_completion", lambda text: {"text": text or ""},
-             lambda text: {"text": text})
+             lambda text: {"text": text}, text_logprobs)
 
 
 def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-def _events(stream: Stream, meta: dict[str, Any], shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+@dataclass(frozen=True)
+class Reply:
+    """What one request's response is made of, beside the engine's streams."""
+
+    served: ServedModel
+    shape: Shape
+    meta: dict[str, Any]
+    logprobs: bool
+    echo: str = ""
+    """Text that opens every choice (completions' `echo`: the prompt)."""
+
+
+def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIterator[str]:
     """The reply as server-sent events, framed here (`data: ...` and a blank line, as OpenAI and vLLM send
     them): a plain streaming response costs the event loop about a tenth less per token than an SSE
     library's, which wraps every send in a timeout scope."""
-    def chunk(part: dict[str, Any], finish: str | None) -> str:
-        return sse(json.dumps({**meta, "object": shape.chunk_object,
-                               "choices": [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]}))
+    shape, meta = reply.shape, reply.meta
+    offsets = [len(reply.echo)] * len(streams)
+
+    def chunk(index: int, part: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
+        return sse(json.dumps({**meta, "object": shape.chunk_object, "choices": [
+            {"index": index, **part, "logprobs": logprobs, "finish_reason": finish}]}))
 
     async def events() -> AsyncIterator[str]:
+        done: list[Finished] = []
         try:
-            if shape.first_delta is not None:
-                yield chunk(shape.first_delta, None)
-            async for event in stream:
+            for index in range(len(streams)):
+                if shape.first_delta is not None:
+                    yield chunk(index, shape.first_delta, None)
+                if reply.echo:
+                    yield chunk(index, shape.text_part(reply.echo), None)
+            async for index, event in _merged(streams):
                 if isinstance(event, Delta):
-                    yield chunk(shape.text_part(event.text), None)
+                    logprobs = None
+                    if reply.logprobs:
+                        logprobs = shape.logprobs(reply.served, list(event.logprobs), offsets[index])
+                        offsets[index] += sum(len(t) for t in logprobs.get("tokens", ()))
+                    yield chunk(index, shape.text_part(event.text), None, logprobs)
                 elif isinstance(event, Failed):
                     yield sse(json.dumps({"error": {"message": event.message, "type": "server_error",
                                                     "param": None, "code": "generation_failed"}}))
                     break
                 else:
-                    yield chunk(shape.text_part(None), event.reason)
-                    if include_usage:
-                        yield sse(json.dumps({**meta, "object": shape.chunk_object, "choices": [],
-                                              "usage": _usage(event)}))
+                    done.append(event)
+                    yield chunk(index, shape.text_part(None), event.reason)
+            if include_usage and len(done) == len(streams):
+                yield sse(json.dumps({**meta, "object": shape.chunk_object, "choices": [], "usage": _usage(done)}))
             yield sse("[DONE]")
         finally:
-            stream.cancel()  # a client that went away frees its slot at the next step
+            for stream in streams:
+                stream.cancel()  # a client that went away frees its slot at the next step
 
     return events()
 
 
-async def _respond(served: ServedModel, body: SamplingFields, prompt: list[int], budget: int | None,
-                   shape: Shape) -> Any:
-    params = _params(body, served.max_tokens(len(prompt), budget))
-    stream = served.generate(prompt, params, served.choose(body.model))
+async def _respond(served: ServedModel, body: ChatCompletionRequest | CompletionRequest, prompt: list[int],
+                   budget: int | None, shape: Shape, echo: str = "") -> Any:
+    params = _params(body, served, served.max_tokens(len(prompt), budget))
+    streams = served.generate_choices(prompt, _choices(params, body.n), served.choose(body.model))
     meta = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
             "system_fingerprint": None}
+    reply = Reply(served, shape, meta, params.logprobs is not None, echo)
     if body.stream:
-        return StreamingResponse(_events(stream, meta, shape, body.include_usage), media_type="text/event-stream")
-    text, done = await _collect(stream)
-    return {**meta, "object": shape.object, "usage": _usage(done), "choices": [
-        {"index": 0, **shape.full_part(text), "logprobs": None, "finish_reason": done.reason}]}
+        return StreamingResponse(_events(streams, reply, body.include_usage), media_type="text/event-stream")
+    try:
+        results = await asyncio.gather(*map(_collect, streams))
+    finally:
+        for stream in streams:
+            stream.cancel()
+    choices = [{"index": i, **shape.full_part(echo + text),
+                "logprobs": shape.logprobs(served, logprobs, len(echo)) if reply.logprobs else None,
+                "finish_reason": done.reason} for i, (text, logprobs, done) in enumerate(results)]
+    return {**meta, "object": shape.object, "usage": _usage([done for _, _, done in results]), "choices": choices}
 
 
 @router.post("/chat/completions")
@@ -185,7 +279,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         prompt = served.encode_text(body.prompt[0])
     else:
         prompt = list(body.prompt)
-    return await _respond(served, body, prompt, body.max_tokens, TEXT)
+    echo = ""
+    if body.echo:
+        echo = served.decode(prompt) if isinstance(body.prompt[0], int) else str(body.prompt) if isinstance(
+            body.prompt, str) else body.prompt[0]
+    return await _respond(served, body, prompt, body.max_tokens, TEXT, echo)
 
 
 @router.get("/chat_templates")

@@ -79,7 +79,8 @@ def test_unknown_model_is_404(smollm2_server: Server) -> None:
     ({"model": "smollm2"}, "messages"),
     ({"model": "smollm2", "messages": []}, "messages"),
     ({"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"model": "smollm2", "messages": PARIS, "n": 2}, "n"),
+    ({"model": "smollm2", "messages": PARIS, "n": 9}, "n"),  # over BENTOSERVICE_MAX_CHOICES (8)
+    ({"model": "smollm2", "messages": PARIS, "n": 0}, "n"),
     ({"model": "smollm2", "messages": PARIS, "temperature": 7}, "temperature"),
     ({"model": "smollm2", "messages": PARIS, "max_tokens": 0}, "max_tokens"),
     ({"model": "smollm2", "messages": PARIS, "stop": ["a", "b", "c", "d", "e"]}, "stop"),

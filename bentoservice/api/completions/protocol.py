@@ -9,9 +9,11 @@ Anything else is a 400 naming the field (`extra="forbid"`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 METADATA = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
             "prompt_cache_retention")
@@ -34,6 +36,31 @@ def _refuse(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+Refused = Annotated[Any, AfterValidator(_refuse)]
+"""An OpenAI field this server does not implement: a 400 naming it unless its value asks for nothing."""
+
+CHAT_REFUSED = ("audio", "modalities", "response_format", "tools", "tool_choice", "functions", "function_call",
+                "prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation",
+                "prompt_cache_options")
+TEXT_REFUSED = ("best_of", "suffix")
+
+
+def _refusing(name: str, base: type[BaseModel], refused: tuple[str, ...]) -> Any:
+    """`base` with a `Refused` field for each of `refused`."""
+    fields: dict[str, Any] = {field: (Refused, None) for field in refused}
+    return create_model(name, __base__=base, __module__=__name__, **fields)
+
+
+def _given_only_if(other: str, wanted: bool, message: str) -> Callable[[Any, ValidationInfo], Any]:
+    """A check that a field is set only when the field `other` (declared before it) is `wanted`."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is not None and bool(info.data.get(other)) != wanted:
+            raise ValueError(message)
+        return value
+
+    return check
+
+
 class TextPart(Strict):
     type: Literal["text"]
     text: str
@@ -45,12 +72,10 @@ class Message(Strict):
     name: str | None = None
     # An assistant message sent back as the SDK dumped it carries these, empty.
     refusal: str | None = None
-    tool_calls: Any = None
-    function_call: Any = None
-    audio: Any = None
-    annotations: Any = None
-
-    _no_tool_calls = field_validator("tool_calls", "function_call", "audio")(_refuse)
+    tool_calls: Refused = None
+    function_call: Refused = None
+    audio: Refused = None
+    annotations: list[Any] | None = None
 
     @model_validator(mode="after")
     def _has_content(self) -> Message:
@@ -116,7 +141,7 @@ class SamplingFields(Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(SamplingFields):
+class _Chat(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -129,30 +154,8 @@ class ChatCompletionRequest(SamplingFields):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
-    audio: Any = None
-    modalities: Any = None
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    web_search_options: Any = None
-    moderation: Any = None
-    prompt_cache_options: Any = None
 
-    _refused = field_validator("audio", "modalities", "response_format", "tools", "tool_choice", "functions",
-                               "function_call", "prediction", "reasoning_effort", "verbosity",
-                               "web_search_options", "moderation", "prompt_cache_options")(_refuse)
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
-        if top is not None and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs needs logprobs: true")
-        return top
+    _needs_logprobs = field_validator("top_logprobs")(_given_only_if("logprobs", True, "top_logprobs needs logprobs: true"))
 
     @property
     def completion_budget(self) -> int | None:
@@ -164,15 +167,11 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(SamplingFields):
+class _Text(SamplingFields):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    best_of: int | None = None
-    suffix: str | None = None
-
-    _refused = field_validator("best_of", "suffix")(_refuse)
 
     @field_validator("prompt")
     @classmethod
@@ -181,16 +180,16 @@ class CompletionRequest(SamplingFields):
             raise ValueError("give one prompt: a string, a list of one string, or a list of token ids")
         return prompt
 
-    @field_validator("logprobs")
-    @classmethod
-    def _not_with_echo(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
-        if logprobs is not None and info.data.get("echo"):
-            raise ValueError("logprobs with echo (the prompt's log-probabilities) is not supported")
-        return logprobs
+    _not_with_echo = field_validator("logprobs")(_given_only_if(
+        "echo", False, "logprobs with echo (the prompt's log-probabilities) is not supported"))
 
     @property
     def top_alternatives(self) -> int | None:
         return self.logprobs
+
+
+ChatCompletionRequest = _refusing("ChatCompletionRequest", _Chat, CHAT_REFUSED)
+CompletionRequest = _refusing("CompletionRequest", _Text, TEXT_REFUSED)
 
 
 class TemplateRegistration(BaseModel):

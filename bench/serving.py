@@ -7,7 +7,7 @@ Targets, each started here on a free port and stopped after its run:
   transformers-cb  `transformers serve MODEL_DIR --continuous-batching` (no adapters: base model)
   transformers     `transformers serve MODEL_DIR`
 
-Each client sends ROUNDS requests one after another (prompts from bench/prompts.jsonl, temperature 0,
+Each client sends ROUNDS requests one after another, more until --min-seconds (default 30) have passed (prompts from bench/prompts.jsonl, temperature 0,
 max_tokens fixed) and records when each streamed chunk arrived. Reported per target: output tokens/s
 over the whole run, time to first token (TTFT) and inter-token latency (ITL, the gaps between
 content chunks) p50/p99, requests that stopped before max_tokens, and the server's peak memory
@@ -256,13 +256,16 @@ async def one_request(session, url: str, body: dict) -> Result:
 
 
 async def run_load(server: Server, prompts: list[dict], models: list[str], streams: int, rounds: int,
-                   max_tokens: int, usage: bool) -> tuple[list[Result], float]:
+                   max_tokens: int, usage: bool, min_seconds: float = 0) -> tuple[list[Result], float]:
+    """Each client sends `rounds` requests one after another, and more while fewer than `min_seconds` have passed."""
     import aiohttp
 
     async def client(i: int, session) -> list[Result]:
-        results = []
-        for r in range(rounds):
+        results: list[Result] = []
+        r = 0
+        while r < rounds or time.perf_counter() - start < min_seconds:
             n = i + r * streams
+            r += 1
             body = {"model": models[n % len(models)], "messages": prompts[n % len(prompts)]["messages"],
                     "max_tokens": max_tokens, "temperature": 0, "stream": True}
             if usage:
@@ -316,7 +319,9 @@ def main() -> None:
                         help="make --model-dir as a random-weight model of this shape first")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for --random-model")
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another (at least)")
+    parser.add_argument("--min-seconds", type=float, default=30,
+                        help="clients keep sending until this long has passed, so that one run is a stable figure")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup-tokens", type=int, default=8,
                         help="max_tokens of an untimed round of every stream first (0: none)")
@@ -365,7 +370,7 @@ def main() -> None:
             memory = MemoryPeak(server.proc.pid)
             memory.start()
             results, wall = asyncio.run(run_load(server, prompts, models, args.streams, args.rounds, args.max_tokens,
-                                                 usage))
+                                                 usage, args.min_seconds))
             memory.stop()
         finally:
             server.stop()
@@ -374,6 +379,7 @@ def main() -> None:
         print(f"{target}: {json.dumps(rows[target])}", flush=True)
 
     setup = {"model": args.model, "model_dir": str(model_dir), "streams": args.streams, "rounds": args.rounds,
+             "min_seconds": args.min_seconds,
              "warmup_tokens": args.warmup_tokens,
              "max_tokens": args.max_tokens, "adapters": args.adapters, "lora_rank": args.lora_rank,
              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}

@@ -182,6 +182,9 @@ def test_bad_job_bodies(server: Server) -> None:
     assert typo.value.body["param"] == "epochz"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.create(model="tiny", training_file=chats, extra_body={"General": {"lora_config": None}})
+    with pytest.raises(openai.BadRequestError) as qlora:  # QLoRA needs a CUDA GPU: this machine has none
+        client.fine_tuning.jobs.create(model="tiny", training_file=chats, extra_body={"load_in_4bit": True})
+    assert qlora.value.body["param"] == "load_in_4bit" and "CUDA" in qlora.value.body["message"]
     for call in (client.fine_tuning.jobs.retrieve, client.fine_tuning.jobs.cancel, client.fine_tuning.jobs.list_events):
         with pytest.raises(openai.NotFoundError):
             call("ftjob-nope")

@@ -16,8 +16,9 @@ from bentoservice.api.fine_tuning.protocol import (
     TrainingBlock,
 )
 from bentoservice.config import get_settings
-from bentoservice.training.config import LORA_LEARNING_RATE
+from bentoservice.training.config import LORA_LEARNING_RATE, TrainingError
 from bentoservice.training.data import filestore
+from bentoservice.training import hardware
 from bentoservice.training.distributed import backends
 from bentoservice.training.methods import encoder_config
 
@@ -107,6 +108,7 @@ def _training_config(body: JobRequest, job_id: str, base_name: str, train: dict,
         "beta": _first(body.beta, hyper.beta, training.dpo_beta),
         "max_seq_length": _first(body.max_seq_length, dataset.max_length),
         "merge_before_push": body.merge_before_push,
+        "adapter_type": "qlora" if body.load_in_4bit else "lora",
         "args": _trainer_args(body, job_id, LORA_LEARNING_RATE[method], test),
     }
     return {k: v for k, v in config.items() if v is not None}
@@ -155,4 +157,19 @@ def job_config(body: JobRequest, job_id: str, base_name: str, train: dict[str, A
     config = (_encoder_config if method in encoder_config.ENCODER_METHODS else _training_config)(
         body, job_id, base_name, train, test, method)
     _add_scale(body, config)
+    _check_4bit(body, method, config["scale"]["backend"])
     return config
+
+
+def _check_4bit(body: JobRequest, method: str, backend: str) -> None:
+    """QLoRA only where it can run: an LLM job, trained here on a CUDA GPU with bitsandbytes installed."""
+    if not body.load_in_4bit:
+        return
+    if method in encoder_config.ENCODER_METHODS:
+        raise APIError(400, "load_in_4bit is for LLM jobs (QLoRA), not rerank or embedding jobs", "load_in_4bit",
+                       "unsupported")
+    if backend == "local":
+        try:
+            hardware.check_adapter_type("qlora", hardware.detect_device())
+        except TrainingError as exc:
+            raise APIError(400, str(exc), "load_in_4bit", "unsupported") from None

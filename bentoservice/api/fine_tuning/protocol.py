@@ -103,6 +103,7 @@ class JobRequest(BaseModel):
     logging_steps: int | None = Field(None, gt=0)
     test_file: str | None = None
     merge_before_push: bool = False
+    load_in_4bit: bool = False  # QLoRA: the base in 4-bit NF4 through bitsandbytes (CUDA), as in OpenWeights
     # Scaling out (training.backends): where the job trains, over how many data-parallel worker processes.
     backend: Literal["local", "ray"] | None = None
     num_workers: int | None = Field(None, ge=1, le=1024)

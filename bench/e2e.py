@@ -41,10 +41,8 @@ from serving import (  # noqa: E402  (bench/serving.py: the model, adapters, ser
     Result,
     Server,
     free_port,
-    make_adapters,
-    make_random_model,
     one_request,
-    store_model,
+    prepare,
 )
 
 WORDS = ("the model learns a small habit from every example it sees and repeats it when asked again later "
@@ -237,13 +235,7 @@ def main() -> None:
     if args.peak_tflops is None and torch.cuda.is_available():
         args.peak_tflops = 989.0
 
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    if args.random_model:
-        args.model_dir = make_random_model(args.model_dir or args.work_dir / args.random_model, args.tokenizer,
-                                           args.random_model)
-    model_dir = store_model(args.model, args.model_dir)
-    adapters = make_adapters(model_dir, args.work_dir / f"adapters-{args.model}-r{args.lora_rank}", args.adapters,
-                             args.lora_rank)
+    model_dir, adapters = prepare(args)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)

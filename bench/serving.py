@@ -123,6 +123,19 @@ def store_model(name: str, model_dir: Path | None) -> Path:
     return store.ensure_base(name).path
 
 
+def prepare(args: argparse.Namespace, with_adapters: bool = True) -> tuple[Path, list[Path]]:
+    """The base model in the store (made first for --random-model) and --adapters random adapters over it."""
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.random_model:
+        args.model_dir = make_random_model(args.model_dir or args.work_dir / args.random_model, args.tokenizer,
+                                           args.random_model)
+    model_dir = store_model(args.model, args.model_dir)
+    if not with_adapters:
+        return model_dir, []
+    return model_dir, make_adapters(model_dir, args.work_dir / f"adapters-{args.model}-r{args.lora_rank}",
+                                    args.adapters, args.lora_rank)
+
+
 # -- servers ----------------------------------------------------------------------------------------
 
 class Server:
@@ -340,13 +353,7 @@ def main() -> None:
     if unknown := set(targets) - set(TARGETS):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
 
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    if args.random_model:
-        args.model_dir = make_random_model(args.model_dir or args.work_dir / args.random_model, args.tokenizer,
-                                           args.random_model)
-    model_dir = store_model(args.model, args.model_dir)
-    adapters = make_adapters(model_dir, args.work_dir / f"adapters-{args.model}-r{args.lora_rank}", args.adapters,
-                             args.lora_rank) if "bentoservice" in targets else []
+    model_dir, adapters = prepare(args, "bentoservice" in targets)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

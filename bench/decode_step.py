@@ -155,7 +155,8 @@ def main() -> None:
             tokens = [int(t) for t in torch.randint(100, vocab, (rows,), generator=generator)]
             positions = [args.context] * rows
 
-            def step() -> list[int]:
+            def step(tokens: list[int] = tokens, positions: list[int] = positions,
+                     slots: list[int] = slots) -> list[int]:
                 return forward.decode(tokens, positions, slots).greedy_tokens()
 
             for _ in range(3):

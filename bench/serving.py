@@ -178,7 +178,8 @@ def start_server(target: str, args: argparse.Namespace, model_dir: Path, adapter
     port = free_port()
     log = logs / f"{target}.log"
     if target.startswith("bentoservice"):
-        cmd = [sys.executable, "-m", "bentoservice.cli", "start", args.model, "--port", str(port), "--host", "127.0.0.1"]
+        cmd = [sys.executable, "-m", "bentoservice.cli", "start", args.model, "--port", str(port),
+               "--host", "127.0.0.1"]
         for i, path in enumerate(adapters):
             cmd += ["--adapter-id", str(path), "--adapter-name", f"a{i + 1}"]
         env = {"BENTOSERVICE_MAX_RUNNING": str(max(args.streams, 16)), "BENTOML_DO_NOT_TRACK": "True",
@@ -304,7 +305,7 @@ def summarize(results: list[Result], wall: float, max_tokens: int, tokenizer) ->
 
     ok = [r for r in results if r.error is None and r.chunks]
     ttft = [r.chunks[0] - r.sent for r in ok]
-    itl = [b - a for r in ok for a, b in zip(r.chunks, r.chunks[1:])]
+    itl = [b - a for r in ok for a, b in zip(r.chunks, r.chunks[1:], strict=False)]
     total = sum(tokens(r) for r in ok)
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
     return {"requests": len(results), "failed": len(results) - len(ok),

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import httpx
 import typer
@@ -41,9 +41,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 
 @app.command("import")
 def import_(name: Annotated[str, typer.Argument(help="store name, e.g. smollm2")],
-            model_id: Annotated[Optional[str], typer.Option(
+            model_id: Annotated[str | None, typer.Option(
                 help="a local HF folder, a .gguf file or a hub id; default: the model card's source")] = None,
-            kind: Annotated[Optional[str], typer.Option(
+            kind: Annotated[str | None, typer.Option(
                 help="embedding or rerank: an embedding or rerank model rather than an LLM (minilm is one)")] = None,
             ) -> None:
     """Import a base model (or an embedding or rerank model) into the BentoML model store."""
@@ -146,13 +146,15 @@ def _adapter_specs(adapter_id: list[str], adapter_name: list[str]) -> list[Adapt
 
 @app.command("start")
 def start(model: Annotated[str, typer.Argument(help="base model: store name or hub id")] = "smollm2",
-          model_id: Annotated[Optional[str], typer.Option(help="where to import the model from if missing")] = None,
+          model_id: Annotated[str | None, typer.Option(help="where to import the model from if missing")] = None,
           port: int = 3000,
           host: str = "0.0.0.0",
-          api_key: Annotated[Optional[str], typer.Option(help="require `Authorization: Bearer KEY`")] = None,
-          chat_template: Annotated[Optional[str], typer.Option(help="a named template or a Jinja string")] = None,
+          api_key: Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`")] = None,
+          chat_template: Annotated[str | None, typer.Option(
+              help="a named template or a Jinja string")] = None,
           adapter_id: Annotated[list[str], typer.Option(
-              help="a LoRA adapter (PEFT folder, store tag or hub id); repeat for more; the first is the default")] = [],
+              help="a LoRA adapter (PEFT folder, store tag or hub id); repeat for more; the first is the "
+                   "default")] = [],
           adapter_name: Annotated[list[str], typer.Option(help="the name of the adapter-id in the same position")] = [],
           embedding_model: Annotated[list[str], typer.Option(
               help="an embedding model (store name or hub id) for /v1/embeddings; repeat for more; default: "
@@ -218,7 +220,7 @@ def _announce(server: subprocess.Popen, host: str, port: int, model: str, api_ke
 
 @app.command("build")
 def build_(model: Annotated[str, typer.Argument(help="base model: store name or hub id")],
-           model_id: Annotated[Optional[str], typer.Option(help="where to import the model from if missing")] = None,
+           model_id: Annotated[str | None, typer.Option(help="where to import the model from if missing")] = None,
            target: Annotated[build.TargetName, typer.Option(help="the hardware the bento runs on")] = "cpu",
            adapter_id: Annotated[list[str], typer.Option(
                help="a LoRA adapter (PEFT folder, store tag or hub id); repeatable; the first is the default")] = [],
@@ -244,10 +246,10 @@ def build_(model: Annotated[str, typer.Argument(help="base model: store name or 
 
 @app.command("deploy")
 def deploy(bento: Annotated[str, typer.Argument(help="a bento tag, e.g. from `bentoservice build`")],
-           config: Annotated[Optional[Path], typer.Option(
+           config: Annotated[Path | None, typer.Option(
                help="a BentoCloud deployment config; default deploy/<the bento's target>.yaml")] = None,
-           name: Annotated[Optional[str], typer.Option(help="the deployment name")] = None,
-           cluster: Annotated[Optional[str], typer.Option(help="the BentoCloud cluster")] = None,
+           name: Annotated[str | None, typer.Option(help="the deployment name")] = None,
+           cluster: Annotated[str | None, typer.Option(help="the BentoCloud cluster")] = None,
            dry_run: Annotated[bool, typer.Option(help="print the `bentoml deploy` command only")] = False) -> None:
     """Deploy a bento to BentoCloud with `bentoml deploy` and its target's deployment config."""
     try:

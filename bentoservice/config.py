@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator

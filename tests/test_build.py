@@ -16,10 +16,10 @@ import pytest
 import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
 from bentoml._internal.utils.cattr import bentoml_cattr
-
-from bentoservice import build, store
 from conftest import ROOT, Server, free_port
 from test_adapters import make_adapter
+
+from bentoservice import build, store
 
 TORCH_PIN = next(line for line in build.project_requirements() if line.startswith("torch=="))
 EXPECTED = {

@@ -15,10 +15,10 @@ import bentoml
 import httpx
 import openai
 import pytest
-
-from bentoservice import store
 from conftest import Server
 from test_fine_tuning import jsonl, wait_for
+
+from bentoservice import store
 
 NAMES = ["Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Leila",
          "Marco", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Sven", "Tamara", "Umar", "Vera", "Walter", "Ximena",

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import Server
 
 from bentoservice.config import Settings
-from conftest import Server
 
 LONG = 400  # tokens: far more than a test waits for
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -125,16 +125,16 @@ def test_a_reused_prefix_gives_what_a_full_prefill_gives(tiny_dir) -> None:
         reused = run()
         forward.prefixes.clear()
         computed = run()
-    for a, b in zip(reused, computed):
+    for a, b in zip(reused, computed, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernels", ["compiled", "torch"])
 def test_the_lean_pass_gives_the_hf_models_logits(tiny_dir, kernels: str) -> None:
     """On a CPU a Llama runs through the lean pass (fused products, its own decode attention, LoRA grouped by
-    adapter; LoRA and RMSNorm in compiled kernels or, where they cannot be built, in torch). Its logits are the HF model's on
-    each sequence alone under that sequence's adapter: prompts of different lengths packed in one prefill, then
-    decode steps over rows at different lengths with mixed adapters (one on every layer, one on q, v and down
+    adapter; LoRA and RMSNorm in compiled kernels or, where they cannot be built, in torch). Its logits are the HF
+    model's on each sequence alone under that sequence's adapter: prompts of different lengths packed in one prefill,
+    then decode steps over rows at different lengths with mixed adapters (one on every layer, one on q, v and down
     only, the base), after a row moves, and with one adapter left."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -171,7 +171,7 @@ def test_the_lean_pass_gives_the_hf_models_logits(tiny_dir, kernels: str) -> Non
     def check(logits: torch.Tensor, rows: list[tuple[list[int], int]]) -> None:
         expected = torch.stack([alone(tokens, slot) for tokens, slot in rows])
         assert float((logits - expected).norm() / expected.norm()) < 1e-4
-        for (tokens, _), token in zip(rows, logits.argmax(-1).tolist()):
+        for (tokens, _), token in zip(rows, logits.argmax(-1).tolist(), strict=False):
             tokens.append(token)
 
     def decode(rows: list[tuple[list[int], int]]) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from conftest import Server
 
 CHATS = [{"messages": [{"role": "user", "content": f"Say hello number {i}."},

@@ -7,7 +7,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from conftest import Server
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]

@@ -9,8 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bentoservice.engine.errors import (AdapterError, ContextOverflow, Overloaded, UnknownAdapter,
-                                        UnknownModel)
+from bentoservice.engine.errors import AdapterError, ContextOverflow, Overloaded, UnknownAdapter, UnknownModel
 from bentoservice.engine.templates import TemplateError
 
 log = logging.getLogger(__name__)

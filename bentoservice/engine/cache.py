@@ -36,11 +36,11 @@ class SlotCache(Cache):
 
     def _alloc(self, rows: int, length: int) -> None:
         kv_heads, head_dim = self.shape
-        old = list(zip(self.keys, self.values))
+        old = list(zip(self.keys, self.values, strict=False))
         new_shape = (rows, kv_heads, length, head_dim)
         self.keys = [torch.zeros(new_shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         self.values = [torch.zeros(new_shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        for (k_old, v_old), k, v in zip(old, self.keys, self.values):
+        for (k_old, v_old), k, v in zip(old, self.keys, self.values, strict=False):
             r, _, n, _ = k_old.shape
             r, n = min(r, rows), min(n, length)
             k[:r, :, :n] = k_old[:r, :, :n]
@@ -64,7 +64,7 @@ class SlotCache(Cache):
 
     def move_rows(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
         """Copy rows `sources` onto rows `targets` (all read before any is written)."""
-        for k, v in zip(self.keys, self.values):
+        for k, v in zip(self.keys, self.values, strict=False):
             k[targets] = k[sources]
             v[targets] = v[sources]
 
@@ -80,7 +80,7 @@ class SlotCache(Cache):
 
     def copy_in(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
         """Put a reused prefix (per layer [kv_heads, >= length, head_dim]) at the start of `row`."""
-        for k, v, k_in, v_in in zip(self.keys, self.values, keys, values):
+        for k, v, k_in, v_in in zip(self.keys, self.values, keys, values, strict=False):
             k[row, :, :length] = k_in[:, :length]
             v[row, :, :length] = v_in[:, :length]
 

@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from bentoservice import store
 from bentoservice.config import Settings
@@ -54,7 +59,7 @@ def max_input_tokens(folder: Path, tokenizer: PreTrainedTokenizerBase, model: Pr
 
 def as_features(encoded: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """A tokenizer's batch output as one dict per text, as `tokenizer.pad` takes them."""
-    return [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
+    return [dict(zip(encoded.keys(), values, strict=False)) for values in zip(*encoded.values(), strict=False)]
 
 
 def embed_batch(model: PreTrainedModel, batch: dict[str, torch.Tensor], pooling: Pooling) -> torch.Tensor:

@@ -136,32 +136,34 @@ class Forward:
         A prompt's beginning found in the prefix store is copied into its row instead of computed."""
         full = [len(p) for p in prompts]
         self._reserve(row0 + len(prompts), max(full) + 1)
-        reused = [self._reuse(prompt, slot, row0 + i) for i, (prompt, slot) in enumerate(zip(prompts, slots))]
-        lengths = [n - r for n, r in zip(full, reused)]
+        reused = [self._reuse(prompt, slot, row0 + i)
+                  for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=False))]
+        lengths = [n - r for n, r in zip(full, reused, strict=False)]
         ends = list(accumulate(lengths))
         segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
-        positions = torch.cat([torch.arange(r, n) for n, r in zip(full, reused)])
+        positions = torch.cat([torch.arange(r, n) for n, r in zip(full, reused, strict=False)])
         keys_segment, keys_position, context = segment, positions, None
         if any(reused):  # attention reads whole prompts from the rows: reused and new tokens
             keys_segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(full))
             keys_position = torch.cat([torch.arange(n) for n in full])
             context = ((keys_segment + row0).to(self.device), keys_position.to(self.device))
         self.cache.prefill((segment + row0).to(self.device), positions.to(self.device), context)
-        self.lora.set([slot for slot, n in zip(slots, lengths) for _ in range(n)], self.dtype, self.device)
+        self.lora.set([slot for slot, n in zip(slots, lengths, strict=False) for _ in range(n)], self.dtype,
+                      self.device)
         if self.varlen and context is None:  # prompt boundaries instead of a mask (a 4D placeholder: none is built)
             attention = {"attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
                          "cu_seqlens": self._to_device([0, *ends]).int(), "max_seqlen": max(lengths)}
         else:
             mask = (segment[:, None] == keys_segment[None, :]) & (keys_position[None, :] <= positions[:, None])
             attention = {"attention_mask": mask[None, None].to(self.device)}
-        ids = torch.tensor([t for p, r in zip(prompts, reused) for t in p[r:]], device=self.device)
+        ids = torch.tensor([t for p, r in zip(prompts, reused, strict=False) for t in p[r:]], device=self.device)
         positions = positions.to(self.device)
         if self.lean is not None:
             hidden = self.lean(ids, positions, attention["attention_mask"][0, 0], self.cache)
         else:
             hidden = self.decoder(input_ids=ids[None], position_ids=positions[None], past_key_values=self.cache,
                                   use_cache=True, **attention).last_hidden_state[0]
-        for i, (prompt, slot) in enumerate(zip(prompts, slots)):
+        for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=False)):
             if self.prefixes.wants(slot, prompt):
                 self.prefixes.add(slot, prompt, *self.cache.copy_out(row0 + i, full[i]))
         last = torch.tensor(ends, device=self.device) - 1

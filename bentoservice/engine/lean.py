@@ -90,7 +90,8 @@ class LeanModel:
                 layer.input_layernorm.weight, packed(attn, ["q_proj", "k_proj", "v_proj"]), packed(attn, ["o_proj"]),
                 layer.post_attention_layernorm.weight, packed(mlp, ["gate_proj", "up_proj"]),
                 packed(mlp, ["down_proj"]),
-                LoraGroup(lora, attn, ["q_proj", "k_proj", "v_proj"], kernel), LoraGroup(lora, attn, ["o_proj"], kernel),
+                LoraGroup(lora, attn, ["q_proj", "k_proj", "v_proj"], kernel),
+                LoraGroup(lora, attn, ["o_proj"], kernel),
                 LoraGroup(lora, mlp, ["gate_proj", "up_proj"], kernel), LoraGroup(lora, mlp, ["down_proj"], kernel)))
         self.head = packed(model, ["lm_head"])  # a weight tied to the input embedding stays
         self.adapters_changed()

@@ -69,8 +69,8 @@ class Group(ctypes.Structure):
         b = (ctypes.c_void_p * count)(*(stack.data_ptr() for _, stack in targets))
         cols = (ctypes.c_int64 * count)(*(column for column, _ in targets))
         outs = (ctypes.c_int64 * count)(*(stack.shape[2] for _, stack in targets))
-        group = cls(a.shape[1], a.shape[2], count, targets[0][1].shape[1], a.data_ptr(), ctypes.addressof(b), ctypes.addressof(cols),
-                    ctypes.addressof(outs))
+        group = cls(a.shape[1], a.shape[2], count, targets[0][1].shape[1], a.data_ptr(), ctypes.addressof(b),
+                    ctypes.addressof(cols), ctypes.addressof(outs))
         group.held = (a, targets, b, cols, outs)  # what the pointers point into
         return group
 

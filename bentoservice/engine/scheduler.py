@@ -19,8 +19,9 @@ import concurrent.futures
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -313,7 +314,7 @@ class Engine:
                 self._running.extend(new)
                 self._admitted = 0
         tokens, logprobs = next_tokens(logits, new, self.eos_ids)
-        for seq, token, logprob in zip(new, tokens, logprobs):
+        for seq, token, logprob in zip(new, tokens, logprobs, strict=False):
             self._accept(seq, token, logprob)
         self._retire()
 
@@ -335,7 +336,7 @@ class Engine:
         seqs = launched.seqs
         step = launched.step
         tokens, logprobs = next_tokens(step.logits, seqs, self.eos_ids, step.greedy_tokens())
-        for seq, token, logprob in zip(seqs, tokens, logprobs):
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=False):
             seq.pending -= 1
             if not seq.done:
                 self._accept(seq, token, logprob)

@@ -6,8 +6,8 @@ token does not grow with the length of the reply; the text is the same as decodi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass

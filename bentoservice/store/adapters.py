@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def fine_tune_dir(model: str, model_id: str) -> Path:
 
 
 def new_fine_tune_path(model: str, model_id: str) -> Path:
-    version = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    version = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     return fine_tune_dir(model, model_id) / version
 
 

@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ def create_model(name: str, model_id: str, fill: Callable[[Path], tuple[str, str
         ref.info.labels.update({"kind": kind, "architecture": architecture, "source": source,
                                 "model_id": model_id, **(labels or {})})
         ref.info.metadata.update({"model_id": model_id, "source": source, "architecture": architecture,
-                                  "imported_at": datetime.now(timezone.utc).isoformat(), **(metadata or {})})
+                                  "imported_at": datetime.now(UTC).isoformat(), **(metadata or {})})
     log.info("stored %s from %s", ref.tag, source)
     return get(str(ref.tag))
 

@@ -29,14 +29,14 @@ class LoraGroup:
         self.kernel = kernel  # native.Kernels.lora_add, or None for torch operations
         widths = [getattr(parent, name).out_features for name in names]
         starts = [sum(widths[:i]) for i in range(len(widths))]
-        self._columns = [slice(start, start + width) for start, width in zip(starts, widths)]
+        self._columns = [slice(start, start + width) for start, width in zip(starts, widths, strict=False)]
         self.a: torch.Tensor | None = None
         self.targets: list[tuple[slice, torch.Tensor]] = []  # (output columns, B stack) per wrapped layer
         self._native: native.Group | None = None
 
     def refresh(self) -> None:
         """Read the stacks again: the adapter manager wraps layers and grows or rewrites their stacks."""
-        wrapped = [(columns, layer) for columns, name in zip(self._columns, self.names)
+        wrapped = [(columns, layer) for columns, name in zip(self._columns, self.names, strict=False)
                    if isinstance(layer := getattr(self.parent, name), BatchedLoraLinear) and layer.lora_A is not None]
         if not wrapped:
             self.a, self.targets = None, []

@@ -1,4 +1,4 @@
-# The two commands: `make serve` and `make test`. Both go through `make install`.
+# The commands: `make serve`, `make test` and `make lint`. All go through `make install`.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,7 +9,7 @@ export BENTOML_DO_NOT_TRACK := True
 PORT ?= 3000
 HOST ?= 0.0.0.0
 
-.PHONY: install serve test screenshots
+.PHONY: install serve test lint screenshots
 
 install: $(STAMP)
 
@@ -33,3 +33,9 @@ test: install
 screenshots: install
 	HF_HUB_OFFLINE=1 BENTOSERVICE_CONSOLE_MODEL=smollm2 BENTOSERVICE_CONSOLE_SCREENSHOTS=docs/images \
 		.ci/with-chromium $(VENV)/bin/pytest -q tests/test_console.py -k 'test_console and not api_key'
+
+# ruff's lint rules, mypy's types, and ruff's formatting (configured in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff format --check .

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import socket
 import subprocess
@@ -32,7 +33,8 @@ class Files:
     def create(self, file: IO[bytes] | bytes | str | Path, purpose: str = "conversations") -> dict[str, Any]:
         """Upload a file; purpose is fine-tune, conversations (SFT) or preference (DPO/ORPO)."""
         upload = Path(file) if isinstance(file, str) else file
-        return self._openai.files.create(file=upload, purpose=purpose).model_dump()
+        # The server takes purposes beyond those OpenAI's types list (conversations, preference).
+        return self._openai.files.create(file=upload, purpose=purpose).model_dump()  # type: ignore[arg-type]
 
     def list(self) -> list[dict[str, Any]]:
         return [f.model_dump() for f in self._openai.files.list().data]
@@ -78,7 +80,7 @@ class Events:
         pages = self._openai.fine_tuning.jobs.list_events(job_id, limit=1000)
         return [e.model_dump() for e in reversed(list(pages))]  # iterating a page fetches the rest
 
-    def latest(self, keys: list[str], job_id: str) -> dict[str, Any]:
+    def latest(self, keys: builtins.list[str], job_id: str) -> dict[str, Any]:
         """The newest value of each metric named in `keys`."""
         found: dict[str, Any] = {}
         for event in reversed(self.list(job_id)):
@@ -101,7 +103,8 @@ class Client:
         response = httpx.post(f"{base_url}/v1{path}", json=body, timeout=120,
                               headers={"authorization": f"Bearer {self.api_key}"})
         if response.status_code >= 400:
-            raise openai.BadRequestError(response.json()["error"]["message"], response=response,
+            # openai's types name its own vendored httpx's Response; it only stores the response it is given.
+            raise openai.BadRequestError(response.json()["error"]["message"], response=response,  # type: ignore[arg-type]
                                          body=response.json()["error"])
 
     @contextmanager

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import (
@@ -94,7 +94,7 @@ class Encoder:
 
     def __init__(self, name: str, kind: Kind, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  max_tokens: int, pooling: Pooling = "mean", source: str = "", parent: str | None = None,
-                 aliases: Sequence[str] = ()) -> None:
+                 aliases: Iterable[str] = ()) -> None:
         self.name, self.kind, self.source, self.parent = name, kind, source, parent
         self.aliases = {name, *aliases}
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -105,11 +105,12 @@ class Encoder:
     def load(cls, name: str, stored: store.StoredModel, settings: Settings) -> Encoder:
         if stored.kind not in store.ENCODER_KINDS:
             raise store.StoreError(f"{stored.name!r} is a {stored.kind} model, not an embedding or rerank model")
+        kind = cast(Kind, stored.kind)  # one of ENCODER_KINDS, checked above
         device = pick_device(settings.device)
-        model = load_encoder_model(stored.path, stored.kind, pick_dtype(settings.dtype, device)).to(device)
+        model = load_encoder_model(stored.path, kind, pick_dtype(settings.dtype, device)).to(device)
         tokenizer = AutoTokenizer.from_pretrained(stored.path)
         log.info("serving %s model %s from %s on %s", stored.kind, name, stored.path, device)
-        return cls(name, stored.kind, model, tokenizer, max_input_tokens(stored.path, tokenizer, model),
+        return cls(name, kind, model, tokenizer, max_input_tokens(stored.path, tokenizer, model),
                    read_pooling(stored.path), stored.model_id, stored.base, {stored.name, stored.model_id})
 
     @property

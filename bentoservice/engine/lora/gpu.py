@@ -48,24 +48,26 @@ class BatchedLoraLinear(nn.Module):
         rank = a.shape[0]
         self.reserve(slot + 1, rank)
         self.clear_slot(slot)
-        self.lora_A[:, slot - 1, :rank] = a.T.to(self.lora_A)
-        self.lora_B[slot - 1, :rank] = (b * scale).T.to(self.lora_B)
+        stack_a, stack_b = self.lora_A, self.lora_B
+        assert stack_a is not None and stack_b is not None  # made by reserve()
+        stack_a[:, slot - 1, :rank] = a.T.to(stack_a)
+        stack_b[slot - 1, :rank] = (b * scale).T.to(stack_b)
 
     def clear_slot(self, slot: int) -> None:
-        if self.lora_A is not None and slot - 1 < self.lora_A.shape[1]:
-            self.lora_A[:, slot - 1].zero_()
-            self.lora_B[slot - 1].zero_()
+        stack_a, stack_b = self.lora_A, self.lora_B
+        if stack_a is not None and stack_b is not None and slot - 1 < stack_a.shape[1]:
+            stack_a[:, slot - 1].zero_()
+            stack_b[slot - 1].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        batch = self.batch
-        if self.lora_A is None or batch.single == 0:
+        batch, stack_a, stack_b = self.batch, self.lora_A, self.lora_B
+        if stack_a is None or stack_b is None or batch.single == 0:
             return y
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
         if batch.single is not None:
             index = batch.single - 1
-            y2.addmm_(x2 @ self.lora_A[:, index], self.lora_B[index])
+            y2.addmm_(x2 @ stack_a[:, index], stack_b[index])
         else:  # every layer holds the same (stacked, rank) as the mask: reserve() grows them together
-            y2.addmm_((x2 @ self.lora_A.view(self.in_features, -1)).mul_(batch.mask),
-                      self.lora_B.view(-1, self.out_features))
+            y2.addmm_((x2 @ stack_a.view(self.in_features, -1)).mul_(batch.mask), stack_b.view(-1, self.out_features))
         return y

@@ -218,7 +218,8 @@ def _json_type(value: Any) -> str:
         return "a boolean"
     if isinstance(value, int | float):
         return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}[type(value)]
+    names: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
+    return names[type(value)]
 
 
 def _get(obj: dict[str, Any], path: str) -> Any:

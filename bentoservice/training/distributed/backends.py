@@ -109,7 +109,8 @@ def rank() -> int:
 # --- handles ---------------------------------------------------------------------------------
 
 class Handle(Protocol):
-    pid: int | None
+    @property
+    def pid(self) -> int | None: ...
 
     def finished(self) -> bool: ...
 
@@ -205,10 +206,10 @@ def launch(job: dict[str, Any]) -> tuple[Handle, dict[str, Any]]:
     """Start a job's training; returns its handle and the fields to record on the job (pid, host)."""
     scale = scale_of(job["config"])
     if scale.backend == "ray":
-        run = _submit(job)
-        return run, {"pid": None, "host": f"ray:{run.submission_id}"}
-    run = _spawn(job["id"], scale)
-    return run, {"pid": run.pid, "host": HOST}
+        submitted = _submit(job)
+        return submitted, {"pid": None, "host": f"ray:{submitted.submission_id}"}
+    spawned = _spawn(job["id"], scale)
+    return spawned, {"pid": spawned.pid, "host": HOST}
 
 
 def adopt(job: dict[str, Any]) -> Handle | None:

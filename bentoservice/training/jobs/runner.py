@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bentoservice.config import get_settings
 from bentoservice.training.data import filestore
 from bentoservice.training.distributed.backends import rank
 from bentoservice.training.jobs.store import JobStore, now
+
+if TYPE_CHECKING:
+    from bentoservice.training.config import TrainingConfig
+    from bentoservice.training.methods.encoder_config import EncoderConfig
+    from bentoservice.training.methods.trainers import TrainingResult
 
 log = logging.getLogger("bentoservice.runner")
 
@@ -69,6 +74,19 @@ def _export(tag: str, job_id: str) -> None:
     bentoml.models.export_model(tag, url)
 
 
+def _train(config: TrainingConfig | EncoderConfig, sink: JobSink | None) -> TrainingResult:
+    """The method's training (torch and the trainers imported only here)."""
+    from bentoservice.training.methods.encoder_config import EncoderConfig
+
+    if isinstance(config, EncoderConfig):
+        from bentoservice.training.methods.encoders import run_encoder_training
+
+        return run_encoder_training(config, sink=sink, resume=True)
+    from bentoservice.training.methods.trainers import run_training
+
+    return run_training(config, sink=sink, resume=True)
+
+
 def run(job_id: str) -> int:
     from pydantic import ValidationError
 
@@ -89,24 +107,21 @@ def run(job_id: str) -> int:
     try:
         options.update(_local_files(options, job_id))
         if options.get("method") in ENCODER_METHODS:
-            from bentoservice.training.methods.encoders import run_encoder_training as train
-
             config: TrainingConfig | EncoderConfig = EncoderConfig(**options)
         else:
-            from bentoservice.training.methods.trainers import run_training as train
-
             config = TrainingConfig(**options)
         if main:
             jobs.add_event(job_id, "Fine-tuning job started" if job["attempts"] <= 1 else
                            f"Fine-tuning job resumed (attempt {job['attempts']})")
         sink = JobSink(jobs, job_id, config.args.get("max_steps")) if main else None
-        result = train(config, sink=sink, resume=True)
+        result = _train(config, sink)
         if not main:
             return 0
         model, tag = job["fine_tuned_model"], result.tag
         if merge:
             from bentoservice.training.methods.merge import merge_adapter
 
+            assert config.adapter_name is not None  # every job's config names its adapter (api.fine_tuning.dialects)
             tag = str(merge_adapter(config.model, str(result.tag), config.adapter_name + "-merged").tag)
             model = tag.split(":")[0]
         if get_settings().files_url:

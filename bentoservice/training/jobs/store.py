@@ -179,7 +179,9 @@ class JobStore:
                "cancel_requested": 0, **row}
         with self.db.begin() as conn:
             conn.execute(insert(jobs).values(**row))
-        return self.get_job(row["id"])
+        added = self.get_job(row["id"])
+        assert added is not None  # just inserted in the committed transaction above
+        return added
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         with self.db.connect() as conn:

@@ -75,6 +75,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       position_ids=position_ids, **kwargs)
     q, k, v = (x.transpose(1, 2).reshape(batch * tokens, x.shape[1], dim) for x in (query, key, value))
     if q.is_cuda:
+        assert max_length_q is not None  # the collator's, or computed above, with cu_seq_lens_q
         out = _flash_varlen(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q), scaling, flash_options or {})
     else:
         out = _per_example(q, k, v, cu_seq_lens_q.tolist(), scaling)
@@ -99,7 +100,9 @@ def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bo
 
     gqa = key.shape[1] != query.shape[1]
     # 4D inputs: SDPA's CPU flash kernel takes no others (3D ones fall back to the slower math path).
-    parts = [F.scaled_dot_product_attention(*(x[None, start:end].transpose(1, 2) for x in (query, key, value)),
-                                            is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
+    parts = [F.scaled_dot_product_attention(query[None, start:end].transpose(1, 2),
+                                            key[None, start:end].transpose(1, 2),
+                                            value[None, start:end].transpose(1, 2), is_causal=True, scale=scaling,
+                                            enable_gqa=gqa)[0].transpose(0, 1)
              for start, end in zip(bounds[:-1], bounds[1:], strict=False) if end > start]
     return torch.cat(parts)

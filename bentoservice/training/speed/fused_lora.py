@@ -186,8 +186,8 @@ def fuse_lora_layers(model: nn.Module) -> int:
             module.forward = MethodType(fused_forward, module)
             count += 1
         for names in SHARED_INPUT:
-            siblings = [getattr(module, name, None) for name in names]
-            if all(sibling is not None and fusable(sibling) for sibling in siblings):
+            siblings = [sibling for name in names if (sibling := getattr(module, name, None)) is not None]
+            if len(siblings) == len(names) and all(fusable(sibling) for sibling in siblings):
                 shared = SharedInput(siblings)
                 for sibling in siblings:
                     sibling.shared_input = shared

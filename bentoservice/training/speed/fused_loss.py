@@ -113,9 +113,9 @@ def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, labelled: int, hea
     keep = torch.nonzero_static(targets != IGNORE, size=labelled).squeeze(-1)
     # TRL's divisor: the step's labelled tokens (Trainer's count), at least 1; a number is filled in on the device,
     # not copied there (a copy from the host waits for the GPU).
-    if torch.is_tensor(divisor):
-        divisor = divisor.clamp(min=1)
+    if isinstance(divisor, torch.Tensor):
+        total = divisor.clamp(min=1)
     else:
-        divisor = torch.full((), max(divisor, 1), device=hidden.device)
+        total = torch.full((), max(divisor, 1), device=hidden.device)
     return LinearCrossEntropy.apply(hidden[:-1].index_select(0, keep), head.weight, targets.index_select(0, keep),
-                                    divisor)
+                                    total)

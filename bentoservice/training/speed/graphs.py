@@ -196,7 +196,7 @@ class GraphedDecoder:
             hidden = run()
             torch.autograd.grad(hidden, self.params, torch.ones_like(hidden))
         torch.cuda.current_stream().wait_stream(stream)
-        if self.hidden is None:
+        if self.hidden is None or self.grad is None:
             self.hidden = hidden.new_empty(1, self.ids.shape[1], hidden.shape[-1])
             self.grad = torch.zeros_like(self.hidden)
         del hidden

@@ -81,6 +81,7 @@ def sft_trainer_class() -> type[SFTTrainer]:
                     with sync:
                         part_loss = super().training_step(model, part, num_items_in_batch)
                     loss = part_loss if loss is None else loss + part_loss
+            assert loss is not None  # passes holds at least the whole batch
             if self.nan_inf_filter:
                 # Trainer's filter: an inf or NaN step counts as the mean of the steps since the last log.
                 steps = 1 + self.state.global_step - self._globalstep_last_logged
@@ -181,7 +182,7 @@ def training_mode(model: torch.nn.Module) -> Iterator[None]:
     only when the model is not in it already, and skipped within."""
     if not model.training:
         model.train()
-    model.train = lambda mode=True: model if mode else type(model).train(model, mode)  # type: ignore[method-assign]
+    model.train = lambda mode=True: model if mode else type(model).train(model, mode)
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # The store persists between runs (the default model's import takes ~30 s); everything else is per run.
@@ -72,17 +73,26 @@ def tiny(tiny_dir: Path) -> store.StoredModel:
     return store.import_model("tiny", str(tiny_dir))
 
 
-class Server:
-    """A real `bentoservice start` process on a free port."""
+def packed_batch(examples: list[list[int]]) -> dict[str, Any]:
+    """TRL's padding-free batch of these token ids, every token a label."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    def __init__(self, model: str, *args: str, env: dict[str, str] | None = None) -> None:
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    return collator([{"input_ids": ids, "labels": ids} for ids in examples])
+
+
+class Server:
+    """A real `bentoservice start` process on a free port (`python`: the interpreter that runs it)."""
+
+    def __init__(self, model: str, *args: str, env: dict[str, str] | None = None, python: str = sys.executable,
+                 cwd: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "bentoservice.cli", "start", model, "--port", str(self.port),
+        cmd = [python, "-m", "bentoservice.cli", "start", model, "--port", str(self.port),
                "--host", "127.0.0.1", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 240) -> None:

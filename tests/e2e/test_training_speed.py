@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import packed_batch
 from transformers import AutoModelForCausalLM
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from bentoservice import store
 from bentoservice.training import hardware
@@ -21,7 +21,6 @@ from bentoservice.training.data import formats
 from bentoservice.training.jobs.callbacks import ProgressCallback
 from bentoservice.training.methods.trainers import build_trainer, hf_dataset, load_tokenizer, training_args
 from bentoservice.training.speed import plan as speed
-from bentoservice.training.speed.passes import split_passes
 
 WORDS = "apple river stone cloud green quiet market window silver orange planet garden".split()
 
@@ -37,12 +36,6 @@ def chats(count: int, seed: int = 0) -> list[dict[str, Any]]:
             messages += [{"role": "user", "content": f"Repeat: {text}"}, {"role": "assistant", "content": text}]
         rows.append({"messages": messages})
     return rows
-
-
-def packed_batch(examples: list[list[int]]) -> dict[str, Any]:
-    """TRL's padding-free batch of these token ids, every token a label."""
-    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    return collator([{"input_ids": ids, "labels": ids} for ids in examples])
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -163,26 +156,6 @@ def test_a_step_with_an_infinite_loss_is_logged_as_trainer_logs_it(tiny: store.S
     # Filtered (the default), the NaN step adds the mean of the steps since the last log: none, so 0.
     assert logged[True][1] == 0.0 and logged[True][0] == logged[False][0] > 0
     assert math.isnan(logged[False][1])
-
-
-def test_a_batch_splits_into_passes_of_whole_examples() -> None:
-    examples = [list(range(1, n + 1)) for n in (10, 25, 3, 50, 7)]
-    batch = packed_batch(examples)
-    passes = split_passes(batch, tokens=30)
-    # In order, at most 30 tokens a pass: [10], [25, 3], [50] (longer than 30, alone), [7].
-    assert [p["cu_seq_lens_q"].tolist() for p in passes] == [[0, 10], [0, 25, 28], [0, 50], [0, 7]]
-    assert [p["max_length_q"] for p in passes] == [10, 25, 50, 7]
-    for key in ("input_ids", "labels", "position_ids"):
-        torch.testing.assert_close(torch.cat([p[key] for p in passes], dim=1), batch[key])
-    assert split_passes(batch, tokens=95) == [batch]
-    # As few passes as fit, of about equal size: 60 tokens in at most 40 a pass is 30 + 30, not 40 + 20.
-    even = split_passes(packed_batch([list(range(1, 11))] * 6), tokens=40)
-    assert [p["input_ids"].shape[1] for p in even] == [30, 30]
-    # Passes padded to multiples of 16 tokens (graphed buckets): the cut that pads least, 16 + 24 (48 tokens once
-    # padded) rather than 23 + 17 (64).
-    odd = packed_batch([list(range(1, n + 1)) for n in (7, 9, 7, 9, 8)])
-    assert [p["input_ids"].shape[1] for p in split_passes(odd, tokens=32)] == [23, 17]
-    assert [p["input_ids"].shape[1] for p in split_passes(odd, tokens=32, granularity=16)] == [16, 24]
 
 
 def test_checkpointing_some_layers_changes_no_gradient(tiny_dir: Path) -> None:

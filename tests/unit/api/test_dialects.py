@@ -1,0 +1,89 @@
+"""A fine-tuning job body in each dialect (OpenAI, OpenWeights, OPEA) becomes the same kind of job config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bentoservice.api.errors import APIError
+from bentoservice.api.fine_tuning.dialects import default_learning_rate, job_config, training_method
+from bentoservice.api.fine_tuning.protocol import JobRequest
+from bentoservice.training.config import LORA_LEARNING_RATE
+
+TRAIN = {"id": "file-train"}
+
+
+def config(**body: Any) -> dict[str, Any]:
+    request = JobRequest.model_validate({"model": "tiny", "training_file": "file-train", **body})
+    return job_config(request, "ftjob-abc123", "tiny", TRAIN, None, training_method(request))
+
+
+def test_openai_body() -> None:
+    made = config(hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 0.5}, seed=7)
+    assert made["method"] == "sft" and made["model"] == "tiny" and made["adapter_name"] == "ft-abc123"
+    assert made["train_file"].endswith("file-train") and "test_file" not in made
+    args = made["args"]
+    assert (args["num_train_epochs"], args["per_device_train_batch_size"], args["seed"]) == (2, 8, 7)
+    assert args["learning_rate"] == pytest.approx(LORA_LEARNING_RATE["sft"] * 0.5)
+    assert made["scale"] == {"backend": "local", "num_workers": 1, "gpus_per_worker": None, "distributed": "ddp"}
+
+
+def test_openai_dpo_method_block() -> None:
+    made = config(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": "auto"}}})
+    assert made["method"] == "dpo" and made["beta"] == 0.2
+    assert made["args"]["num_train_epochs"] == 3  # "auto": the default
+    assert made["args"]["learning_rate"] == LORA_LEARNING_RATE["dpo"]
+
+
+def test_openweights_flat_fields() -> None:
+    made = config(loss="orpo", epochs=1, learning_rate=1e-4, r=8, lora_alpha=16, lora_dropout=0.0,
+                  target_modules=["q_proj"], max_seq_length=256, max_steps=5)
+    assert made["method"] == "orpo"
+    assert (made["r"], made["lora_alpha"], made["lora_dropout"], made["target_modules"]) == (8, 16, 0.0, ["q_proj"])
+    assert made["max_seq_length"] == 256
+    assert made["args"]["learning_rate"] == 1e-4 and made["args"]["max_steps"] == 5
+
+
+def test_opea_blocks() -> None:
+    made = config(General={"task": "instruction_tuning", "lora_config": {"r": 4, "lora_alpha": 8}},
+                  Dataset={"max_length": 128}, Training={"epochs": 2, "learning_rate": 3e-4, "max_train_steps": 9})
+    assert made["method"] == "sft" and (made["r"], made["lora_alpha"]) == (4, 8)
+    assert made["max_seq_length"] == 128
+    assert (made["args"]["num_train_epochs"], made["args"]["learning_rate"], made["args"]["max_steps"]) == (2, 3e-4, 9)
+
+
+def test_top_level_lora_fields_win_over_opea_block() -> None:
+    made = config(r=32, General={"lora_config": {"r": 4, "lora_alpha": 8}})
+    assert (made["r"], made["lora_alpha"]) == (32, 8)
+
+
+def test_rerank_task_trains_in_full_unless_lora_is_given() -> None:
+    full = config(General={"task": "rerank"}, Dataset={"train_group_size": 4})
+    assert full["method"] == "rerank" and "lora" not in full and full["group_size"] == 4
+    lora = config(General={"task": "rerank", "lora_config": {"r": 4}})
+    assert lora["lora"] == {"r": 4}
+    assert default_learning_rate(full) != default_learning_rate(lora)
+
+
+def test_unknown_task_is_refused_naming_the_field() -> None:
+    with pytest.raises(APIError) as info:
+        config(General={"task": "pretraining"})
+    assert (info.value.status, info.value.param) == (400, "General.task")
+
+
+def test_full_fine_tuning_of_an_llm_is_refused() -> None:
+    with pytest.raises(APIError) as info:
+        config(General={"lora_config": None})
+    assert info.value.param == "General.lora_config"
+
+
+def test_encoder_jobs_train_in_one_process() -> None:
+    with pytest.raises(APIError) as info:
+        config(General={"task": "embedding"}, num_workers=2)
+    assert info.value.param == "num_workers"
+
+
+def test_unknown_body_field_is_refused() -> None:
+    with pytest.raises(ValueError, match="learning_rate_schedule"):
+        JobRequest.model_validate({"model": "tiny", "training_file": "f", "learning_rate_schedule": "cosine"})

@@ -1,0 +1,1 @@
+"""File routes: upload (checked at once), list, retrieve, content, delete."""

@@ -1,0 +1,1 @@
+"""The model cards (YAML, package data), read by store.cards with importlib.resources."""

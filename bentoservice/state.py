@@ -38,7 +38,8 @@ def sqlite_file(settings: Settings) -> Path | None:
 
 def locations(settings: Settings) -> list[Location]:
     database = sqlite_file(settings)
-    shown_database = str(database) if database else make_url(settings.database_url).render_as_string()
+    url = settings.database_url
+    shown_database = make_url(url).render_as_string() if database is None and url else str(database)
     return [
         Location("BentoML home", str(store.bentoml_home()), "BENTOML_HOME", False),
         Location("model store: base models, adapters, embedding and rerank models", str(store.store_root()),

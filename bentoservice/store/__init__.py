@@ -28,6 +28,6 @@ from bentoservice.store.models import StoredModel, StoreError, bentoml_home, get
 
 __all__ = ["ADAPTER_FILES", "BUNDLED_ENCODERS", "ENCODER_KINDS", "HF_FILES", "AdapterSource", "Card", "StoreError",
            "StoredModel", "adapter_source", "adapters_of", "bentoml_home", "card_for", "cards", "ensure_base",
-           "ensure_encoder", "fine_tune_dir", "get", "import_encoder", "import_model", "latest_fine_tune", "list_models",
-           "new_fine_tune_path", "resolve_base", "resolve_encoder", "save_adapter", "save_encoder", "save_merged",
-           "store_root"]
+           "ensure_encoder", "fine_tune_dir", "get", "import_encoder", "import_model", "latest_fine_tune",
+           "list_models", "new_fine_tune_path", "resolve_base", "resolve_encoder", "save_adapter", "save_encoder",
+           "save_merged", "store_root"]

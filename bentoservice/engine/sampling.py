@@ -62,7 +62,7 @@ def adjust(logits: torch.Tensor, row: Row, end_ids: Collection[int]) -> torch.Te
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty,
                                    values * params.repetition_penalty)
     if params.logit_bias:
-        ids, biases = zip(*params.logit_bias)
+        ids, biases = zip(*params.logit_bias, strict=False)
         logits[torch.tensor(ids, device=device)] += torch.tensor(biases, dtype=logits.dtype, device=device)
     if len(row.generated) < params.min_tokens:
         logits[torch.tensor(sorted(set(end_ids) | set(params.stop_token_ids)), device=device)] = float("-inf")
@@ -74,7 +74,7 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     alternatives: tuple[tuple[int, float], ...] = ()
     if top:
         values, ids = logprobs.topk(top)
-        alternatives = tuple(zip(ids.tolist(), values.tolist()))
+        alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=False))
     return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 

@@ -12,8 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 METADATA = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
             "prompt_cache_retention")
@@ -31,7 +39,7 @@ class Strict(BaseModel):
 
 
 def _refuse(value: Any, info: ValidationInfo) -> Any:
-    if value is not None and value not in HARMLESS.get(info.field_name, ()):
+    if value is not None and value not in HARMLESS.get(info.field_name or "", ()):
         raise ValueError(f"`{info.field_name}` is not supported by this server")
     return value
 
@@ -155,7 +163,8 @@ class _Chat(SamplingFields):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
 
-    _needs_logprobs = field_validator("top_logprobs")(_given_only_if("logprobs", True, "top_logprobs needs logprobs: true"))
+    _needs_logprobs = field_validator("top_logprobs")(
+        _given_only_if("logprobs", True, "top_logprobs needs logprobs: true"))
 
     @property
     def completion_budget(self) -> int | None:

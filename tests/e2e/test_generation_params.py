@@ -7,9 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
-
 from conftest import Server
+from transformers import AutoTokenizer
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -132,7 +131,7 @@ def test_completion_logprobs_and_echo(tiny_server: Server) -> None:
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 5
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
     assert all(1 <= len(top) <= 2 and max(top.values()) == pytest.approx(lp)
-               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs, strict=False))
     echoed = client.completions.create(model="tiny", prompt="one two", max_tokens=5, temperature=0, echo=True)
     assert echoed.choices[0].text == "one two" + reply.choices[0].text
     chunks = client.completions.create(model="tiny", prompt="one two", max_tokens=5, temperature=0, echo=True,

@@ -16,9 +16,9 @@ from bentoservice.api.fine_tuning.protocol import (
     TrainingBlock,
 )
 from bentoservice.config import get_settings
+from bentoservice.training import hardware
 from bentoservice.training.config import LORA_LEARNING_RATE, TrainingError
 from bentoservice.training.data import filestore
-from bentoservice.training import hardware
 from bentoservice.training.distributed import backends
 from bentoservice.training.methods import encoder_config
 

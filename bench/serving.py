@@ -9,8 +9,8 @@ Targets, each started here on a free port and stopped after its run:
 
 Each client sends ROUNDS requests one after another, more until --min-seconds (default 30) have passed (prompts
 from bench/prompts.jsonl, temperature 0, max_tokens fixed) and records when each streamed chunk arrived. Reported
-per target: output tokens/s over the whole run, time to first token (TTFT) and inter-token latency (ITL, the gaps between
-content chunks) p50/p99, requests that stopped before max_tokens, and the server's peak memory
+per target: output tokens/s over the whole run, time to first token (TTFT) and inter-token latency (ITL, the gaps
+between content chunks) p50/p99, requests that stopped before max_tokens, and the server's peak memory
 (resident set of its process tree; GPU memory in use when there is a GPU).
 
     python bench/serving.py --model smollm2 --streams 16 --max-tokens 64 --adapters 4

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -39,7 +39,16 @@ class Settings(BaseSettings):
     model: str = "smollm2"
     """The base model served: a store name or a hub id that a card or the store knows."""
     data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share") / "bentoservice")
-    api_key: str | None = None
+    # API keys (comma-separated in the environment; never logged: SecretStr prints as stars). With none set every
+    # route is open. An admin key may call everything; an inference key only models, chat, completions,
+    # embeddings, rerank and the chat templates' listing (api.guard). api_key is one more admin key.
+    api_key: SecretStr | None = None
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = []
+    inference_api_keys: Annotated[list[SecretStr], NoDecode] = []
+    api_keys_file: Path | None = None
+    """A file of `admin KEY` or `inference KEY` lines (blank lines and # comments skipped), read at start."""
+    metrics_need_key: bool = False
+    """Put /metrics behind a key (any key) too; /readyz and /livez are always open."""
     chat_template: str | None = None
     """A named template or a Jinja string that overrides the model card's and tokenizer's."""
 
@@ -92,6 +101,35 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [Path(p) for p in value.split(os.pathsep) if p]
         return value
+
+    @field_validator("admin_api_keys", "inference_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    def _file_keys(self, role: str) -> list[str]:
+        if self.api_keys_file is None:
+            return []
+        keys = []
+        for number, line in enumerate(self.api_keys_file.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            kind, _, key = line.partition(" ")
+            if kind not in ("admin", "inference") or not key.strip():
+                raise ValueError(f"{self.api_keys_file}:{number}: expected `admin KEY` or `inference KEY`")
+            if kind == role:
+                keys.append(key.strip())
+        return keys
+
+    def admin_keys(self) -> list[str]:
+        single = [self.api_key.get_secret_value()] if self.api_key else []
+        return single + [k.get_secret_value() for k in self.admin_api_keys] + self._file_keys("admin")
+
+    def inference_keys(self) -> list[str]:
+        return [k.get_secret_value() for k in self.inference_api_keys] + self._file_keys("inference")
 
     @field_validator("embedding_models", "rerank_models", mode="before")
     @classmethod

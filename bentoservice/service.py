@@ -9,6 +9,7 @@ from typing import Any
 import bentoml
 
 from bentoservice.api import create_app
+from bentoservice.api.guard import Guard
 from bentoservice.api.console import create_console_app
 from bentoservice.api.fine_tuning.routes import submit_and_wait
 from bentoservice.build import bento_args, service_options, with_model_refs
@@ -18,7 +19,7 @@ from bentoservice.training.jobs.queue import JobQueue
 from bentoservice.training.jobs.store import JobStore
 
 settings = get_settings()
-app = create_app(settings)
+app = create_app()
 bento = bento_args()  # set when building a bento or serving one: its target and store models
 
 
@@ -62,3 +63,7 @@ class LLM:
     def close(self) -> None:
         self.queue.stop()
         self.served.close()
+
+
+# Around the whole server, so that BentoML's own routes (the fine_tune task's, /docs.json) need a key too.
+LLM.add_asgi_middleware(Guard, settings=settings)

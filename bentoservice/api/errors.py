@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,10 +26,19 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a body streams in past its limit (api.guard); an HTTPException so FastAPI lets it through."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def unknown_model(name: str) -> APIError:
@@ -51,8 +61,12 @@ def _from_engine(exc: Exception) -> APIError:
     raise exc
 
 
+# pydantic names the branch of a union that failed (`str`, `function-after[...]`, `list[int]`): not a field.
+_BRANCH = re.compile(r"(str|int|float|bool|list|dict|literal\[.*\]|[a-z-]+\[.*\])")
+
+
 def _location(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _BRANCH.fullmatch(str(p))]
     return ".".join(parts) or None
 
 
@@ -74,7 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Unknown route: {request.method} {request.url.path}"
         else:
             message = str(exc.detail)
-        return envelope(exc.status_code, message, None, None)
+        code = "request_too_large" if isinstance(exc, BodyTooLarge) else None
+        return envelope(exc.status_code, message, None, code, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

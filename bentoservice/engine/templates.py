@@ -7,8 +7,18 @@ or replace a shipped one while the server runs.
 from __future__ import annotations
 
 import threading
+import time
 
 import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+MAX_TEMPLATE_CHARS = 64 * 1024
+MAX_RENDER_CHARS = 256 * 1024
+MAX_RENDER_SECONDS = 2.0
+# The conversation a template is tried on before it is accepted.
+_SAMPLE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello!"},
+           {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Bye!"}]
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -62,11 +72,39 @@ def register_chat_template(name: str, template: str, override: bool = False) -> 
         _registry[name] = template
 
 
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _sandbox() -> ImmutableSandboxedEnvironment:
+    """As transformers renders chat templates: sandboxed (no attribute of Python internals, nothing mutable)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise
+    return env
+
+
 def check_template(template: str) -> None:
+    """Parse the template and render a sample chat with it in the sandbox, within a size, an output length and a
+    time limit; a template that reaches for Python internals (cycler.__init__.__globals__ ...) fails here."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"the chat template has {len(template)} characters; the limit is {MAX_TEMPLATE_CHARS}")
     try:
-        jinja2.Environment().parse(template)
+        compiled = _sandbox().from_string(template)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"the chat template does not parse: {exc.message} (line {exc.lineno})") from None
+    length, deadline = 0, time.monotonic() + MAX_RENDER_SECONDS
+    try:
+        for part in compiled.generate(messages=_SAMPLE, add_generation_prompt=True, bos_token="", eos_token=""):
+            length += len(part)
+            if length > MAX_RENDER_CHARS or time.monotonic() > deadline:
+                raise TemplateError(f"the chat template renders more than {MAX_RENDER_CHARS} characters or takes "
+                                    f"over {MAX_RENDER_SECONDS} s for a four-message chat")
+    except TemplateError:
+        raise
+    except SecurityError as exc:
+        raise TemplateError(f"the chat template is refused: {exc}") from None
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        raise TemplateError(f"the chat template fails on a sample chat: {exc}") from None
 
 
 def chat_templates() -> dict[str, str]:

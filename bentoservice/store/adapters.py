@@ -4,6 +4,7 @@ hub; confined to allowed folders over HTTP), and the folders fine-tunes write.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -85,11 +86,17 @@ def _declared_base(folder: Path) -> str | None:
     return known[0] if known else None
 
 
+# A store tag (name, name:version) or a hub id (owner/name), BentoML's and the hub's characters.
+_NAME = re.compile(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+|/[A-Za-z0-9_.-]+)?")
+
+
 def adapter_source(src: str, confined: bool = False) -> AdapterSource:
     """Find an adapter given as a local PEFT folder, a store tag, or a hub id.
 
     `confined` (requests over HTTP): folders only inside the model store or BENTOSERVICE_ADAPTER_DIRS.
     """
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", src):
+        raise StoreError(f"{src!r} is a URL; give an adapter folder, a model store tag or a hub id")
     if looks_like_path(src):
         folder = Path(src).expanduser()
         if not folder.is_dir():
@@ -100,8 +107,11 @@ def adapter_source(src: str, confined: bool = False) -> AdapterSource:
         if missing:
             raise StoreError(f"{src!r} is not a PEFT adapter folder (missing {', '.join(missing)})")
         return AdapterSource(folder, default_name(folder.name), _declared_base(folder))
+    if not _NAME.fullmatch(src):
+        raise StoreError(f"{src!r} is neither a folder, a model store tag (name or name:version) nor a hub id "
+                         "(owner/name)")
     try:
-        stored = get(src)
+        stored = get(src) if "/" not in src else None
     except StoreError:
         stored = None
     if stored is not None:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.completions.routes import served_model
 from bentoservice.api.errors import APIError
-from bentoservice.engine.errors import UnknownAdapter
+from bentoservice.engine.errors import AdapterError, UnknownAdapter
 
 router = APIRouter()
 
@@ -37,6 +37,13 @@ class LoadLora(BaseModel):
 
 class UnloadLora(BaseModel):
     lora_name: str = Field(min_length=1)
+
+
+async def _load(request: Request, src: str, name: str | None, param: str) -> None:
+    try:
+        await run_in_threadpool(served_model(request).load_adapter_from, src, name, True)
+    except AdapterError as exc:
+        raise APIError(400, str(exc), param, "invalid_adapter") from None
 
 
 def _listing(request: Request) -> dict[str, Any]:
@@ -66,8 +73,7 @@ async def switch_default(body: DefaultAdapter, request: Request) -> dict[str, An
 
 @router.post("/adapters/load")
 async def load_adapter(body: LoadAdapter, request: Request) -> dict[str, Any]:
-    served = served_model(request)
-    await run_in_threadpool(served.load_adapter_from, body.adapter_id, body.adapter_name, True)
+    await _load(request, body.adapter_id, body.adapter_name, "adapter_id")
     return _listing(request)
 
 
@@ -79,8 +85,7 @@ async def unload_adapter(body: UnloadAdapter, request: Request) -> dict[str, Any
 
 @router.post("/load_lora_adapter")
 async def load_lora(body: LoadLora, request: Request) -> PlainTextResponse:
-    served = served_model(request)
-    await run_in_threadpool(served.load_adapter_from, body.lora_path, body.lora_name, True)
+    await _load(request, body.lora_path, body.lora_name, "lora_path")
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

@@ -17,11 +17,26 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
+
+
+def _encodable(text: str) -> str:
+    """A lone surrogate ("\\ud800" in JSON) is valid JSON but no text a tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone UTF-16 surrogate, which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+# torch.Generator.manual_seed takes a signed or unsigned 64-bit integer.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 METADATA = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
             "prompt_cache_retention")
@@ -71,12 +86,12 @@ def _given_only_if(other: str, wanted: bool, message: str) -> Callable[[Any, Val
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
     # An assistant message sent back as the SDK dumped it carries these, empty.
     refusal: str | None = None
@@ -111,7 +126,7 @@ class SamplingFields(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -177,7 +192,7 @@ class _Chat(SamplingFields):
 
 
 class _Text(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[Annotated[int, Field(ge=0)]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -187,6 +202,8 @@ class _Text(SamplingFields):
     def _one_prompt(cls, prompt: str | list[str] | list[int]) -> str | list[str] | list[int]:
         if isinstance(prompt, list) and (not prompt or (isinstance(prompt[0], str) and len(prompt) != 1)):
             raise ValueError("give one prompt: a string, a list of one string, or a list of token ids")
+        if prompt in ("", [""]):
+            raise ValueError("the prompt is empty")
         return prompt
 
     _not_with_echo = field_validator("logprobs")(_given_only_if(
@@ -204,7 +221,7 @@ CompletionRequest = _refusing("CompletionRequest", _Text, TEXT_REFUSED)
 class TemplateRegistration(BaseModel):
     name: str = Field(min_length=1)
     template: str = Field(min_length=1)
-    override: bool = False
+    override: StrictBool = False
 
 
 class TemplateQuery(BaseModel):

@@ -279,6 +279,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         prompt = served.encode_text(body.prompt[0])
     else:
         prompt = list(body.prompt)
+        if max(prompt) >= served.vocab_size:
+            raise APIError(400, f"token id {max(prompt)} is outside the vocabulary (0..{served.vocab_size - 1})",
+                           "prompt", "invalid_value")
     echo = ""
     if body.echo:
         echo = served.decode(prompt) if isinstance(body.prompt[0], int) else str(body.prompt) if isinstance(

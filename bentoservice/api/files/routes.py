@@ -7,6 +7,8 @@ fsspec URL); the uploaded name is kept as data, never used as a path.
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
@@ -45,6 +47,13 @@ def _get(jobs: JobStore, file_id: str) -> dict[str, Any]:
     return row
 
 
+def safe_filename(name: str | None) -> str:
+    """The last part of an uploaded name, without control characters or leading dots (`../../x` becomes `x`)."""
+    base = PurePosixPath((name or "").replace("\\", "/")).name
+    base = re.sub(r"[\x00-\x1f\x7f]", "", base).lstrip(". ")[:255]
+    return base or "upload"
+
+
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     chunks, total = [], 0
     while chunk := await upload.read(1 << 20):
@@ -63,7 +72,7 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
                        "invalid_purpose")
     settings = get_settings()
     data = await _read_limited(file, settings.max_file_bytes)
-    name = file.filename or "upload"
+    name = safe_filename(file.filename)
     try:
         parsed = await run_in_threadpool(formats.parse_bytes, data, name, PURPOSES[purpose])
     except formats.DataFormatError as exc:

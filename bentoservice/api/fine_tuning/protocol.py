@@ -3,18 +3,24 @@ by side in one pydantic model (dialects.py turns it into a job's config)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Auto = Literal["auto"]
 
 
+# OpenAI's ranges for its hyperparameters.
+Epochs = Annotated[int, Field(ge=1, le=50)]
+BatchSize = Annotated[int, Field(ge=1, le=256)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+
+
 class Hyperparameters(BaseModel):
-    n_epochs: int | Auto | None = Field(None)
-    batch_size: int | Auto | None = None
-    learning_rate_multiplier: float | Auto | None = None
-    beta: float | Auto | None = None
+    n_epochs: Epochs | Auto | None = None
+    batch_size: BatchSize | Auto | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto | None = None
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto | None = None
 
 
 class MethodBlock(BaseModel):
@@ -61,9 +67,9 @@ class EmbeddingTrainingBlock(BaseModel):
 
 class TrainingBlock(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    epochs: int | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, gt=0)
-    learning_rate: float | None = Field(None, gt=0)
+    epochs: Epochs | None = None
+    batch_size: BatchSize | None = None
+    learning_rate: LearningRate | None = None
     max_train_steps: int | None = Field(None, gt=0)
     gradient_accumulation_steps: int | None = Field(None, gt=0)
     logging_steps: int | None = Field(None, gt=0)
@@ -87,15 +93,15 @@ class JobRequest(BaseModel):
     integrations: list[dict[str, Any]] | None = None
     # OpenWeights' names.
     loss: Literal["sft", "dpo", "orpo"] | None = None
-    epochs: int | None = Field(None, gt=0)
-    learning_rate: float | None = Field(None, gt=0)
+    epochs: Epochs | None = None
+    learning_rate: LearningRate | None = None
     beta: float | None = Field(None, gt=0)
     r: int | None = Field(None, gt=0)
     lora_alpha: int | None = Field(None, gt=0)
     lora_dropout: float | None = Field(None, ge=0, lt=1)
     target_modules: list[str] | str | None = None
     max_seq_length: int | None = Field(None, gt=0)
-    per_device_train_batch_size: int | None = Field(None, gt=0)
+    per_device_train_batch_size: BatchSize | None = None
     gradient_accumulation_steps: int | None = Field(None, gt=0)
     warmup_steps: int | None = Field(None, ge=0)
     max_steps: int | None = Field(None, gt=0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from huggingface_hub import constants as hub_constants
 from pydantic import ValidationError
 
@@ -118,8 +118,9 @@ async def create(body: JobRequest, request: Request) -> dict[str, Any]:
 
 
 @router.get("/fine_tuning/jobs")
-async def list_jobs(request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
-    rows, more = job_store(request).list_jobs(after, max(1, min(limit, 100)))
+async def list_jobs(request: Request, after: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+    rows, more = job_store(request).list_jobs(after, limit)
     return {"object": "list", "data": [job_object(r) for r in rows], "has_more": more}
 
 
@@ -144,11 +145,12 @@ def _event_object(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-async def list_events(job_id: str, request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+async def list_events(job_id: str, request: Request, after: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
     jobs = job_store(request)
     _job(jobs, job_id)
     anchor = int(after.removeprefix("ftevent-")) if after and re.fullmatch(r"ftevent-\d+", after) else None
-    rows, more = jobs.list_events(job_id, anchor, max(1, min(limit, 1000)))
+    rows, more = jobs.list_events(job_id, anchor, limit)
     return {"object": "list", "data": [_event_object(r) for r in rows], "has_more": more}
 
 

@@ -287,6 +287,9 @@ def train_and_evaluate(trainer: Trainer, checkpoint: str | None, progress: Progr
                        evaluate: bool) -> dict[str, float]:
     """Train (from `checkpoint` when given), then evaluate unless a stop request ended training early."""
     metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    if trainer.state.global_step == 0 and not progress.stopped:  # an untrained adapter is never published
+        raise TrainingError("training ran 0 optimizer steps: the data is smaller than one step (batch size x "
+                            "gradient accumulation) or max_steps/epochs allow none")
     if progress.stopped:
         log.info("stopped at step %d; resume from %s", trainer.state.global_step, trainer.args.output_dir)
     elif evaluate:

@@ -224,3 +224,16 @@ def test_openapi_declares_the_errors(server: Server) -> None:
     assert schema["components"]["schemas"]["Error"]["required"] == ["error"]
     seed = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["seed"]["anyOf"][0]
     assert seed["maximum"] >= 2**63 and seed["minimum"] <= -(2**63)
+
+
+def test_a_job_of_zero_steps_fails_and_publishes_nothing(tiny, tmp_path: Path) -> None:
+    import bentoservice
+    from bentoservice import store
+    from bentoservice.training.config import TrainingError
+
+    before = {str(m.tag) for m in store.list_models("adapter")}
+    with pytest.raises(TrainingError, match="0 optimizer steps"):
+        bentoservice.AutoLLM.for_model("tiny").tuning(
+            CHATS, args={"num_train_epochs": 0, "output_dir": str(tmp_path / "out"), "report_to": []})
+    assert {str(m.tag) for m in store.list_models("adapter")} == before
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -102,13 +102,6 @@ class Settings(BaseSettings):
             return [Path(p) for p in value.split(os.pathsep) if p]
         return value
 
-    @field_validator("admin_api_keys", "inference_api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        return value
-
     def _file_keys(self, role: str) -> list[str]:
         if self.api_keys_file is None:
             return []
@@ -131,7 +124,7 @@ class Settings(BaseSettings):
     def inference_keys(self) -> list[str]:
         return [k.get_secret_value() for k in self.inference_api_keys] + self._file_keys("inference")
 
-    @field_validator("embedding_models", "rerank_models", mode="before")
+    @field_validator("embedding_models", "rerank_models", "admin_api_keys", "inference_api_keys", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):

@@ -9,9 +9,9 @@ from typing import Any
 import bentoml
 
 from bentoservice.api import create_app
-from bentoservice.api.guard import Guard
 from bentoservice.api.console import create_console_app
 from bentoservice.api.fine_tuning.routes import submit_and_wait
+from bentoservice.api.guard import Guard
 from bentoservice.build import bento_args, service_options, with_model_refs
 from bentoservice.config import get_settings
 from bentoservice.training.jobs import handoff

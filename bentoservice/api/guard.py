@@ -8,6 +8,7 @@ import hmac
 from typing import Literal
 
 from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentoservice.api.errors import BodyTooLarge, envelope
@@ -60,8 +61,12 @@ class Guard:
             return
         await self._limited(scope, receive, send, limit)
 
-    def refusal(self, method: str, path: str, headers: Headers):
-        if not (self.admin_keys or self.inference_keys) or path in _OPEN or path.startswith(_OPEN_PREFIXES) or (path == "/metrics" and not self.settings.metrics_need_key):
+    def _open(self, path: str) -> bool:
+        return path in _OPEN or path.startswith(_OPEN_PREFIXES) or (
+            path == "/metrics" and not self.settings.metrics_need_key)
+
+    def refusal(self, method: str, path: str, headers: Headers) -> JSONResponse | None:
+        if not (self.admin_keys or self.inference_keys) or self._open(path):
             return None
         scheme, _, token = headers.get("authorization", "").partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
@@ -101,6 +106,6 @@ class Guard:
             await _too_large(None, exc.limit)(scope, receive, send)
 
 
-def _too_large(length: int | None, limit: int):
+def _too_large(length: int | None, limit: int) -> JSONResponse:
     what = f"of {length} bytes " if length is not None else ""
     return envelope(413, f"request body {what}exceeds the limit of {limit} bytes", None, "request_too_large")

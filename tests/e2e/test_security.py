@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import Server
 
 from bentoservice.config import Settings
-from tests.conftest import Server
 
 ADMIN, INFERENCE, LEGACY = "sk-admin-1", "sk-infer-1", "sk-legacy"
 CHATS = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}

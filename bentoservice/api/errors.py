@@ -62,7 +62,7 @@ def _from_engine(exc: Exception) -> APIError:
 
 
 # pydantic names the branch of a union that failed (`str`, `function-after[...]`, `list[int]`): not a field.
-_BRANCH = re.compile(r"(str|int|float|bool|list|dict|literal\[.*\]|[a-z-]+\[.*\])")
+_BRANCH = re.compile(r"(str|int|float|bool|list|dict|constrained-[a-z]+|literal\[.*\]|[a-z-]+\[.*\])")
 
 
 def _location(loc: tuple) -> str | None:

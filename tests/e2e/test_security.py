@@ -196,7 +196,7 @@ HYPERPARAMETERS = [({"hyperparameters": {"n_epochs": -3}}, "hyperparameters.n_ep
 @pytest.mark.parametrize(("fields", "param"), HYPERPARAMETERS, ids=[p for _, p in HYPERPARAMETERS])
 def test_hyperparameter_ranges(server: Server, fields: dict, param: str) -> None:
     body = {"model": "tiny", "training_file": _upload(server)["id"], **fields}
-    assert error(call(server, "POST", "/v1/fine_tuning/jobs", json=body), 400)["param"].startswith(param)
+    assert error(call(server, "POST", "/v1/fine_tuning/jobs", json=body), 400)["param"] == param
 
 
 def test_both_cancel_routes_agree(server: Server) -> None:

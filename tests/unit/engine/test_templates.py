@@ -9,6 +9,7 @@ from bentoservice.engine.templates import (
     VICUNA_SYSTEM,
     TemplateError,
     chat_templates,
+    check_template,
     register_chat_template,
     resolve_template,
 )
@@ -51,3 +52,14 @@ def test_the_registry_refuses_bad_templates_and_silent_overrides() -> None:
         register_chat_template("unit-echo", "{{ 'other' }}")
     register_chat_template("unit-echo", "{{ 'other' }}", override=True)
     assert render(resolve_template("unit-echo", None)[1]) == "other"
+
+
+@pytest.mark.parametrize(("template", "why"), [
+    ('{{ cycler.__init__.__globals__.os.popen("id").read() }}', "refused"),
+    ("{{ messages.append(1) }}", "refused"),
+    ("x" * 70_000, "characters; the limit"),
+    ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "renders more than"),
+])
+def test_templates_are_tried_in_a_sandbox_with_limits(template: str, why: str) -> None:
+    with pytest.raises(TemplateError, match=why):
+        check_template(template)

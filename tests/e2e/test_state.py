@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from conftest import ROOT, Server
 
 CHATS = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr, ahoy!"}]}\n'
@@ -19,13 +18,22 @@ CHATS = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant",
 
 def isolated(root: Path) -> dict[str, str]:
     """The variables that give a run state of its own (README: Where state lives)."""
-    return {"BENTOML_HOME": str(root / "bentoml"), "BENTOSERVICE_DATA_DIR": str(root / "data"),
-            "XDG_CACHE_HOME": str(root / "cache")}
+    return {
+        "BENTOML_HOME": str(root / "bentoml"),
+        "BENTOSERVICE_DATA_DIR": str(root / "data"),
+        "XDG_CACHE_HOME": str(root / "cache"),
+    }
 
 
 def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bentoservice.cli", *args], env={**os.environ, **env},
-                          input=stdin, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bentoservice.cli", *args],
+        env={**os.environ, **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +65,16 @@ def test_state_prints_every_location(homes: list[dict[str, str]]) -> None:
     assert result.returncode == 0, result.stderr
     data = Path(env["BENTOSERVICE_DATA_DIR"])
     cache = Path(env["XDG_CACHE_HOME"]) / "bentoservice"
-    for where in [env["BENTOML_HOME"], f"{env['BENTOML_HOME']}/models", data, data / "bentoservice.db",
-                  data / "files", data / "jobs", cache / "fine_tune", cache / "native"]:
+    for where in [
+        env["BENTOML_HOME"],
+        f"{env['BENTOML_HOME']}/models",
+        data,
+        data / "bentoservice.db",
+        data / "files",
+        data / "jobs",
+        cache / "fine_tune",
+        cache / "native",
+    ]:
         assert f"    {where}    (" in result.stdout, where
     # the tiny model is ours; the other project's model in the same store is not counted; nothing ran yet
     assert counts(result.stdout) == "1 base models, 0 adapters, 0 jobs, 0 files"
@@ -82,7 +98,7 @@ def test_two_servers_with_isolated_state(servers: list[Server], homes: list[dict
 def test_start_prints_the_urls_once_ready(servers: list[Server]) -> None:
     server = servers[0]
     output = server.output()
-    banner = output[output.index("bentoservice is ready, serving tiny:"):]
+    banner = output[output.index("bentoservice is ready, serving tiny:") :]
     base = f"http://localhost:{server.port}"
     assert f"API base URL  {base}/v1\n" in banner
     assert f"docs          {base}/\n" in banner
@@ -92,8 +108,9 @@ def test_start_prints_the_urls_once_ready(servers: list[Server]) -> None:
     assert (f"console       {base}/ui/" in banner) == console
 
 
-def test_reset_asks_first_and_deletes_only_this_projects_state(servers: list[Server],
-                                                              homes: list[dict[str, str]]) -> None:
+def test_reset_asks_first_and_deletes_only_this_projects_state(
+    servers: list[Server], homes: list[dict[str, str]]
+) -> None:
     for server in servers:
         server.stop()
     env = homes[0]
@@ -108,15 +125,22 @@ def test_reset_asks_first_and_deletes_only_this_projects_state(servers: list[Ser
     assert "deleted model tiny:" in done.stdout and f"deleted {data}\n" in done.stdout
     assert not data.exists()
     assert counts(cli(env, "state").stdout) == "0 base models, 0 adapters, 0 jobs, 0 files"
-    listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], env={**os.environ, **env},
-                            capture_output=True, text=True, check=True, timeout=120).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "bentoml", "models", "list", "-o", "json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     assert "not-ours" in listed and "tiny" not in listed
     assert counts(cli(homes[1], "state").stdout).startswith("1 base models")  # the other state is untouched
 
 
 def test_make_serve_takes_port_and_host() -> None:
-    dry = subprocess.run(["make", "-n", "serve", "PORT=3010", "HOST=127.0.0.1"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "serve", "PORT=3010", "HOST=127.0.0.1"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert ".venv/bin/bentoservice start --port 3010 --host 127.0.0.1" in dry
     default = subprocess.run(["make", "-n", "serve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert ".venv/bin/bentoservice start --port 3000 --host 0.0.0.0" in default

@@ -1,10 +1,10 @@
 """The docs check: every `bash` and `python` block of README.md and docs/*.md runs against a real server, as a new
 user would paste it, unless the line before it says which tests cover it or why it cannot run here:
 
-    <!-- docs-check: covered by tests/test_adapters.py::test_switch_default, tests/test_cli.py::test_x -->
+    <!-- docs-check: covered by tests/e2e/test_adapters.py::test_switch_default, tests/e2e/test_cli.py::test_x -->
     <!-- docs-check: skip (needs a GPU) -->
 
-`pytest -rs tests/test_docs.py` lists the skipped blocks with their reasons.
+`pytest -rs tests/e2e/test_docs.py` lists the skipped blocks with their reasons.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, Server
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -54,9 +53,16 @@ def snippets() -> list[Snippet]:
             mark = MARK.search(before)
             tests = mark.group("tests") if mark else None
             if fence.group(1) in ("bash", "python"):
-                found.append(Snippet(str(page.relative_to(ROOT)), index + 1, fence.group(1),
-                                     "\n".join(lines[index + 1:end]) + "\n", mark.group("reason") if mark else None,
-                                     tuple(name.strip() for name in tests.split(",")) if tests else ()))
+                found.append(
+                    Snippet(
+                        str(page.relative_to(ROOT)),
+                        index + 1,
+                        fence.group(1),
+                        "\n".join(lines[index + 1 : end]) + "\n",
+                        mark.group("reason") if mark else None,
+                        tuple(name.strip() for name in tests.split(",")) if tests else (),
+                    )
+                )
             index = end + 1
     return found
 
@@ -82,8 +88,9 @@ def test_snippet(snippet: Snippet, request: pytest.FixtureRequest) -> None:
         return
     server: Server = request.getfixturevalue("smollm2_server")
     code = snippet.code.replace("http://localhost:3000", server.url).replace("localhost:3000", server.url)
-    command = ["bash", "-euo", "pipefail", "-c", CURL + code] if snippet.language == "bash" else [sys.executable,
-                                                                                                   "-c", code]
+    command = (
+        ["bash", "-euo", "pipefail", "-c", CURL + code] if snippet.language == "bash" else [sys.executable, "-c", code]
+    )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{snippet} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"

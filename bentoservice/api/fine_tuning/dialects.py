@@ -3,6 +3,7 @@ data: no torch on this side): the method, the TrainingArguments, the LoRA settin
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from bentoservice.api.errors import APIError
@@ -73,7 +74,8 @@ def _trainer_args(body: JobRequest, job_id: str, default_learning_rate: float, t
         "logging_steps": _first(body.logging_steps, training.logging_steps) or 1,
         "lr_scheduler_type": training.lr_scheduler,
         "weight_decay": training.weight_decay,
-        "seed": body.seed,
+        # OpenAI picks a seed when none is given and shows it; a resumed run needs the same one.
+        "seed": body.seed if body.seed is not None else secrets.randbelow(2**31),
         "output_dir": str(get_settings().jobs_dir / job_id / "output"),
         "save_strategy": "steps" if body.save_steps else "epoch",
         "save_steps": body.save_steps,

@@ -16,7 +16,8 @@ from bentoservice.api.errors import APIError, unknown_model
 from bentoservice.api.files.routes import job_store
 from bentoservice.api.fine_tuning.dialects import KIND, WANTED, default_learning_rate, job_config, training_method
 from bentoservice.api.fine_tuning.protocol import JobRef, JobRequest
-from bentoservice.training.jobs.queue import request_cancel
+from bentoservice.training.jobs.queue import request_cancel, request_pause, request_resume
+from bentoservice.training.jobs.results import with_openai_names
 from bentoservice.training.jobs.store import FINAL, JobStore, new_id
 from bentoservice.training.methods import encoder_config
 
@@ -74,10 +75,11 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"],
         "finished_at": job["finished_at"], "model": job["model"], "fine_tuned_model": (
             job["fine_tuned_model"] if job["status"] == "succeeded" else None),
-        "organization_id": "bentoservice", "result_files": [], "status": job["status"],
+        "organization_id": "bentoservice", "result_files": job["result_files"] or [], "status": job["status"],
         "training_file": request["training_file"], "validation_file": request.get("validation_file"),
         "hyperparameters": hyper, "trained_tokens": job["trained_tokens"], "error": job["error"],
-        "seed": args.get("seed", 0), "estimated_finish": None, "integrations": [],
+        "seed": args.get("seed"), "integrations": [],
+        "estimated_finish": job["estimated_finish"] if job["status"] == "running" else None,
         "metadata": request.get("metadata"), "user_provided_suffix": request.get("suffix"),
         "method": {"type": method, method: {"hyperparameters": {**hyper, **(
             {"beta": config.get("beta", 0.1)} if method in ("dpo", "orpo") else {})}}},
@@ -120,7 +122,10 @@ async def create(body: JobRequest, request: Request) -> dict[str, Any]:
 @router.get("/fine_tuning/jobs")
 async def list_jobs(request: Request, after: str | None = None,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
-    rows, more = job_store(request).list_jobs(after, limit)
+    """OpenAI's filter `metadata[key]=value` keeps the jobs whose metadata has that pair."""
+    metadata = {m[1]: value for name, value in request.query_params.items()
+                if (m := re.fullmatch(r"metadata\[(.+)\]", name))}
+    rows, more = job_store(request).list_jobs(after, limit, metadata)
     return {"object": "list", "data": [job_object(r) for r in rows], "has_more": more}
 
 
@@ -136,6 +141,28 @@ async def cancel(job_id: str, request: Request) -> dict[str, Any]:
     if job["status"] in ("succeeded", "failed", "cancelled"):
         raise APIError(400, f"the job is already {job['status']}", "fine_tuning_job_id", "job_finished")
     request_cancel(jobs, job_id)
+    return job_object(_job(jobs, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+async def pause(job_id: str, request: Request) -> dict[str, Any]:
+    """The runner saves a checkpoint and exits, freeing the device; the job waits as `paused`."""
+    jobs = job_store(request)
+    job = _job(jobs, job_id)
+    if not request_pause(jobs, job_id):
+        raise APIError(400, f"only a running job can be paused; this one is {job['status']}", "fine_tuning_job_id",
+                       "job_not_running")
+    return job_object(_job(jobs, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+async def resume(job_id: str, request: Request) -> dict[str, Any]:
+    """Queue a paused job; it continues from its checkpoint (same data order, optimizer and scheduler state)."""
+    jobs = job_store(request)
+    job = _job(jobs, job_id)
+    if not request_resume(jobs, job_id):
+        raise APIError(400, f"only a paused job can be resumed; this one is {job['status']}", "fine_tuning_job_id",
+                       "job_not_paused")
     return job_object(_job(jobs, job_id))
 
 
@@ -155,10 +182,8 @@ async def list_events(job_id: str, request: Request, after: str | None = None,
 
 
 def _checkpoint_object(row: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    metrics = {"step": row["step"], **{k: v for k, v in (row["metrics"] or {}).items()
+    metrics = {"step": row["step"], **{k: v for k, v in with_openai_names(row["metrics"] or {}).items()
                                        if isinstance(v, (int, float))}}
-    if "loss" in metrics:
-        metrics["train_loss"] = metrics["loss"]
     return {"id": row["id"], "object": "fine_tuning.job.checkpoint", "created_at": row["created_at"],
             "fine_tuning_job_id": job["id"], "step_number": row["step"], "metrics": metrics,
             "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{row['step']}",

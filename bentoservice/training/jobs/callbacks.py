@@ -22,7 +22,8 @@ class Flag(Protocol):
 Sink = Callable[[dict[str, Any]], None]
 StopFlag = Flag | Callable[[], bool]
 # Trainer log keys passed on as they are; tokens_per_second and eta_seconds are derived here.
-LOG_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "eval_accuracy", "train_loss")
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "eval_accuracy", "train_loss",
+            "mean_token_accuracy", "eval_mean_token_accuracy")
 
 
 def log_sink(event: dict[str, Any]) -> None:
@@ -52,7 +53,7 @@ class ProgressCallback(TrainerCallback):
         self.stopped = False
         self.last_metrics: dict[str, Any] = {}
         self._start = self._mark = time.monotonic()
-        self._first_step = self._mark_tokens = 0
+        self._first_step = self._mark_tokens = self._metrics_step = 0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -79,7 +80,10 @@ class ProgressCallback(TrainerCallback):
         if done > 0 and state.max_steps > 0:
             event["eta_seconds"] = (now - self._start) / done * (state.max_steps - state.global_step)
         self._mark, self._mark_tokens = now, state.num_input_tokens_seen
-        self.last_metrics = {k: v for k, v in event.items() if k not in ("type", "step")}
+        # A step's training log and its evaluation are two logs: a checkpoint of that step carries both.
+        if state.global_step != self._metrics_step:
+            self.last_metrics, self._metrics_step = {}, state.global_step
+        self.last_metrics.update({k: v for k, v in event.items() if k not in ("type", "step")})
         self.sink(event)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -72,6 +72,10 @@ class JobQueue:
         """A running job whose runner has exited: cancelled, trained (then served), or interrupted."""
         if job["cancel_requested"]:
             self._cancelled(job["id"])
+        elif job["pause_requested"] and not job["store_tag"]:  # it died before it could say so itself
+            if self.jobs.update_job(job["id"], only_if=("running",), status="paused", pid=None,
+                                    estimated_finish=None):
+                self.jobs.add_event(job["id"], "Fine-tuning job paused; it resumes from its newest checkpoint")
         elif job["store_tag"]:
             self._complete(job)
         else:
@@ -85,7 +89,8 @@ class JobQueue:
             log.exception("serving the result of job %s failed", job["id"])
             self.jobs.add_event(job["id"], f"The fine-tuned model could not be loaded into the server: {exc}",
                                 level="warn")
-        if self.jobs.update_job(job["id"], only_if=("running",), status="succeeded", finished_at=now(), pid=None):
+        if self.jobs.update_job(job["id"], only_if=("running",), status="succeeded", finished_at=now(), pid=None,
+                                estimated_finish=None):
             self.jobs.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
             self.jobs.add_event(job["id"], "The job has successfully completed")
 
@@ -155,10 +160,27 @@ class JobQueue:
 
 
 def request_cancel(jobs: JobStore, job_id: str) -> None:
-    """Cancel a job: at once when it has not started; a running one is killed by the queue."""
-    if not jobs.update_job(job_id, only_if=("validating_files", "queued"), status="cancelled",
+    """Cancel a job: at once when it is not training; a running one is killed by the queue."""
+    if not jobs.update_job(job_id, only_if=("validating_files", "queued", "paused"), status="cancelled",
                            finished_at=now(), cancel_requested=1):
         if jobs.update_job(job_id, only_if=("running",), cancel_requested=1):
             jobs.add_event(job_id, "Cancellation requested")
         return
     jobs.add_event(job_id, "The job was cancelled")
+
+
+def request_pause(jobs: JobStore, job_id: str) -> bool:
+    """Ask a running job to pause: its runner saves a checkpoint and exits (status `paused`). False if not running."""
+    if not jobs.update_job(job_id, only_if=("running",), pause_requested=1):
+        return False
+    jobs.add_event(job_id, "Pause requested")
+    return True
+
+
+def request_resume(jobs: JobStore, job_id: str) -> bool:
+    """Queue a paused job again, to continue from its newest checkpoint. False if it is not paused."""
+    if not jobs.update_job(job_id, only_if=("paused",), status="queued", pause_requested=0,
+                           attempts=0):  # a pause is no failed attempt
+        return False
+    jobs.add_event(job_id, "Fine-tuning job resume requested; the job is queued")
+    return True

@@ -9,14 +9,17 @@ result is served (see training.queue).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from bentoservice.config import get_settings
 from bentoservice.training.data import filestore
 from bentoservice.training.distributed.backends import rank
-from bentoservice.training.jobs.store import JobStore, now
+from bentoservice.training.jobs import results
+from bentoservice.training.jobs.store import JobStore, new_id, now
 
 if TYPE_CHECKING:
     from bentoservice.training.config import TrainingConfig
@@ -36,19 +39,47 @@ def _message(event: dict[str, Any], total: int | None) -> str:
 
 
 class JobSink:
-    """Progress events of one job, written to the job store."""
+    """Progress events of one job, written to the job store with OpenAI's metric names beside the trainer's."""
 
     def __init__(self, jobs: JobStore, job_id: str, total_steps: int | None) -> None:
         self.jobs, self.job_id, self.total = jobs, job_id, total_steps
 
     def __call__(self, event: dict[str, Any]) -> None:
-        data = {k: v for k, v in event.items() if k != "type"}
+        data = results.with_openai_names({k: v for k, v in event.items() if k != "type"})
         if event["type"] == "checkpoint":
-            self.jobs.add_checkpoint(self.job_id, event["step"], event["path"], event.get("metrics") or {})
+            metrics = {"step": event["step"], **results.with_openai_names(event.get("metrics") or {})}
+            self.jobs.add_checkpoint(self.job_id, event["step"], event["path"], metrics)
             self.jobs.add_event(self.job_id, f"Checkpoint saved at step {event['step']}", type="checkpoint",
-                                data=data)
-        else:
-            self.jobs.add_event(self.job_id, _message(event, self.total), type="metrics", data=data)
+                                data={**data, "metrics": metrics})
+            return
+        self.jobs.add_event(self.job_id, _message(event, self.total), type="metrics", data=data)
+        if "eta_seconds" in event:
+            self.jobs.update_job(self.job_id, only_if=("running",),
+                                 estimated_finish=now() + round(event["eta_seconds"]))
+
+
+class PauseFlag:
+    """Set once the job's pause is requested; reads the job store at most once a second (it is asked every step)."""
+
+    def __init__(self, jobs: JobStore, job_id: str) -> None:
+        self.jobs, self.job_id, self._next, self._set = jobs, job_id, 0.0, False
+
+    def is_set(self) -> bool:
+        if not self._set and time.monotonic() >= self._next:
+            self._next = time.monotonic() + 1
+            self._set = bool((self.jobs.get_job(self.job_id) or {}).get("pause_requested"))
+        return self._set
+
+
+def _store_results(jobs: JobStore, job_id: str) -> str:
+    """The step-metrics CSV of the job's events, stored as a file of purpose fine-tune-results; its id."""
+    rows, _ = jobs.list_events(job_id, limit=1_000_000)
+    data, count = results.step_metrics_csv(r["data"] for r in reversed(rows) if r["type"] == "metrics" and r["data"])
+    file_id = new_id("file")
+    filestore.write(file_id, data)
+    jobs.add_file(id=file_id, filename="step_metrics.csv", purpose="fine-tune-results", bytes=len(data),
+                  sha256=hashlib.sha256(data).hexdigest(), format="csv", kind="results", rows=count)
+    return file_id
 
 
 def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> None:
@@ -74,17 +105,17 @@ def _export(tag: str, job_id: str) -> None:
     bentoml.models.export_model(tag, url)
 
 
-def _train(config: TrainingConfig | EncoderConfig, sink: JobSink | None) -> TrainingResult:
+def _train(config: TrainingConfig | EncoderConfig, sink: JobSink | None, stop: PauseFlag) -> TrainingResult:
     """The method's training (torch and the trainers imported only here)."""
     from bentoservice.training.methods.encoder_config import EncoderConfig
 
     if isinstance(config, EncoderConfig):
         from bentoservice.training.methods.encoders import run_encoder_training
 
-        return run_encoder_training(config, sink=sink, resume=True)
+        return run_encoder_training(config, sink=sink, stop=stop, resume=True)
     from bentoservice.training.methods.trainers import run_training
 
-    return run_training(config, sink=sink, resume=True)
+    return run_training(config, sink=sink, stop=stop, resume=True)
 
 
 def run(job_id: str) -> int:
@@ -110,12 +141,16 @@ def run(job_id: str) -> int:
             config: TrainingConfig | EncoderConfig = EncoderConfig(**options)
         else:
             config = TrainingConfig(**options)
+        checkpoints = jobs.list_checkpoints(job_id)
         if main:
-            jobs.add_event(job_id, "Fine-tuning job started" if job["attempts"] <= 1 else
-                           f"Fine-tuning job resumed (attempt {job['attempts']})")
+            jobs.add_event(job_id, f"Fine-tuning job resumed from step {checkpoints[0]['step']} (attempt "
+                                   f"{job['attempts']})" if checkpoints else "Fine-tuning job started")
         sink = JobSink(jobs, job_id, config.args.get("max_steps")) if main else None
-        result = _train(config, sink)
+        result = _train(config, sink, PauseFlag(jobs, job_id))
         if not main:
+            return 0
+        if result.stopped:
+            _paused(jobs, job_id)
             return 0
         model, tag = job["fine_tuned_model"], result.tag
         if merge:
@@ -134,11 +169,24 @@ def run(job_id: str) -> int:
         _fail(jobs, job_id, "training_failed", f"{exc.__class__.__name__}: {exc}")
         return 1
     tokens = result.metrics.get("num_input_tokens_seen")
+    full = results.full_validation(result.metrics)
+    if full:
+        step = max((c["step"] for c in jobs.list_checkpoints(job_id)), default=0)
+        jobs.add_event(job_id, f"Full validation loss={full['full_valid_loss']:.4f}", type="metrics",
+                       data={"step": step, **full})
     # The queue in the serving process marks the job succeeded once the model is served.
     if jobs.update_job(job_id, only_if=("running",), fine_tuned_model=model, store_tag=tag,
-                       trained_tokens=int(tokens) if tokens else None):
+                       trained_tokens=int(tokens) if tokens else None, result_files=[_store_results(jobs, job_id)]):
         jobs.add_event(job_id, "Training completed", data={"store_tag": tag, "metrics": result.metrics})
     return 0
+
+
+def _paused(jobs: JobStore, job_id: str) -> None:
+    """The run stopped at a pause request after saving a checkpoint: the job waits, its runner exits."""
+    newest = jobs.list_checkpoints(job_id)
+    step = newest[0]["step"] if newest else 0
+    if jobs.update_job(job_id, only_if=("running",), status="paused", pid=None, estimated_finish=None):
+        jobs.add_event(job_id, f"Fine-tuning job paused at step {step}", data={"step": step})
 
 
 def main() -> None:

@@ -65,6 +65,9 @@ jobs = Table(
     Column("host", Text),  # where the job trains: a host name (local processes) or ray:<submission id>
     Column("attempts", Integer, nullable=False, default=0),
     Column("cancel_requested", Integer, nullable=False, default=0),
+    Column("pause_requested", Integer, default=0),
+    Column("estimated_finish", Integer),  # unix seconds, from the measured step rate while running
+    Column("result_files", JSON),  # file ids (purpose fine-tune-results)
 )
 
 events = Table(
@@ -88,7 +91,7 @@ checkpoints = Table(
     Column("metrics", JSON),
 )
 
-ACTIVE = ("validating_files", "queued", "running")
+ACTIVE = ("validating_files", "queued", "running", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -188,9 +191,13 @@ class JobStore:
             found = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return dict(found) if found else None
 
-    def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
+    def list_jobs(self, after: str | None = None, limit: int = 20,
+                  metadata: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first; `after` is the id of the last job of the previous page; `metadata` keeps the jobs whose
+        metadata has each of those key-value pairs."""
         query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+        for key, value in (metadata or {}).items():
+            query = query.where(jobs.c.request["metadata"][key].as_string() == value)
         if after:
             anchor = self.get_job(after)
             if anchor is not None:

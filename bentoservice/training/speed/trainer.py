@@ -136,6 +136,10 @@ def sft_trainer_class() -> type[SFTTrainer]:
             batch = {k: v for k, v in inputs.items() if k != "labels"}
             logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[0]
             loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            # TRL's token accuracy (OpenAI's train/valid_mean_token_accuracy); a training step's stays on the device.
+            accuracy = (logits.argmax(-1) == targets[keep]).sum().detach() / max(keep.numel(), 1)
+            self._metrics["train" if model.training else "eval"]["mean_token_accuracy"].append(
+                accuracy if model.training else accuracy.item())
             count = keep.numel() if num_items_in_batch is None else num_items_in_batch
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -1,0 +1,46 @@
+"""A job's numbers under OpenAI's names: the metrics of its events and checkpoints, and the step-metrics CSV
+stored as its result file (purpose `fine-tune-results`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from typing import Any
+
+# The trainer's log keys and OpenAI's names for them (the trainer's stay beside them for older clients).
+OPENAI_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_accuracy",
+                "eval_loss": "valid_loss", "eval_mean_token_accuracy": "valid_mean_token_accuracy"}
+# The final evaluation on the whole validation file.
+FULL_VALID_NAMES = {"eval_loss": "full_valid_loss", "eval_mean_token_accuracy": "full_valid_mean_token_accuracy"}
+# The columns of OpenAI's step_metrics.csv (train_accuracy is the mean token accuracy of the step's batch).
+CSV_COLUMNS = {"step": "step", "train_loss": "train_loss", "train_accuracy": "train_mean_token_accuracy",
+               "valid_loss": "valid_loss", "valid_mean_token_accuracy": "valid_mean_token_accuracy"}
+
+
+def with_openai_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` plus OpenAI's name of each trainer key it has. Trainer's end-of-training summary also calls
+    its mean loss `train_loss`; a per-step `loss` wins over it."""
+    return {**metrics, **{OPENAI_NAMES[k]: v for k, v in metrics.items() if k in OPENAI_NAMES}}
+
+
+def full_validation(metrics: dict[str, Any]) -> dict[str, float]:
+    """OpenAI's full_valid_* figures from the trainer's final evaluation metrics."""
+    return {name: metrics[key] for key, name in FULL_VALID_NAMES.items() if key in metrics}
+
+
+def step_metrics_csv(events: Iterable[dict[str, Any]]) -> tuple[bytes, int]:
+    """The CSV of a job's metrics events (oldest first), one row a step, and how many rows. A step logged twice
+    (a resumed job repeats the steps after its checkpoint) keeps its latest values."""
+    rows: dict[int, dict[str, Any]] = {}
+    for data in events:
+        if "step" not in data or not ({"loss", "eval_loss"} & set(data)):
+            continue
+        named = with_openai_names(data)
+        row = rows.setdefault(int(data["step"]), {})
+        row.update({column: named[key] for column, key in CSV_COLUMNS.items() if key in named})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows[step] for step in sorted(rows))
+    return out.getvalue().encode(), len(rows)

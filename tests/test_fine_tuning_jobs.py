@@ -1,0 +1,125 @@
+"""A fine-tuning job in OpenAI's full shape, through the openai SDK: metric names, result files, estimated_finish,
+seed and metadata, pause and resume (across a restart)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from test_fine_tuning import CHATS, _job_row, jsonl, wait_for, wait_for_event
+
+from conftest import Server
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ft-jobs")
+
+
+@pytest.fixture(scope="module")
+def server(tiny, data_dir: Path):
+    server = Server("tiny", env={"BENTOSERVICE_DATA_DIR": str(data_dir)})
+    yield server
+    server.stop()
+
+
+def test_openai_job_shape(server: Server) -> None:
+    client = server.client()
+    train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
+    valid = client.files.create(file=("valid.jsonl", jsonl(CHATS[:3])), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train, validation_file=valid, seed=7, metadata={"team": "search"},
+        hyperparameters={"n_epochs": "auto", "batch_size": 2, "learning_rate_multiplier": "auto"},
+        extra_body={"max_steps": 4, "save_steps": 2})
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.learning_rate_multiplier) == (3, 1.0)
+    assert job.seed == 7 and job.metadata == {"team": "search"}
+    other = client.fine_tuning.jobs.create(model="tiny", training_file=train, metadata={"team": "ads"})
+    client.fine_tuning.jobs.cancel(other.id)
+    assert isinstance(client.fine_tuning.jobs.retrieve(other.id).seed, int)  # chosen and shown when not given
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "search"}).data] == [job.id]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "ads"}).data] == [other.id]
+    assert client.fine_tuning.jobs.list(metadata={"team": "nobody"}).data == []
+
+    done = wait_for(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.trained_tokens and done.trained_tokens > 0 and done.estimated_finish is None
+    events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data if e.type == "metrics"]
+    train_steps = [e for e in events if "train_loss" in e and "loss" in e]
+    assert sorted(e["step"] for e in train_steps) == [1, 2, 3, 4]
+    assert all(0 <= e["train_mean_token_accuracy"] <= 1 and e["train_loss"] == e["loss"] for e in train_steps)
+    assert {e["step"] for e in events if "valid_loss" in e and "valid_mean_token_accuracy" in e} >= {2, 4}
+    full = [e for e in events if "full_valid_loss" in e]
+    assert len(full) == 1 and full[0]["full_valid_loss"] > 0 and 0 <= full[0]["full_valid_mean_token_accuracy"] <= 1
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [4, 2]
+    assert checkpoints[0].metrics.train_loss > 0 and checkpoints[0].metrics.valid_loss > 0
+    assert 0 <= checkpoints[0].metrics.valid_mean_token_accuracy <= 1
+
+    assert len(done.result_files) == 1
+    results = client.files.retrieve(done.result_files[0])
+    assert results.purpose == "fine-tune-results" and results.filename == "step_metrics.csv"
+    rows = list(csv.DictReader(io.StringIO(client.files.content(results.id).text)))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[0]["train_loss"]) == pytest.approx(next(e["loss"] for e in train_steps if e["step"] == 1))
+    assert rows[1]["valid_loss"] and not rows[0]["valid_loss"]
+
+
+def test_pause_resume_across_a_restart(tiny, tmp_path: Path) -> None:
+    env = {"BENTOSERVICE_DATA_DIR": str(tmp_path)}
+    server = Server("tiny", env=env)
+    try:
+        client = server.client()
+        train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=train,
+                                             extra_body={"max_steps": 150, "save_steps": 1000})
+        with pytest.raises(openai.BadRequestError) as early:
+            client.fine_tuning.jobs.resume(job.id)
+        assert early.value.body["param"] == "fine_tuning_job_id"
+        wait_for_event(client, job.id, "metrics")
+        running = client.fine_tuning.jobs.retrieve(job.id)
+        while running.estimated_finish is None and running.status == "running":
+            time.sleep(0.2)
+            running = client.fine_tuning.jobs.retrieve(job.id)
+        assert running.status == "running" and running.estimated_finish >= running.created_at
+        pid = _job_row(tmp_path, job.id)["pid"]
+        assert client.fine_tuning.jobs.pause(job.id).id == job.id
+        paused = wait_for(client, job.id, ("paused", "succeeded", "failed"), timeout=60)
+        assert paused.status == "paused" and paused.estimated_finish is None
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the runner still holds the device after the pause"
+        at_pause = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
+        assert 0 < at_pause < 150
+    finally:
+        server.stop()
+    server = Server("tiny", env=env)
+    try:
+        client = server.client()
+        time.sleep(2)  # a few queue ticks: a paused job stays paused after a restart
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+        assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+        done = wait_for(client, job.id)
+        assert done.status == "succeeded", done.error
+        events = list(reversed(client.fine_tuning.jobs.list_events(job.id, limit=1000).data))
+        resumed = next(i for i, e in enumerate(events) if e.message.startswith("Fine-tuning job resumed"))
+        steps_after = [e.data["step"] for e in events[resumed:] if e.type == "metrics" and "loss" in e.data]
+        assert steps_after[0] == at_pause + 1 and steps_after[-1] == 150
+        with pytest.raises(openai.BadRequestError):
+            client.fine_tuning.jobs.pause(job.id)
+    finally:
+        server.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def test_openai_job_shape(server: Server) -> None:
     job = client.fine_tuning.jobs.create(
         model="tiny", training_file=train, validation_file=valid, seed=7, metadata={"team": "search"},
         hyperparameters={"n_epochs": "auto", "batch_size": 2, "learning_rate_multiplier": "auto"},
-        extra_body={"max_steps": 4, "save_steps": 2})
+        extra_body={"max_steps": 4, "save_steps": 2, "evaluation": {"max_tokens": 6}})
     assert (job.hyperparameters.n_epochs, job.hyperparameters.learning_rate_multiplier) == (3, 1.0)
     assert job.seed == 7 and job.metadata == {"team": "search"}
     other = client.fine_tuning.jobs.create(model="tiny", training_file=train, metadata={"team": "ads"})
@@ -60,7 +61,7 @@ def test_openai_job_shape(server: Server) -> None:
     assert checkpoints[0].metrics.train_loss > 0 and checkpoints[0].metrics.valid_loss > 0
     assert 0 <= checkpoints[0].metrics.valid_mean_token_accuracy <= 1
 
-    assert len(done.result_files) == 1
+    assert len(done.result_files) == 2
     results = client.files.retrieve(done.result_files[0])
     assert results.purpose == "fine-tune-results" and results.filename == "step_metrics.csv"
     rows = list(csv.DictReader(io.StringIO(client.files.content(results.id).text)))
@@ -123,3 +124,32 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_before_after_evaluation(server: Server) -> None:
+    """The job of test_openai_job_shape compared the base and the adapter on its validation file."""
+    client = server.client()
+    job = client.fine_tuning.jobs.list(metadata={"team": "search"}).data[0]
+    summary = job.model_extra["evaluation"]
+    assert summary["base"]["loss"] > 0 and summary["adapter"]["loss"] > 0
+    assert summary["base"]["loss"] != summary["adapter"]["loss"]
+    assert summary["adapter"]["loss"] == pytest.approx(next(
+        e.data["full_valid_loss"] for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
+        if "full_valid_loss" in e.data))
+    assert [s["prompt"] for s in summary["samples"]] == [c["messages"][0]["content"] for c in CHATS[:3]]
+    assert [s["reference"] for s in summary["samples"]] == [c["messages"][1]["content"] for c in CHATS[:3]]
+    assert all(isinstance(s["base"], str) and isinstance(s["adapter"], str) for s in summary["samples"])
+    stored = client.files.retrieve(job.result_files[1])
+    assert stored.filename == "evaluation.json" and stored.purpose == "fine-tune-results"
+    assert json.loads(client.files.content(stored.id).text) == summary
+    final = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
+             if e.message.startswith("Evaluation:")]
+    assert len(final) == 1 and final[0].data["evaluation"] == summary and "(base) ->" in final[0].message
+    train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as missing:
+        client.fine_tuning.jobs.create(model="tiny", training_file=train,
+                                       extra_body={"evaluation": {"prompts_file": "file-nope"}})
+    assert missing.value.body["param"] == "evaluation.prompts_file"
+    with pytest.raises(openai.BadRequestError) as typo:
+        client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={"evaluation": {"max_token": 3}})
+    assert "max_token" in typo.value.body["param"]

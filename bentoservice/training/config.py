@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bentoservice.config import get_settings
+from bentoservice.training.methods.evaluation import Evaluation
 
 Method = Literal["sft", "dpo", "orpo"]
 AdapterType = Literal["lora", "qlora"]
@@ -96,6 +97,8 @@ class TrainingConfig(FineTuneChecks):
     """DPO loss (sigmoid, ipo, hinge, ...) or SFT loss (nll, dft); TRL's default when unset."""
     packing: bool = False
     max_seq_length: int = Field(2048, gt=0)
+    evaluation: Evaluation | None = None
+    """Compare the base and the adapter at the end (held-out loss, sample generations); `prompts_file` is a path."""
     args: dict[str, Any] = {}
 
     @model_validator(mode="before")

@@ -10,6 +10,7 @@ from bentoservice.api.errors import APIError
 from bentoservice.api.fine_tuning.protocol import (
     DatasetBlock,
     EmbeddingTrainingBlock,
+    EvaluationBlock,
     GeneralBlock,
     Hyperparameters,
     JobRequest,
@@ -153,13 +154,29 @@ def _add_scale(body: JobRequest, config: dict[str, Any]) -> None:
     config["args"].update(backends.DISTRIBUTED_ARGS[scale.distributed])
 
 
+def _add_evaluation(body: JobRequest, config: dict[str, Any], test: dict[str, Any] | None,
+                    prompts: dict[str, Any] | None) -> None:
+    """The before/after evaluation: asked for, or by default for a job with a validation file."""
+    if body.evaluation is None and test is None:
+        return
+    if config["method"] in encoder_config.ENCODER_METHODS:
+        if body.evaluation is not None:
+            raise APIError(400, "evaluation compares generations: it is for LLM jobs, not rerank or embedding",
+                           "evaluation", "unsupported")
+        return
+    block = body.evaluation or EvaluationBlock()
+    config["evaluation"] = {"prompts_file": filestore.file_url(prompts["id"]) if prompts else None,
+                            **block.model_dump(include={"max_tokens", "samples"}, exclude_none=True)}
+
+
 def job_config(body: JobRequest, job_id: str, base_name: str, train: dict[str, Any], test: dict[str, Any] | None,
-               method: str) -> dict[str, Any]:
+               method: str, prompts: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one place a job body, in any dialect, becomes the config the runner trains from."""
     config = (_encoder_config if method in encoder_config.ENCODER_METHODS else _training_config)(
         body, job_id, base_name, train, test, method)
     _add_scale(body, config)
     _check_4bit(body, method, config["scale"]["backend"])
+    _add_evaluation(body, config, test, prompts)
     return config
 
 

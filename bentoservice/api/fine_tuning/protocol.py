@@ -79,6 +79,15 @@ class TrainingBlock(BaseModel):
     embedding_training_config: EmbeddingTrainingBlock | None = None
 
 
+class EvaluationBlock(BaseModel):
+    """The before/after evaluation at the end of a job (on by default when there is a validation file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompts_file: str | None = None
+    max_tokens: int | None = Field(None, gt=0)
+    samples: int | None = Field(None, gt=0)
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -91,6 +100,7 @@ class JobRequest(BaseModel):
     seed: int | None = None
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
+    evaluation: EvaluationBlock | None = None
     # OpenWeights' names.
     loss: Literal["sft", "dpo", "orpo"] | None = None
     epochs: Epochs | None = None

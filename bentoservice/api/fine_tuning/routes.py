@@ -83,6 +83,8 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         "metadata": request.get("metadata"), "user_provided_suffix": request.get("suffix"),
         "method": {"type": method, method: {"hyperparameters": {**hyper, **(
             {"beta": config.get("beta", 0.1)} if method in ("dpo", "orpo") else {})}}},
+        # Beyond OpenAI's object: the before/after evaluation (methods.evaluation), once the job has one.
+        "evaluation": job["evaluation"],
         # OpenWeights' view of the same job.
         "params": {"model": job["model"], "loss": config["method"], **config.get("args", {})},
         "outputs": {"model": job["fine_tuned_model"] if job["status"] == "succeeded" else None,
@@ -105,8 +107,10 @@ def create_job(jobs: JobStore, body: JobRequest) -> dict[str, Any]:
     train = _file(jobs, body.training_file, "training_file", KIND[method])
     validation = body.validation_file or body.test_file
     test = _file(jobs, validation, "validation_file", KIND[method]) if validation else None
+    prompts_ref = body.evaluation.prompts_file if body.evaluation else None
+    prompts = _file(jobs, prompts_ref, "evaluation.prompts_file", KIND[method]) if prompts_ref else None
     job_id = new_id("ftjob")
-    config = job_config(body, job_id, base, train, test, method)
+    config = job_config(body, job_id, base, train, test, method, prompts)
     request_body = body.model_dump(exclude_none=True)
     job = jobs.add_job(id=job_id, model=body.model, request=request_body, config=config,
                        fine_tuned_model=_fine_tuned_name(base.split("/")[-1], body.suffix, job_id))

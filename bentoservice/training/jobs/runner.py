@@ -10,6 +10,7 @@ result is served (see training.queue).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -71,15 +72,32 @@ class PauseFlag:
         return self._set
 
 
-def _store_results(jobs: JobStore, job_id: str) -> str:
-    """The step-metrics CSV of the job's events, stored as a file of purpose fine-tune-results; its id."""
-    rows, _ = jobs.list_events(job_id, limit=1_000_000)
-    data, count = results.step_metrics_csv(r["data"] for r in reversed(rows) if r["type"] == "metrics" and r["data"])
+def _store_result(jobs: JobStore, filename: str, data: bytes, rows: int) -> str:
+    """A result of the job stored as a file of purpose fine-tune-results; its id."""
     file_id = new_id("file")
     filestore.write(file_id, data)
-    jobs.add_file(id=file_id, filename="step_metrics.csv", purpose="fine-tune-results", bytes=len(data),
-                  sha256=hashlib.sha256(data).hexdigest(), format="csv", kind="results", rows=count)
+    jobs.add_file(id=file_id, filename=filename, purpose="fine-tune-results", bytes=len(data),
+                  sha256=hashlib.sha256(data).hexdigest(), format=filename.rsplit(".", 1)[-1], kind="results",
+                  rows=rows)
     return file_id
+
+
+def _result_files(jobs: JobStore, job_id: str, evaluation: dict[str, Any] | None) -> list[str]:
+    """OpenAI's step_metrics.csv of the job's metrics events, and the before/after evaluation when there is one."""
+    rows, _ = jobs.list_events(job_id, limit=1_000_000)
+    csv, count = results.step_metrics_csv(r["data"] for r in reversed(rows) if r["type"] == "metrics" and r["data"])
+    files = [_store_result(jobs, "step_metrics.csv", csv, count)]
+    if evaluation is not None:
+        files.append(_store_result(jobs, "evaluation.json", json.dumps(evaluation, indent=1).encode(),
+                                   len(evaluation["samples"])))
+    return files
+
+
+def _evaluation_message(evaluation: dict[str, Any]) -> str:
+    if "base" in evaluation and "loss" in evaluation["base"] and "loss" in evaluation["adapter"]:
+        return (f"Evaluation: held-out loss {evaluation['base']['loss']:.4f} (base) -> "
+                f"{evaluation['adapter']['loss']:.4f} (fine-tuned); {len(evaluation['samples'])} samples compared")
+    return f"Evaluation: {len(evaluation['samples'])} samples of the base and the fine-tuned model compared"
 
 
 def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> None:
@@ -89,11 +107,15 @@ def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> None:
         jobs.add_event(job_id, f"Fine-tuning failed: {message}", level="error")
 
 
-def _local_files(options: dict[str, Any], job_id: str) -> dict[str, str]:
+def _local_files(options: dict[str, Any], job_id: str) -> dict[str, Any]:
     """The job's files from the file store as local paths (copied under the job's folder when remote)."""
     folder = get_settings().jobs_dir / job_id / "files"
-    return {key: str(filestore.local_path(options[key], folder)) for key in ("train_file", "test_file")
-            if options.get(key)}
+    local = {key: str(filestore.local_path(options[key], folder)) for key in ("train_file", "test_file")
+             if options.get(key)}
+    if (options.get("evaluation") or {}).get("prompts_file"):
+        prompts = filestore.local_path(options["evaluation"]["prompts_file"], folder)
+        local["evaluation"] = {**options["evaluation"], "prompts_file": str(prompts)}
+    return local
 
 
 def _export(tag: str, job_id: str) -> None:
@@ -175,8 +197,11 @@ def run(job_id: str) -> int:
         jobs.add_event(job_id, f"Full validation loss={full['full_valid_loss']:.4f}", type="metrics",
                        data={"step": step, **full})
     # The queue in the serving process marks the job succeeded once the model is served.
+    if result.evaluation is not None:
+        jobs.add_event(job_id, _evaluation_message(result.evaluation), data={"evaluation": result.evaluation})
     if jobs.update_job(job_id, only_if=("running",), fine_tuned_model=model, store_tag=tag,
-                       trained_tokens=int(tokens) if tokens else None, result_files=[_store_results(jobs, job_id)]):
+                       trained_tokens=int(tokens) if tokens else None, evaluation=result.evaluation,
+                       result_files=_result_files(jobs, job_id, result.evaluation)):
         jobs.add_event(job_id, "Training completed", data={"store_tag": tag, "metrics": result.metrics})
     return 0
 

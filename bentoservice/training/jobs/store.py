@@ -68,6 +68,7 @@ jobs = Table(
     Column("pause_requested", Integer, default=0),
     Column("estimated_finish", Integer),  # unix seconds, from the measured step rate while running
     Column("result_files", JSON),  # file ids (purpose fine-tune-results)
+    Column("evaluation", JSON),  # the before/after summary (training.methods.evaluation)
 )
 
 events = Table(

@@ -15,6 +15,7 @@ from bentoservice.training.config import TrainingConfig, TrainingError, trl_conf
 from bentoservice.training.data import formats
 from bentoservice.training.data.labels import IGNORE
 from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
+from bentoservice.training.methods import evaluation
 from bentoservice.training.speed import plan as speed
 from bentoservice.training.speed.trainer import sft_trainer_class
 
@@ -41,6 +42,8 @@ class TrainingResult:
     metrics: dict[str, float] = field(default_factory=dict)
     output_dir: Path | None = None
     stopped: bool = False
+    evaluation: dict[str, Any] | None = None
+    """The before/after comparison (methods.evaluation), when the config asked for one."""
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -277,10 +280,19 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
     if not trainer.is_world_process_zero():
         return TrainingResult(None, None, metrics, output_dir)
     tokenizer.save_pretrained(output_dir)
+    compared = None
+    if config.evaluation is not None:
+        if trainer.accelerator.num_processes == 1:
+            trainer.remove_callback(progress)  # the base's evaluation is no step of this run
+            prompts = (formats.load_file(config.evaluation.prompts_file, expect=train.kind)
+                       if config.evaluation.prompts_file else None)
+            compared = evaluation.before_after(trainer, tokenizer, test, prompts, config.evaluation, metrics)
+        else:
+            log.warning("the before/after evaluation runs in single-process trainings only; skipped")
     stored = store.save_adapter(config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
                                 output_dir, base.name, adapter_metadata(config, args, metrics))
     log.info("saved adapter %s (%s)", stored.tag, output_dir)
-    return TrainingResult(output_dir, stored.tag, metrics, output_dir)
+    return TrainingResult(output_dir, stored.tag, metrics, output_dir, evaluation=compared)
 
 
 def train_and_evaluate(trainer: Trainer, checkpoint: str | None, progress: ProgressCallback,

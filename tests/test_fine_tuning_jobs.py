@@ -153,3 +153,23 @@ def test_before_after_evaluation(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as typo:
         client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={"evaluation": {"max_token": 3}})
     assert "max_token" in typo.value.body["param"]
+
+
+def test_wandb_integration(server: Server) -> None:
+    client = server.client()
+    train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train, extra_body={"max_steps": 2},
+        integrations=[{"type": "wandb", "wandb": {"project": "bentoservice-tests", "tags": ["ci"]}}])
+    assert job.integrations[0].wandb.project == "bentoservice-tests" and job.integrations[0].wandb.run_id == job.id
+    done = wait_for(client, job.id)
+    assert done.status == "succeeded", done.error
+    written = [e.data["wandb_run_dir"] for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
+               if "wandb_run_dir" in e.data]
+    assert len(written) == 1 and Path(written[0]).parent.parent == Path(done.integrations[0].wandb.model_extra["dir"])
+    logs = list(Path(written[0]).glob("*.wandb"))
+    assert logs and logs[0].stat().st_size > 0 and Path(written[0]).name.startswith("offline-run-")
+    with pytest.raises(openai.BadRequestError) as other:
+        client.fine_tuning.jobs.create(model="tiny", training_file=train,
+                                       integrations=[{"type": "mlflow", "mlflow": {}}])  # type: ignore[list-item]
+    assert other.value.body["param"].startswith("integrations")

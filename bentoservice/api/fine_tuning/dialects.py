@@ -3,6 +3,7 @@ data: no torch on this side): the method, the TrainingArguments, the LoRA settin
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
 from typing import Any
 
@@ -169,6 +170,19 @@ def _add_evaluation(body: JobRequest, config: dict[str, Any], test: dict[str, An
                             **block.model_dump(include={"max_tokens", "samples"}, exclude_none=True)}
 
 
+def _add_integrations(body: JobRequest, config: dict[str, Any], job_id: str) -> None:
+    """wandb: the runner logs through TRL's report_to into the job's folder (see training.jobs.runner)."""
+    if not body.integrations:
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise APIError(400, "the wandb integration needs wandb, which is not installed on this server: "
+                            "pip install 'bentoservice[tracking]'", "integrations", "integration_unavailable")
+    wandb = body.integrations[0].wandb
+    config["args"].update(report_to=["wandb"], run_name=wandb.name or job_id)
+    config["wandb"] = {**wandb.model_dump(exclude_none=True), "run_id": job_id,
+                       "dir": str(get_settings().jobs_dir / job_id / "wandb")}
+
+
 def job_config(body: JobRequest, job_id: str, base_name: str, train: dict[str, Any], test: dict[str, Any] | None,
                method: str, prompts: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one place a job body, in any dialect, becomes the config the runner trains from."""
@@ -177,6 +191,7 @@ def job_config(body: JobRequest, job_id: str, base_name: str, train: dict[str, A
     _add_scale(body, config)
     _check_4bit(body, method, config["scale"]["backend"])
     _add_evaluation(body, config, test, prompts)
+    _add_integrations(body, config, job_id)
     return config
 
 

@@ -79,6 +79,22 @@ class TrainingBlock(BaseModel):
     embedding_training_config: EmbeddingTrainingBlock | None = None
 
 
+class WandbBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str = Field(min_length=1)
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(BaseModel):
+    """OpenAI's integrations entry; the run is logged through TRL's report_to (offline unless WANDB_MODE says)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: WandbBlock
+
+
 class EvaluationBlock(BaseModel):
     """The before/after evaluation at the end of a job (on by default when there is a validation file)."""
 
@@ -99,7 +115,7 @@ class JobRequest(BaseModel):
     suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int | None = None
     metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[Integration] | None = Field(None, max_length=1)
     evaluation: EvaluationBlock | None = None
     # OpenWeights' names.
     loss: Literal["sft", "dpo", "orpo"] | None = None

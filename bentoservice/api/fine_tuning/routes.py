@@ -78,7 +78,8 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         "organization_id": "bentoservice", "result_files": job["result_files"] or [], "status": job["status"],
         "training_file": request["training_file"], "validation_file": request.get("validation_file"),
         "hyperparameters": hyper, "trained_tokens": job["trained_tokens"], "error": job["error"],
-        "seed": args.get("seed"), "integrations": [],
+        "seed": args.get("seed"),
+        "integrations": [{"type": "wandb", "wandb": config["wandb"]}] if config.get("wandb") else [],
         "estimated_finish": job["estimated_finish"] if job["status"] == "running" else None,
         "metadata": request.get("metadata"), "user_provided_suffix": request.get("suffix"),
         "method": {"type": method, method: {"hyperparameters": {**hyper, **(

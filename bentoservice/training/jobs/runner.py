@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bentoservice.config import get_settings
@@ -100,6 +102,19 @@ def _evaluation_message(evaluation: dict[str, Any]) -> str:
     return f"Evaluation: {len(evaluation['samples'])} samples of the base and the fine-tuned model compared"
 
 
+def _wandb_environment(wandb: dict[str, Any]) -> None:
+    """wandb's settings for TRL's WandbCallback: one run per job (a resumed job goes on logging into it), offline
+    unless the server's environment sets WANDB_MODE."""
+    Path(wandb["dir"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.update(WANDB_PROJECT=wandb["project"], WANDB_DIR=wandb["dir"], WANDB_RUN_ID=wandb["run_id"],
+                      WANDB_RESUME="allow")
+    if wandb.get("entity"):
+        os.environ["WANDB_ENTITY"] = wandb["entity"]
+    if wandb.get("tags"):
+        os.environ["WANDB_TAGS"] = ",".join(wandb["tags"])
+
+
 def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> None:
     log.error("job %s failed: %s", job_id, message)
     if jobs.update_job(job_id, only_if=("running",), status="failed", finished_at=now(),
@@ -156,6 +171,9 @@ def run(job_id: str) -> int:
     options = dict(job["config"])
     merge = options.pop("merge_before_push", False)
     options.pop("scale", None)  # how the job is spread over processes: the launcher's business
+    wandb = options.pop("wandb", None)
+    if wandb:
+        _wandb_environment(wandb)
     main = rank() == 0
     try:
         options.update(_local_files(options, job_id))
@@ -197,6 +215,8 @@ def run(job_id: str) -> int:
         jobs.add_event(job_id, f"Full validation loss={full['full_valid_loss']:.4f}", type="metrics",
                        data={"step": step, **full})
     # The queue in the serving process marks the job succeeded once the model is served.
+    if wandb and (runs := sorted(Path(wandb["dir"]).glob(f"wandb/*run-*-{wandb['run_id']}"))):
+        jobs.add_event(job_id, f"Weights & Biases run written to {runs[-1]}", data={"wandb_run_dir": str(runs[-1])})
     if result.evaluation is not None:
         jobs.add_event(job_id, _evaluation_message(result.evaluation), data={"evaluation": result.evaluation})
     if jobs.update_job(job_id, only_if=("running",), fine_tuned_model=model, store_tag=tag,

@@ -173,3 +173,20 @@ def test_wandb_integration(server: Server) -> None:
         client.fine_tuning.jobs.create(model="tiny", training_file=train,
                                        integrations=[{"type": "mlflow", "mlflow": {}}])  # type: ignore[list-item]
     assert other.value.body["param"].startswith("integrations")
+
+
+def test_openweights_fields(server: Server) -> None:
+    client = server.client()
+    train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="conversations").id
+    for field, value in (("is_peft", False), ("train_on_responses_only", False), ("optim", "adam"),
+                         ("finetuned_model_id", "me/model"), ("use_rslora", True)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={field: value})
+        assert err.value.body["param"] == field, field
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={
+        "loss": "sft", "optim": "sgd", "weight_decay": 0.01, "lr_scheduler_type": "constant", "lora_bias": "none",
+        "meta": {"experiment": 3}, "max_steps": 500})
+    client.fine_tuning.jobs.cancel(job.id)
+    params = job.model_extra["params"]
+    assert (params["optim"], params["weight_decay"], params["lr_scheduler_type"]) == ("sgd", 0.01, "constant")
+    assert params["meta"] == {"experiment": 3}

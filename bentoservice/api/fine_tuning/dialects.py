@@ -95,6 +95,38 @@ def _lora_settings(body: JobRequest, opea_lora: LoraBlock) -> dict[str, Any]:
             "target_modules": _first(body.target_modules, opea_lora.target_modules)}
 
 
+# OpenWeights' optimizer names as TrainingArguments.optim; Adam without decoupled weight decay has no equivalent there.
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd"}
+# OpenWeights fields and the value of each that is the only one this product trains with.
+FIXED = {"is_peft": (True, "LLM jobs train LoRA adapters"),
+         "train_on_responses_only": (True, "the loss is always on the assistant's tokens only"),
+         "use_rslora": (False, "rank-stabilised LoRA is not supported (the served adapter scales by lora_alpha/r)"),
+         "chat_template": ("default", "the base model's own chat template formats the data"),
+         "finetuned_model_id": (None, "models stay in this server's store, not on the Hugging Face hub: name one "
+                                      "with suffix"),
+         "push_to_private": (None, "models stay in this server's store, not on the Hugging Face hub")}
+
+
+def _openweights_options(body: JobRequest, config: dict[str, Any]) -> None:
+    """OpenWeights' training fields that apply here; a value that does not is a 400 naming the field."""
+    for name, (only, why) in FIXED.items():
+        if getattr(body, name) != only:
+            raise APIError(400, f"{name}={getattr(body, name)!r} does not apply here: {why}", name, "unsupported")
+    if body.optim == "adam":
+        raise APIError(400, "optim 'adam' is not available; use adamw, adamw_8bit or sgd", "optim", "unsupported")
+    if body.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise APIError(400, "optim 'adamw_8bit' needs bitsandbytes, which is not installed here", "optim",
+                       "unsupported")
+    if body.lora_bias is not None:
+        config["bias"] = body.lora_bias
+    if body.packing is not None:
+        config["packing"] = body.packing
+    args = {"optim": OPTIMIZERS.get(body.optim or ""), "weight_decay": body.weight_decay,
+            "lr_scheduler_type": body.lr_scheduler_type, "per_device_eval_batch_size": body.eval_batch_size,
+            "eval_steps": body.test_file_eval_steps, "eval_strategy": body.test_file_eval_strategy}
+    config["args"].update({k: v for k, v in args.items() if v is not None})
+
+
 def _training_config(body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None,
                      method: str) -> dict[str, Any]:
     """The TrainingConfig fields the runner will use (plain data: no torch on this side)."""
@@ -115,6 +147,7 @@ def _training_config(body: JobRequest, job_id: str, base_name: str, train: dict,
         "adapter_type": "qlora" if body.load_in_4bit else "lora",
         "args": _trainer_args(body, job_id, LORA_LEARNING_RATE[method], test),
     }
+    _openweights_options(body, config)
     return {k: v for k, v in config.items() if v is not None}
 
 

@@ -136,6 +136,22 @@ class JobRequest(BaseModel):
     test_file: str | None = None
     merge_before_push: bool = False
     load_in_4bit: bool = False  # QLoRA: the base in 4-bit NF4 through bitsandbytes (CUDA), as in OpenWeights
+    lora_bias: Literal["all", "none"] | None = None
+    use_rslora: bool = False
+    optim: Literal["adamw", "adamw_8bit", "adam", "sgd"] | None = None
+    weight_decay: float | None = None
+    lr_scheduler_type: str | None = None
+    eval_batch_size: int | None = None
+    test_file_eval_steps: int | float | None = None
+    test_file_eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    packing: bool | None = None
+    is_peft: bool = True
+    train_on_responses_only: bool = True
+    chat_template: str = "default"
+    meta: dict[str, Any] | None = None  # shown in the job's `params`
+    # OpenWeights pushes to the Hugging Face hub; here a model stays in this server's store.
+    finetuned_model_id: str | None = None
+    push_to_private: bool | None = None
     # Scaling out (training.backends): where the job trains, over how many data-parallel worker processes.
     backend: Literal["local", "ray"] | None = None
     num_workers: int | None = Field(None, ge=1, le=1024)

@@ -87,7 +87,8 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         # Beyond OpenAI's object: the before/after evaluation (methods.evaluation), once the job has one.
         "evaluation": job["evaluation"],
         # OpenWeights' view of the same job.
-        "params": {"model": job["model"], "loss": config["method"], **config.get("args", {})},
+        "params": {"model": job["model"], "loss": config["method"], **config.get("args", {}),
+                   **({"meta": request["meta"]} if request.get("meta") else {})},
         "outputs": {"model": job["fine_tuned_model"] if job["status"] == "succeeded" else None,
                     "store_tag": job["store_tag"]},
     }

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_fine_tuning import CHATS, _job_row, jsonl, wait_for, wait_for_event
-
 from conftest import Server
+from test_fine_tuning import CHATS, _job_row, jsonl, wait_for, wait_for_event
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     adapters: list[AdapterSpec] = []
     adapter_dirs: Annotated[list[Path], NoDecode] = []
     max_loras: int = 8
+    """Adapters in the device's fixed slots; more are loaded on request, evicting the least recently used idle one."""
+    max_cpu_loras: int = 32
+    """Adapters kept in host memory (pinned on CUDA) beyond the slots, ready to copy into one."""
+    adapter_source_url: str | None = None
+    """An fsspec URL (file:///shared/adapters, s3://bucket/adapters) whose folders are adapters served on request."""
+    adapter_wait_s: float = 30.0
+    """How long a request waits for a slot while every slot holds an adapter in use, before a 429."""
     max_lora_rank: int = 64
 
     # Embedding and rerank models (store names or hub ids, comma-separated in the environment); the first of

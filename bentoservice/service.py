@@ -45,7 +45,7 @@ class LLM:
         self.encoders = startup.encoder_registry(settings)
         app.state.encoders = self.encoders
         self.jobs = JobStore()
-        handoff.restore_fine_tunes(self.jobs, self.served, settings)
+        handoff.restore_fine_tunes(self.jobs, self.served)
         handoff.restore_encoders(self.jobs, self.encoders, settings)
         self.queue = JobQueue(self.jobs, on_success=partial(handoff.serve_fine_tune, self.jobs, self.served,
                                                             self.encoders))

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bentoservice.engine.errors import AdapterError, ContextOverflow, Overloaded, UnknownAdapter, UnknownModel
 from bentoservice.engine.templates import TemplateError
+from bentoservice.store.adapters import ACCEPTED_FORMS
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +35,32 @@ class BodyTooLarge(StarletteHTTPException):
         self.limit = limit
 
 
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "invalid_request_error")
+
+
 def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
              headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+    body = {"error": {"message": message, "type": error_type(status),
                       "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def unknown_model(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+def unknown_model(name: str, param: str = "model") -> APIError:
+    return APIError(404, f"The model `{name}` does not exist. A model is the base model, `<base>:base`, or an "
+                         f"adapter: {ACCEPTED_FORMS}.", param, "model_not_found")
+
+
+def unknown_adapter_message(detail: str) -> str:
+    """The resolver's message says the accepted forms already; a bare name gets them here."""
+    return detail if "accepted:" in detail else f"No adapter `{detail}` is served; accepted: {ACCEPTED_FORMS}."
 
 
 def _from_engine(exc: Exception) -> APIError:
     if isinstance(exc, UnknownModel):
         return unknown_model(str(exc.args[0]))
     if isinstance(exc, UnknownAdapter):
-        return APIError(404, f"The adapter `{exc.args[0]}` is not loaded.", "adapter_name", "adapter_not_found")
+        return APIError(404, unknown_adapter_message(str(exc.args[0])), "adapter_name", "adapter_not_found")
     if isinstance(exc, ContextOverflow):
         return APIError(400, str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, Overloaded):

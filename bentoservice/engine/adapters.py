@@ -1,10 +1,18 @@
-"""LoRA adapters over one base model: validate a PEFT folder, put it in a slot, pick slots per request."""
+"""LoRA adapters over one base model: validate a PEFT folder, put it in a slot, pick slots per request.
+
+Three tiers: `max_loras` fixed slots in the model's stacks (the device), up to `max_cpu_loras` read adapters in
+host memory (pinned on CUDA, so a copy into a slot does not wait), and the rest on disk. A slot is rewritten in
+place, so the stacks keep their shapes (and CUDA graphs their addresses) once they reach max_loras and the
+largest rank. An adapter evicted from a slot goes to the host tier; the host tier's least recently used go.
+"""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from bentoservice.engine import metrics
 from bentoservice.engine.errors import AdapterError, UnknownAdapter
 from bentoservice.engine.lora import BatchedLoraLinear, LoraBatch
 
@@ -42,19 +51,28 @@ class LoadedAdapter:
     rank: int
     alpha: float
     target_modules: list[str]
+    pinned: bool = False
+
+
+class NoFreeSlot(AdapterError):
+    """Every slot holds a pinned adapter or one that a request uses."""
 
 
 class AdapterManager:
     """Owns the batched LoRA layers of one model. Mutations run on the engine thread only."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, max_cpu_loras: int = 0) -> None:
         self.model = model
         self.max_loras = max_loras
         self.max_rank = max_rank
+        self.max_cpu_loras = max_cpu_loras
         self.batch = LoraBatch()
-        self.loaded: dict[str, LoadedAdapter] = {}
+        self.loaded: dict[str, LoadedAdapter] = {}  # the device tier, in least recently used order
+        self.host: collections.OrderedDict[str, PreparedAdapter] = collections.OrderedDict()
         self.default: str | None = None
+        self._prepared: dict[str, PreparedAdapter] = {}  # the weights of each slot's adapter, to evict it to host
         self._layers: dict[str, BatchedLoraLinear] = {}
+        self._pin = next(model.parameters()).device.type == "cuda"
 
     # -- reading (any thread) -----------------------------------------------------------------
 
@@ -75,6 +93,8 @@ class AdapterManager:
         if rank > self.max_rank:
             raise AdapterError(f"adapter rank {rank} exceeds max_lora_rank {self.max_rank}")
         weights = {path: self._check_pair(path, pair, rank) for path, pair in pairs.items()}
+        if self._pin:
+            weights = {path: (a.pin_memory(), b.pin_memory()) for path, (a, b) in weights.items()}
         alpha = float(config.get("lora_alpha", rank))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         return PreparedAdapter(name, source or str(folder), rank, alpha, scale, weights)
@@ -121,31 +141,73 @@ class AdapterManager:
 
     # -- mutation (engine thread) -------------------------------------------------------------
 
-    def install(self, adapter: PreparedAdapter) -> LoadedAdapter:
+    def install(self, adapter: PreparedAdapter, pinned: bool = False,
+                in_use: Callable[[str], bool] = lambda name: False) -> LoadedAdapter:
+        """Put an adapter into a slot: a free one, else the least recently used whose adapter is neither pinned,
+        the default nor `in_use` (that one moves to the host tier)."""
         if adapter.name in self.loaded:
             raise AdapterError(f"an adapter named {adapter.name!r} is already loaded")
         used = {a.slot for a in self.loaded.values()}
         free = [s for s in range(1, self.max_loras + 1) if s not in used]
-        if not free:
-            raise AdapterError(f"max_loras ({self.max_loras}) adapters are loaded; unload one first")
-        slot = free[0]
+        if free:
+            slot = free[0]
+        else:
+            victim = next((a for a in self.loaded.values()
+                           if not a.pinned and a.name != self.default and not in_use(a.name)), None)
+            if victim is None:
+                raise NoFreeSlot(f"all {self.max_loras} adapter slots hold pinned adapters or adapters in use")
+            slot = victim.slot
+            self._to_host(self._prepared.pop(victim.name))
+            del self.loaded[victim.name]
+            metrics.EVICTIONS.labels("gpu").inc()
+        self.host.pop(adapter.name, None)
+        for layer in self._layers.values():
+            layer.clear_slot(slot)
         for path, (a, b) in adapter.weights.items():
             self._layer(path).set_slot(slot, a, b, adapter.scale)
         for layer in self._layers.values():
             layer.reserve(slot + 1)
         loaded = LoadedAdapter(adapter.name, adapter.source, slot, adapter.rank, adapter.alpha,
-                               adapter.target_modules)
+                               adapter.target_modules, pinned)
         self.loaded[adapter.name] = loaded
+        self._prepared[adapter.name] = adapter
         return loaded
 
-    def unload(self, name: str) -> None:
+    def to_host(self, adapter: PreparedAdapter) -> None:
+        """Keep a read adapter in the host tier (or refresh it there), unless it is in a slot."""
+        if adapter.name not in self.loaded:
+            self._to_host(adapter)
+
+    def _to_host(self, adapter: PreparedAdapter) -> None:
+        self.host[adapter.name] = adapter
+        self.host.move_to_end(adapter.name)
+        while len(self.host) > self.max_cpu_loras:
+            self.host.popitem(last=False)
+            metrics.EVICTIONS.labels("cpu").inc()
+
+    def touch(self, name: str) -> int:
+        """The slot of a loaded adapter, marked as just used."""
+        adapter = self.loaded.pop(name)
+        self.loaded[name] = adapter
+        return adapter.slot
+
+    def tier(self, name: str) -> str:
+        return "gpu" if name in self.loaded else "cpu" if name in self.host else "disk"
+
+    def unload(self, name: str) -> int | None:
+        """Forget an adapter in any tier; returns the slot it held."""
+        hosted = self.host.pop(name, None)
         adapter = self.loaded.pop(name, None)
         if adapter is None:
-            raise UnknownAdapter(name)
+            if hosted is None:
+                raise UnknownAdapter(name)
+            return None
+        self._prepared.pop(name, None)
         for layer in self._layers.values():
             layer.clear_slot(adapter.slot)
         if self.default == name:
             self.default = None
+        return adapter.slot
 
     def _layer(self, path: str) -> BatchedLoraLinear:
         if path not in self._layers:

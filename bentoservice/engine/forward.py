@@ -84,6 +84,7 @@ class Forward:
         self.varlen = use_varlen(model)
         self.buckets = batch_buckets(max_rows)
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._layout = lora.layout
         self._drop_graphs()
         if cuda_graphs:
             rows = self.buckets[-1]
@@ -122,6 +123,17 @@ class Forward:
             self.lean.adapters_changed()
         self._drop_graphs()
         self._lora_mask = None
+
+    def slot_rewritten(self, slot: int) -> None:
+        """One adapter slot was rewritten in place: its prefix entries go; captured passes stay unless the stacks
+        were reallocated (they grow until they hold max_loras slots at the largest rank, then keep their shape)."""
+        self.prefixes.drop(slot)
+        if self.lean is not None:
+            self.lean.adapters_changed()
+        if self.lora.layout != self._layout:
+            self._layout = self.lora.layout
+            self._drop_graphs()
+            self._lora_mask = None
 
     def _drop_graphs(self) -> None:
         """Forget the captured graphs. Their memory pool goes with them: capturing into a pool whose graphs

@@ -60,6 +60,8 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    status: int = 500
+    code: str = "generation_failed"
 
 
 Event = Delta | Finished | Failed

@@ -74,6 +74,11 @@ class PrefixStore:
             _, dropped = self._entries.popitem(last=False)
             self.used -= dropped.nbytes
 
+    def drop(self, slot: int) -> None:
+        """Forget the entries of one adapter slot (its adapter was replaced)."""
+        for key in [key for key in self._entries if key[0] == slot]:
+            self.used -= self._entries.pop(key).nbytes
+
     def clear(self) -> None:
         self._entries.clear()
         self.used = 0

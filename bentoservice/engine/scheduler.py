@@ -19,14 +19,16 @@ import concurrent.futures
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from bentoservice.engine.adapters import AdapterManager
-from bentoservice.engine.errors import Overloaded, UnknownAdapter
+from bentoservice.engine import metrics
+from bentoservice.engine.adapters import AdapterManager, NoFreeSlot, PreparedAdapter
+from bentoservice.engine.errors import Overloaded
 from bentoservice.engine.forward import Chained, Forward, Step
 from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams, TokenLogprob
 from bentoservice.engine.sampling import make_generator, next_tokens
@@ -83,6 +85,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     done: bool = False
     pending: int = 0  # decode passes queued for it whose token is not read yet
+    queued_at: float = field(default_factory=time.monotonic)
 
     @property
     def position(self) -> int:
@@ -106,11 +109,17 @@ class Launched:
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_running: int, max_queued: int,
                  prefill_token_budget: int | None, max_loras: int, max_lora_rank: int,
-                 prefix_cache_bytes: int = 0) -> None:
+                 prefix_cache_bytes: int = 0, max_cpu_loras: int = 0, adapter_wait_s: float = 30.0,
+                 read_adapter: Callable[[str], PreparedAdapter] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_running, self.max_queued = max_running, max_queued
-        self.adapters = AdapterManager(model, max_loras, max_lora_rank)
+        self.adapters = AdapterManager(model, max_loras, max_lora_rank, max_cpu_loras)
+        self.adapter_wait_s = adapter_wait_s
+        self.read_adapter = read_adapter  # an adapter's name -> its weights, read from disk (on the loader thread)
+        self._loading: dict[str, concurrent.futures.Future[PreparedAdapter]] = {}
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        self._blocked = False  # the last admission left every waiting request waiting for an adapter
         device = next(model.parameters()).device
         self.prefill_token_budget = prefill_token_budget or (4096 if device.type == "cuda" else 256)
         self.forward = Forward(model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda",
@@ -145,9 +154,13 @@ class Engine:
 
     def submit_choices(self, prompt: list[int], choices: list[SamplingParams], adapter: str | None) -> list[Stream]:
         """Several completions of one prompt (OpenAI's `n`): one prefill, its keys and values copied to
-        the other rows. They are admitted together, so `len(choices)` must not exceed `max_running`."""
-        if adapter is not None and adapter not in self.adapters.loaded:
-            raise UnknownAdapter(adapter)
+        the other rows. They are admitted together, so `len(choices)` must not exceed `max_running`. An adapter in no
+        slot is loaded first (off the step loop) while other requests run."""
+        if adapter is not None:
+            tier = self.adapters.tier(adapter)
+            metrics.REQUESTS.labels(tier).inc()
+            if tier == "disk":
+                self.fetch(adapter)
         loop = asyncio.get_running_loop()
         group = [Sequence(prompt, params, adapter, Stream(loop), TextTracker(self._decode, params.stop),
                           make_generator(params.seed)) for params in choices]
@@ -162,6 +175,30 @@ class Engine:
     def _count(self) -> int:
         return sum(map(len, self._waiting)) + len(self._running) + self._admitted
 
+    def fetch(self, name: str) -> concurrent.futures.Future[PreparedAdapter]:
+        """Read an adapter into the host tier on the loader thread; one read however many ask for it at once."""
+        with self._cv:
+            future = self._loading.get(name)
+            if future is None:
+                future = self._loading[name] = self._loader.submit(self._read_from_disk, name)
+                future.add_done_callback(lambda _: self._wake())
+        return future
+
+    def _read_from_disk(self, name: str) -> PreparedAdapter:
+        started = time.perf_counter()
+        prepared = self.read_adapter(name)
+        metrics.LOAD_SECONDS.labels("disk").observe(time.perf_counter() - started)
+        metrics.LOADS.labels("disk").inc()
+        return prepared
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def in_use(self, name: str) -> bool:
+        """Whether a running or queued request names the adapter (engine thread)."""
+        return any(s.adapter == name for s in (*self._running, *self._waiting))
+
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run fn on the engine thread between two steps (for changes to the model)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -175,6 +212,7 @@ class Engine:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     @property
     def load(self) -> dict[str, int]:
@@ -187,6 +225,8 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
+                if self._blocked and not (self._stopping or self._commands or self._running or self._inflight):
+                    self._cv.wait(timeout=0.05)  # until a load ends or a request comes (and deadlines pass)
                 while not (self._stopping or self._commands or self._waiting or self._running or self._inflight):
                     self._cv.wait()
                 if self._stopping:
@@ -266,10 +306,14 @@ class Engine:
         self._retire()
 
     def _admit(self) -> list[list[Sequence]]:
-        """Groups taken from the queue: each one prompt, admitted whole."""
+        """Groups taken from the queue in order, each one prompt, admitted whole, while rows and the token budget
+        last; one whose adapter is not in a slot yet (still loading, or every slot busy) stays queued without
+        holding up those behind it."""
         new: list[list[Sequence]] = []
+        waiting: list[list[Sequence]] = []
         budget = self.prefill_token_budget
         with self._cv:
+            self._take_loaded()
             admitted = 0
             while self._waiting:
                 group = [s for s in self._waiting[0] if not s.stream.cancelled]
@@ -280,19 +324,61 @@ class Engine:
                 if len(self._running) + admitted + len(group) > self.max_running or (new and len(prompt) > budget):
                     break
                 self._waiting.popleft()
-                budget -= len(prompt)
-                try:
-                    slot = self.adapters.slot(group[0].adapter)
-                except UnknownAdapter:
-                    for seq in group:
-                        self._emit(seq, Failed(f"the adapter {seq.adapter!r} was unloaded"))
+                slot = self._slot(group[0].adapter, new, waiting)
+                if slot is None:
+                    if time.monotonic() - group[0].queued_at > self.adapter_wait_s:
+                        for seq in group:
+                            self._emit(seq, Failed(f"every adapter slot stayed busy for {self.adapter_wait_s:g} s: "
+                                                   "retry later", 429, "adapter_slots_busy"))
+                    else:
+                        waiting.append(group)
                     continue
+                budget -= len(prompt)
                 for seq in group:
                     seq.slot = slot
                 new.append(group)
                 admitted += len(group)
+            self._waiting.extendleft(reversed(waiting))
+            self._blocked = bool(waiting) and not new
             self._admitted = admitted
         return new
+
+    def _take_loaded(self) -> None:
+        """Adapters read since the last step go to the host tier; a read that failed fails its requests."""
+        for name in [name for name, future in self._loading.items() if future.done()]:
+            future = self._loading.pop(name)
+            exc = future.exception()
+            if exc is None:
+                self.adapters.to_host(future.result(), self.busy().__contains__)
+                continue
+            status = 404 if isinstance(exc, LookupError) else 400
+            for group in [g for g in self._waiting if g[0].adapter == name]:
+                self._waiting.remove(group)
+                for seq in group:
+                    self._emit(seq, Failed(f"the adapter {name!r} could not be loaded: {exc}", status,
+                                           "invalid_adapter"))
+
+    def _slot(self, name: str | None, new: list[list[Sequence]], waiting: list[list[Sequence]]) -> int | None:
+        """The slot of an adapter, copied in from the host tier (evicting an idle one) if need be; None while it is
+        not readable yet or every slot is busy."""
+        adapters = self.adapters
+        if name is None:
+            return 0
+        if name in adapters.loaded:
+            return adapters.touch(name)
+        if name not in adapters.host:
+            if name not in self._loading:  # left the host tier while it waited
+                self.fetch(name)
+            return None
+        started = time.perf_counter()
+        try:
+            loaded = adapters.install(adapters.host[name], in_use=self.busy(new, waiting).__contains__)
+        except NoFreeSlot:
+            return None
+        self.forward.slot_rewritten(loaded.slot)
+        metrics.LOAD_SECONDS.labels("cpu").observe(time.perf_counter() - started)
+        metrics.LOADS.labels("cpu").inc()
+        return loaded.slot
 
     def _prefill(self, groups: list[list[Sequence]]) -> None:
         """One pass over each group's prompt; the group's other rows get copies of its keys and values."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bentoservice import store
 from bentoservice.config import Settings
-from bentoservice.engine.adapters import LoadedAdapter
-from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownModel
+from bentoservice.engine.adapters import LoadedAdapter, NoFreeSlot, PreparedAdapter
+from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownAdapter, UnknownModel
 from bentoservice.engine.params import SamplingParams
 from bentoservice.engine.scheduler import Engine, Stream
 from bentoservice.engine.templates import TemplateError, resolve_template
@@ -29,6 +30,16 @@ class Choice:
     """What a request's `model` field selects: an adapter, or None for the bare base."""
 
     adapter: str | None
+
+
+@dataclass(frozen=True)
+class Servable:
+    """An adapter this service can serve: where it is now (`gpu`: a slot, `cpu`: host memory, `disk`) and whence."""
+
+    name: str
+    tier: str
+    source: str
+    loaded: LoadedAdapter | None = None
 
 
 def pick_device(setting: str) -> torch.device:
@@ -64,10 +75,14 @@ class ServedModel:
         self.default_max_tokens = settings.default_max_tokens
         self.max_choices = min(settings.max_choices, settings.max_running)
         self.vocab_size = int(model.config.vocab_size)
+        self.catalog: dict[str, str] = {}  # served adapter name -> the folder, store tag or URL it is read from
+        self._lookups = threading.Lock()  # one lookup of a new name at a time: concurrent first requests find it once
         self.engine = Engine(model, self.tokenizer, max_running=settings.max_running,
                              max_queued=settings.max_queued, prefill_token_budget=settings.prefill_token_budget,
                              max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-                             prefix_cache_bytes=prefix_cache_mb(settings, device) * 2**20)
+                             prefix_cache_bytes=prefix_cache_mb(settings, device) * 2**20,
+                             max_cpu_loras=settings.max_cpu_loras, adapter_wait_s=settings.adapter_wait_s,
+                             read_adapter=self._read_adapter)
 
     # -- names --------------------------------------------------------------------------------
 
@@ -79,15 +94,43 @@ class ServedModel:
     def default_adapter(self) -> str | None:
         return self.engine.adapters.default
 
+    def knows(self, model: str) -> bool:
+        """Whether `choose` answers without a lookup (the base, or an adapter name seen before)."""
+        return model in self.catalog or model in self.engine.adapters.loaded or model in (
+            self.name, self.model_id, self.name + BASE_SUFFIX, self.model_id + BASE_SUFFIX)
+
     def choose(self, model: str) -> Choice:
-        """Resolve a request's `model`: an adapter name, the base (default adapter), or `<base>:base`."""
+        """Resolve a request's `model`: the base (default adapter), `<base>:base`, or an adapter by any name that
+        store.adapter_source accepts but a path; one not loaded yet is loaded when the request is admitted."""
         if model in (self.name, self.model_id):
             return Choice(self.default_adapter)
         if model in (self.name + BASE_SUFFIX, self.model_id + BASE_SUFFIX):
             return Choice(None)
-        if model in self.engine.adapters.loaded:
+        if model in self.catalog or model in self.engine.adapters.loaded:
             return Choice(model)
-        raise UnknownModel(model)
+        try:
+            self.find(model, paths=False)
+        except UnknownAdapter:
+            raise UnknownModel(model) from None
+        return Choice(model)
+
+    def find(self, ref: str, paths: bool = True, name: str | None = None) -> str:
+        """The served name of the adapter `ref` names (see store.adapter_source; paths only inside the allowed
+        folders, no hub ids), added to the catalog under `name` (default: `ref` itself, a store tag's name)."""
+        with self._lookups:
+            try:
+                source = store.adapter_source(ref, confined=True, known=self.catalog, paths=paths, hub=False)
+            except store.AdapterNotFound as exc:
+                raise UnknownAdapter(str(exc)) from None
+            except store.StoreError as exc:
+                raise AdapterError(str(exc)) from None
+            self._check_base(ref, source)
+            for served, where in self.catalog.items():  # the store tag or folder of an adapter already served
+                if where in (ref, str(source.folder)):
+                    return served
+            key = name or ref
+            self.catalog.setdefault(key, str(source.folder))
+            return key
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -143,29 +186,99 @@ class ServedModel:
 
     # -- adapters -----------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, folder: Path, source: str | None = None) -> LoadedAdapter:
-        """Validate on the calling thread, install on the engine thread; all or nothing."""
+    def _check_base(self, ref: str, source: store.AdapterSource) -> None:
+        if source.base is not None and source.base != self.name:
+            raise AdapterError(f"the adapter {ref!r} was made for the base model {source.base!r}, not {self.name!r}")
+
+    def _read_adapter(self, name: str) -> PreparedAdapter:
+        """An adapter of the catalog read from disk (any thread but the engine's)."""
+        where = self.catalog.get(name)
+        if where is None:
+            raise UnknownAdapter(name)
+        source = store.adapter_source(where)
+        return self.engine.adapters.prepare(name, source.folder, where)
+
+    def register(self, name: str, src: str) -> None:
+        """Serve an adapter on request under `name` (e.g. a finished job's fine_tuned_model) without loading it."""
+        self.catalog[name] = src
+
+    def load_adapter(self, name: str, folder: Path, source: str | None = None, pinned: bool = False) -> str:
+        """Validate on the calling thread, install on the engine thread; all or nothing. With every slot busy, an
+        adapter that is not pinned waits in the host tier for its first request."""
         if name in (self.name, self.model_id) or name.endswith(BASE_SUFFIX):
             raise AdapterError(f"{name!r} names the base model; choose another adapter name")
+        if name in self.engine.adapters.loaded:
+            raise AdapterError(f"an adapter named {name!r} is already loaded")
         prepared = self.engine.adapters.prepare(name, folder, source)
-        return self.engine.call(lambda: self.engine.adapters.install(prepared)).result()
+        self.engine.call(lambda: self._install(prepared, pinned)).result()
+        self.catalog[name] = str(folder)
+        return name
 
-    def load_adapter_from(self, src: str, name: str | None = None, confined: bool = False) -> LoadedAdapter:
-        """Load an adapter given as a folder, a store tag or a hub id (see store.adapter_source)."""
+    def _install(self, prepared: PreparedAdapter, pinned: bool) -> None:
+        """On the engine thread."""
+        adapters = self.engine.adapters
         try:
-            source = store.adapter_source(src, confined)
+            adapters.install(prepared, pinned, self.engine.in_use)
+        except NoFreeSlot:
+            if pinned:
+                raise
+            adapters.to_host(prepared)
+
+    def load_adapter_from(self, src: str, name: str | None = None, confined: bool = False,
+                          pinned: bool = False) -> str:
+        """Load an adapter given as a folder, a store tag, a served name or a hub id (see store.adapter_source)."""
+        try:
+            source = store.adapter_source(src, confined, self.catalog)
+        except store.AdapterNotFound as exc:
+            raise UnknownAdapter(str(exc)) from None
         except store.StoreError as exc:
             raise AdapterError(str(exc)) from None
-        if source.base is not None and source.base != self.name:
-            raise AdapterError(f"the adapter {src!r} was made for the base model {source.base!r}, "
-                               f"not {self.name!r}")
-        return self.load_adapter(name or source.name, source.folder, src)
+        self._check_base(src, source)
+        return self.load_adapter(name or source.name, source.folder, src, pinned)
 
-    def unload_adapter(self, name: str) -> None:
-        self.engine.call(lambda: self.engine.adapters.unload(name)).result()
+    def served_name(self, ref: str) -> str:
+        """The name an adapter is served under, given that name, its store tag or its folder."""
+        if ref in self.catalog or ref in self.engine.adapters.loaded:
+            return ref
+        return self.find(ref)
 
-    def set_default_adapter(self, name: str | None) -> None:
-        self.engine.call(lambda: self.engine.adapters.set_default(name)).result()
+    def unload_adapter(self, ref: str) -> None:
+        name = self.served_name(ref)
+        self.catalog.pop(name, None)
+        try:
+            self.engine.call(lambda: self.engine.adapters.unload(name)).result()
+        except UnknownAdapter:
+            pass  # it was only on disk
+
+    def set_default_adapter(self, ref: str | None) -> None:
+        """The adapter that requests naming the base model use, put into a slot and kept there."""
+        if ref is None:
+            self.engine.call(lambda: self.engine.adapters.set_default(None)).result()
+            return
+        name = self.served_name(ref)
+        adapters = self.engine.adapters
+        prepared = None if name in adapters.loaded or name in adapters.host else self._read_adapter(name)
+
+        def switch() -> None:
+            if name not in adapters.loaded:
+                adapters.install(prepared or adapters.host[name], in_use=self.engine.in_use)
+            adapters.set_default(name)
+
+        self.engine.call(switch).result()
+
+    def servable(self) -> list[Servable]:
+        """Every adapter this service can serve: in a slot, in host memory, or on disk (the catalog, the store,
+        the adapter folders and the adapter source URL)."""
+        adapters = self.engine.adapters
+        loaded, host = dict(adapters.loaded), list(adapters.host)
+        found = {name: Servable(name, "gpu", a.source, a) for name, a in sorted(loaded.items())}
+        for name, where in sorted(self.catalog.items()):
+            found.setdefault(name, Servable(name, "cpu" if name in host else "disk", where))
+        served_from = set(self.catalog.values())
+        for name, where in store.servable_adapters(self.name).items():
+            if where not in served_from:
+                found.setdefault(name, Servable(name, "disk", where))
+        return list(found.values())
 
     def close(self) -> None:
         self.engine.stop()

@@ -22,9 +22,9 @@ def served_model(settings: Settings) -> ServedModel:
     fine_tune = os.environ.get(fine_tune_path_var(served.name))
     specs = ([AdapterSpec(id=fine_tune)] if fine_tune else []) + settings.adapters
     for spec in specs:
-        loaded = served.load_adapter_from(spec.id, spec.name)
+        name = served.load_adapter_from(spec.id, spec.name)
         if served.default_adapter is None:
-            served.set_default_adapter(loaded.name)
+            served.set_default_adapter(name)
     return served
 
 

@@ -5,14 +5,18 @@ The package exposes each module's public names, so callers write `store.resolve_
 """
 
 from bentoservice.store.adapters import (
+    ACCEPTED_FORMS,
     ADAPTER_FILES,
+    AdapterNotFound,
     AdapterSource,
+    UnsafeAdapterId,
     adapter_source,
     adapters_of,
     fine_tune_dir,
     latest_fine_tune,
     new_fine_tune_path,
     save_adapter,
+    servable_adapters,
 )
 from bentoservice.store.bases import HF_FILES, ensure_base, import_model, resolve_base, save_merged
 from bentoservice.store.cards import Card, card_for, cards
@@ -26,7 +30,7 @@ from bentoservice.store.encoders import (
 )
 from bentoservice.store.models import StoredModel, StoreError, bentoml_home, get, list_models, store_root
 
-__all__ = ["ADAPTER_FILES", "BUNDLED_ENCODERS", "ENCODER_KINDS", "HF_FILES", "AdapterSource", "Card", "StoreError",
+__all__ = ["ADAPTER_FILES", "BUNDLED_ENCODERS", "ENCODER_KINDS", "HF_FILES", "AdapterSource", "ACCEPTED_FORMS", "AdapterNotFound", "UnsafeAdapterId", "servable_adapters", "Card", "StoreError",
            "StoredModel", "adapter_source", "adapters_of", "bentoml_home", "card_for", "cards", "ensure_base",
            "ensure_encoder", "fine_tune_dir", "get", "import_encoder", "import_model", "latest_fine_tune",
            "list_models", "new_fine_tune_path", "resolve_base", "resolve_encoder", "save_adapter", "save_encoder",

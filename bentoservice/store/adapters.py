@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import bentoml
+import fsspec
 
-from bentoservice.config import get_settings
+from bentoservice.config import cache_root, get_settings
 from bentoservice.store.bases import resolve_base
 from bentoservice.store.cards import card_for
 from bentoservice.store.models import (
@@ -86,41 +88,114 @@ def _declared_base(folder: Path) -> str | None:
     return known[0] if known else None
 
 
-# A store tag (name, name:version) or a hub id (owner/name), BentoML's and the hub's characters.
-_NAME = re.compile(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+|/[A-Za-z0-9_.-]+)?")
+class AdapterNotFound(StoreError):
+    """An adapter id that resolves nowhere (a 404)."""
 
 
-def adapter_source(src: str, confined: bool = False) -> AdapterSource:
-    """Find an adapter given as a local PEFT folder, a store tag, or a hub id.
+class UnsafeAdapterId(StoreError):
+    """An adapter id that is not a safe name (a 400)."""
 
-    `confined` (requests over HTTP): folders only inside the model store or BENTOSERVICE_ADAPTER_DIRS.
+
+ACCEPTED_FORMS = ("a served adapter name as /v1/models lists it (e.g. ft:smollm2:pirate:59be0ad8), a model store "
+                  "tag (name or name:version), a folder name under BENTOSERVICE_ADAPTER_DIRS or at "
+                  "BENTOSERVICE_ADAPTER_SOURCE_URL")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}(/[A-Za-z0-9._:@+-]{1,256})?")
+_STORE_TAG = re.compile(r"[a-z0-9][a-z0-9._-]*(:[a-z0-9._-]+)?")
+
+
+def check_adapter_id(ref: str) -> None:
+    if not _SAFE_ID.fullmatch(ref) or ".." in ref:
+        raise UnsafeAdapterId(f"{ref[:80]!r} is not a valid adapter id: letters, digits and . _ - : @ + only, "
+                              "at most one /, no '..'")
+
+
+def _folder_source(src: str, folder: Path, confined: bool, name: str | None = None) -> AdapterSource:
+    if not folder.is_dir():
+        raise StoreError(f"no adapter folder at {src!r}")
+    if confined:
+        _check_confined(src, folder, [store_root(), *get_settings().adapter_dirs])
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise StoreError(f"{src!r} is not a PEFT adapter folder (missing {', '.join(missing)})")
+    return AdapterSource(folder, name or default_name(folder.name), _declared_base(folder))
+
+
+def _stored_adapter(src: str) -> AdapterSource | None:
+    if not _STORE_TAG.fullmatch(src):  # e.g. ft:base:suffix:id, which BentoML refuses as an invalid tag
+        return None
+    try:
+        stored = get(src)
+    except StoreError:
+        return None
+    if stored.kind != "adapter":
+        raise StoreError(f"{src!r} is a {stored.kind} model, not an adapter")
+    return AdapterSource(stored.path, stored.name, stored.base)
+
+
+def _remote_adapter(src: str) -> AdapterSource | None:
+    """An adapter folder at BENTOSERVICE_ADAPTER_SOURCE_URL (fsspec: file://, s3://, ...), copied into the cache."""
+    url = get_settings().adapter_source_url
+    if not url:
+        return None
+    fs, root = fsspec.url_to_fs(url)
+    remote = f"{root.rstrip('/')}/{src}"
+    if not all(fs.isfile(f"{remote}/{f}") for f in ADAPTER_FILES):
+        return None
+    local = cache_root() / "adapter_source" / src.replace("/", "--")
+    local.mkdir(parents=True, exist_ok=True)
+    for file in ADAPTER_FILES:
+        if not (local / file).is_file():
+            partial = local / f".{file}.part"
+            fs.get_file(f"{remote}/{file}", str(partial))
+            partial.rename(local / file)
+    return AdapterSource(local, src, _declared_base(local))
+
+
+def adapter_source(src: str, confined: bool = False, known: Mapping[str, str] | None = None,
+                   paths: bool = True, hub: bool = True) -> AdapterSource:
+    """The one resolution of an adapter id, for the routes and the on-demand loader.
+
+    Accepted, in order: a PEFT folder path (when `paths`; `confined`, for requests over HTTP: only inside the
+    model store or BENTOSERVICE_ADAPTER_DIRS), a served name in `known` (name -> the id it was loaded from), a
+    model store tag, a folder under BENTOSERVICE_ADAPTER_DIRS, one at BENTOSERVICE_ADAPTER_SOURCE_URL, a hub id
+    (when `hub`). Raises UnsafeAdapterId (400) or AdapterNotFound (404), which say the accepted forms.
     """
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", src):
         raise StoreError(f"{src!r} is a URL; give an adapter folder, a model store tag or a hub id")
-    if looks_like_path(src):
-        folder = Path(src).expanduser()
-        if not folder.is_dir():
-            raise StoreError(f"no adapter folder at {src!r}")
-        if confined:
-            _check_confined(src, folder, [store_root(), *get_settings().adapter_dirs])
-        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
-        if missing:
-            raise StoreError(f"{src!r} is not a PEFT adapter folder (missing {', '.join(missing)})")
-        return AdapterSource(folder, default_name(folder.name), _declared_base(folder))
-    if not _NAME.fullmatch(src):
-        raise StoreError(f"{src!r} is neither a folder, a model store tag (name or name:version) nor a hub id "
-                         "(owner/name)")
-    try:
-        stored = get(src) if "/" not in src else None
-    except StoreError:
-        stored = None
-    if stored is not None:
-        if stored.kind != "adapter":
-            raise StoreError(f"{src!r} is a {stored.kind} model, not an adapter")
-        return AdapterSource(stored.path, stored.name, stored.base)
-    if src.count("/") == 1:
+    if paths and looks_like_path(src):
+        return _folder_source(src, Path(src).expanduser(), confined)
+    check_adapter_id(src)
+    if known and src in known:
+        return replace(adapter_source(known[src], False, hub=hub), name=src)
+    found = _stored_adapter(src)
+    for root in get_settings().adapter_dirs:
+        if found is None and "/" not in src and (root / src / ADAPTER_FILES[0]).is_file():
+            found = _folder_source(src, root / src, confined, name=src)
+    found = found or _remote_adapter(src)
+    if found is not None:
+        return found
+    if hub and src.count("/") == 1:
         return AdapterSource(download(src), default_name(src.split("/")[1]), None)
-    raise StoreError(f"{src!r} is neither an adapter folder, an adapter in the model store nor a hub id")
+    forms = ACCEPTED_FORMS + (", a path to a PEFT folder inside those folders" if paths else "")
+    raise AdapterNotFound(f"no adapter {src!r} was found; accepted: {forms}")
+
+
+def servable_adapters(base: str) -> dict[str, str]:
+    """Every adapter of `base` that can be served on request, name -> where it is: the store's (newest version of
+    each name), the folders under BENTOSERVICE_ADAPTER_DIRS and at BENTOSERVICE_ADAPTER_SOURCE_URL."""
+    found = {m.name: m.tag for m in adapters_of(base)}
+    for root in get_settings().adapter_dirs:
+        for config in sorted(root.glob(f"*/{ADAPTER_FILES[0]}")):
+            if _SAFE_ID.fullmatch(config.parent.name) and _declared_base(config.parent) in (base, None):
+                found.setdefault(config.parent.name, str(config.parent))
+    url = get_settings().adapter_source_url
+    if url:
+        fs, root = fsspec.url_to_fs(url)
+        for entry in fs.ls(root, detail=False) if fs.isdir(root) else []:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if _SAFE_ID.fullmatch(name):
+                found.setdefault(name, f"{url.rstrip('/')}/{name}")
+    return found
 
 
 def fine_tune_dir(model: str, model_id: str) -> Path:

@@ -77,8 +77,10 @@ def test_adapters_change_output_and_first_is_default(server: Server) -> None:
 
 def test_models_list_adapters_with_parent(server: Server) -> None:
     models = {m.id: m for m in server.client().models.list().data}
-    assert set(models) == {"tiny", "a1", "a2", "minilm"}  # minilm: the default embedding model
+    # minilm: the default embedding model; a3: in BENTOSERVICE_ADAPTER_DIRS, served on request
+    assert set(models) == {"tiny", "a1", "a2", "a3", "minilm"}
     assert models["a1"].parent == "tiny" and models["tiny"].parent is None
+    assert (models["a1"].tier, models["a3"].tier) == ("gpu", "disk")
     assert server.client().models.retrieve("a2").parent == "tiny"
 
 
@@ -102,13 +104,14 @@ def test_mixed_concurrent_requests_equal_sequential(server: Server) -> None:
 
 
 def test_runtime_load_and_unload(server: Server, adapters: dict[str, Path]) -> None:
-    loaded = post(server, "/load_lora_adapter", {"lora_name": "a3", "lora_path": str(adapters["a3"])})
-    assert loaded.status_code == 200 and "a3" in loaded.text
-    a3 = complete(server, "a3")
+    loaded = post(server, "/load_lora_adapter", {"lora_name": "custom", "lora_path": str(adapters["a3"])})
+    assert loaded.status_code == 200 and "custom" in loaded.text
+    a3 = complete(server, "custom")
     assert a3 not in (complete(server, "a1"), complete(server, "tiny:base"))
-    assert post(server, "/unload_lora_adapter", {"lora_name": "a3"}).status_code == 200
-    with pytest.raises(openai.NotFoundError):
-        complete(server, "a3")
+    assert post(server, "/unload_lora_adapter", {"lora_name": "custom"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):  # a3's folder is still served by its own name, not this one
+        complete(server, "custom")
+    assert complete(server, "a3") == a3
     again = post(server, "/adapters/load", {"adapter_id": str(adapters["a3"]), "adapter_name": "again"})
     assert again.status_code == 200 and "again" in [a["name"] for a in again.json()["data"]]
     assert complete(server, "again") == a3

@@ -122,6 +122,8 @@ class SamplingFields(Strict):
     """Fields common to chat and text completions."""
 
     model: str
+    adapter_id: str | None = Field(None, min_length=1)
+    """LoRAX's per-request adapter: any name `model` accepts for an adapter; `model` then names the base."""
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.completions.protocol import (
     ChatCompletionRequest,
@@ -20,13 +21,14 @@ from bentoservice.api.completions.protocol import (
     TemplateQuery,
     TemplateRegistration,
 )
-from bentoservice.api.errors import APIError, unknown_model
+from bentoservice.api.errors import APIError, error_type, unknown_model
+from bentoservice.engine.errors import AdapterError, UnknownModel
 from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams, TokenLogprob
 from bentoservice.engine.templates import chat_templates, register_chat_template
 
 if TYPE_CHECKING:
     from bentoservice.engine.scheduler import Stream
-    from bentoservice.engine.served import ServedModel
+    from bentoservice.engine.served import Choice, ServedModel
 
 router = APIRouter()
 
@@ -44,8 +46,9 @@ def _model_card(model_id: str, root: str, parent: str | None, created: int) -> d
 
 
 def _model_list(served: ServedModel, created: int) -> list[dict[str, Any]]:
+    """The base and every adapter it can serve, loaded or not; `tier` (an extension) says where each adapter is."""
     cards = [_model_card(served.name, served.model_id, None, created)]
-    cards += [_model_card(a.name, a.source, served.name, created) for a in served.adapters.values()]
+    cards += [{**_model_card(a.name, a.source, served.name, created), "tier": a.tier} for a in served.servable()]
     return cards
 
 
@@ -59,13 +62,14 @@ def _encoder_cards(request: Request, created: int) -> list[dict[str, Any]]:
 async def list_models(request: Request) -> dict[str, Any]:
     served = served_model(request)
     created = request.app.state.started
-    return {"object": "list", "data": _model_list(served, created) + _encoder_cards(request, created)}
+    listed = await run_in_threadpool(_model_list, served, created)  # reads the store and the adapter folders
+    return {"object": "list", "data": listed + _encoder_cards(request, created)}
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     served = served_model(request)
-    for card in _model_list(served, request.app.state.started):
+    for card in await run_in_threadpool(_model_list, served, request.app.state.started):
         if model_id in (card["id"], card["root"]) and (card["parent"] or model_id in (served.name, served.model_id)):
             return card
     for card in _encoder_cards(request, request.app.state.started):
@@ -111,7 +115,7 @@ async def _collect(stream: Stream) -> tuple[str, list[TokenLogprob], Finished]:
                 parts.append(event.text)
                 logprobs.extend(event.logprobs)
             elif isinstance(event, Failed):
-                raise APIError(500, event.message, None, "generation_failed")
+                raise APIError(event.status, event.message, None, event.code)
             else:
                 return "".join(parts), logprobs, event
     finally:
@@ -225,8 +229,8 @@ def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIt
                         offsets[index] += sum(len(t) for t in logprobs.get("tokens", ()))
                     yield chunk(index, shape.text_part(event.text), None, logprobs)
                 elif isinstance(event, Failed):
-                    yield sse(json.dumps({"error": {"message": event.message, "type": "server_error",
-                                                    "param": None, "code": "generation_failed"}}))
+                    yield sse(json.dumps({"error": {"message": event.message, "type": error_type(event.status),
+                                                    "param": None, "code": event.code}}))
                     break
                 else:
                     done.append(event)
@@ -241,10 +245,24 @@ def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIt
     return events()
 
 
+async def choose(served: ServedModel, body: ChatCompletionRequest | CompletionRequest) -> Choice:
+    """What the request names (an unknown model is a 404 before any work); a name not seen before is looked up
+    off the event loop."""
+    if body.adapter_id is not None:
+        served.choose(body.model)  # the base, or an adapter that adapter_id then replaces
+    model, param = (body.adapter_id, "adapter_id") if body.adapter_id is not None else (body.model, "model")
+    try:
+        return served.choose(model) if served.knows(model) else await run_in_threadpool(served.choose, model)
+    except AdapterError as exc:  # an unsafe id, an adapter for another base
+        raise APIError(400, str(exc), param, "invalid_adapter") from None
+    except UnknownModel:
+        raise unknown_model(model, param) from None
+
+
 async def _respond(served: ServedModel, body: ChatCompletionRequest | CompletionRequest, prompt: list[int],
-                   budget: int | None, shape: Shape, echo: str = "") -> Any:
+                   budget: int | None, shape: Shape, choice: Choice, echo: str = "") -> Any:
     params = _params(body, served, served.max_tokens(len(prompt), budget))
-    streams = served.generate_choices(prompt, _choices(params, body.n), served.choose(body.model))
+    streams = served.generate_choices(prompt, _choices(params, body.n), choice)
     meta = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
             "system_fingerprint": None}
     reply = Reply(served, shape, meta, params.logprobs is not None, echo)
@@ -264,15 +282,15 @@ async def _respond(served: ServedModel, body: ChatCompletionRequest | Completion
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     served = served_model(request)
-    served.choose(body.model)  # an unknown model is a 404 before any work
+    choice = await choose(served, body)
     prompt = served.encode_chat([m.plain() for m in body.messages])
-    return await _respond(served, body, prompt, body.completion_budget, CHAT)
+    return await _respond(served, body, prompt, body.completion_budget, CHAT, choice)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     served = served_model(request)
-    served.choose(body.model)
+    choice = await choose(served, body)
     if isinstance(body.prompt, str):
         prompt = served.encode_text(body.prompt)
     elif isinstance(body.prompt[0], str):
@@ -286,7 +304,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.echo:
         echo = served.decode(prompt) if isinstance(body.prompt[0], int) else str(body.prompt) if isinstance(
             body.prompt, str) else body.prompt[0]
-    return await _respond(served, body, prompt, body.max_tokens, TEXT, echo)
+    return await _respond(served, body, prompt, body.max_tokens, TEXT, choice, echo)
 
 
 @router.get("/chat_templates")

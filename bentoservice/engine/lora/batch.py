@@ -67,6 +67,7 @@ class LoraBatch:
         self.mask: torch.Tensor | None = None  # [tokens, stacked * rank] when slots are mixed
         self.stacked = 0  # adapter slots held in the stacks (slots 1..stacked)
         self.rank = 0
+        self.layout = 0  # counts reallocations of the stacks (captured passes read their addresses)
         self._slots: tuple[list[int], torch.dtype, torch.device] = ([], torch.float32, torch.device("cpu"))
         self._segments: Segments | None = None
         self._native: native.Pass | None = None

@@ -43,6 +43,7 @@ class BatchedLoraLinear(nn.Module):
             b[:cur_stacked, :cur_rank] = old_b
         self.lora_A, self.lora_B = a, b
         self.batch.stacked, self.batch.rank = stacked, rank
+        self.batch.layout += 1
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         rank = a.shape[0]

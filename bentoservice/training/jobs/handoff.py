@@ -1,5 +1,5 @@
 """The hand-off from finished jobs to the serving side: a job that succeeds is hot-loaded under its
-fine_tuned_model name, and after a restart earlier fine-tunes are served again while room lasts."""
+fine_tuned_model name, and after a restart earlier fine-tunes are served again, each loaded on its first request."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ def serve_fine_tune(jobs: JobStore, served: ServedModel, encoders: EncoderRegist
     jobs.add_event(job["id"], f"{job['fine_tuned_model']} is being served")
 
 
-def restore_fine_tunes(jobs: JobStore, served: ServedModel, settings: Settings) -> None:
-    """After a restart, serve earlier fine-tunes again, newest first, while adapter slots last."""
-    done = [j for j in reversed(jobs.jobs_in("succeeded")) if j["config"]["model"] == served.name]
-    for job in done[: max(0, settings.max_loras - len(served.adapters))]:
-        if job["fine_tuned_model"] not in served.adapters and not job["config"].get("merge_before_push"):
+def restore_fine_tunes(jobs: JobStore, served: ServedModel) -> None:
+    """After a restart, serve earlier fine-tunes again under their names, each loaded on its first request."""
+    for job in jobs.jobs_in("succeeded"):
+        if (job["config"]["model"] == served.name and job["fine_tuned_model"] not in served.catalog
+                and not job["config"].get("merge_before_push")):
             try:
                 backends.fetch_result(job)  # trained by another replica or a Ray node: from the file store
-                served.load_adapter_from(job["store_tag"], job["fine_tuned_model"])
+                served.register(job["fine_tuned_model"], job["store_tag"])
             except Exception as exc:
                 logger.warning("could not serve %s again: %s", job["fine_tuned_model"], exc)
 

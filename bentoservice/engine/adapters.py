@@ -157,7 +157,7 @@ class AdapterManager:
             if victim is None:
                 raise NoFreeSlot(f"all {self.max_loras} adapter slots hold pinned adapters or adapters in use")
             slot = victim.slot
-            self._to_host(self._prepared.pop(victim.name))
+            self._to_host(self._prepared.pop(victim.name), in_use)
             del self.loaded[victim.name]
             metrics.EVICTIONS.labels("gpu").inc()
         self.host.pop(adapter.name, None)
@@ -173,16 +173,18 @@ class AdapterManager:
         self._prepared[adapter.name] = adapter
         return loaded
 
-    def to_host(self, adapter: PreparedAdapter) -> None:
+    def to_host(self, adapter: PreparedAdapter, in_use: Callable[[str], bool]) -> None:
         """Keep a read adapter in the host tier (or refresh it there), unless it is in a slot."""
         if adapter.name not in self.loaded:
-            self._to_host(adapter)
+            self._to_host(adapter, in_use)
 
-    def _to_host(self, adapter: PreparedAdapter) -> None:
+    def _to_host(self, adapter: PreparedAdapter, in_use: Callable[[str], bool]) -> None:
+        """Past max_cpu_loras the least recently used go back to disk, but not one that a request waits for."""
         self.host[adapter.name] = adapter
         self.host.move_to_end(adapter.name)
-        while len(self.host) > self.max_cpu_loras:
-            self.host.popitem(last=False)
+        excess = len(self.host) - self.max_cpu_loras
+        for name in [name for name in self.host if not in_use(name)][:max(excess, 0)]:
+            del self.host[name]
             metrics.EVICTIONS.labels("cpu").inc()
 
     def touch(self, name: str) -> int:

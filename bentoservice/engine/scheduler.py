@@ -195,9 +195,9 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    def in_use(self, name: str) -> bool:
-        """Whether a running or queued request names the adapter (engine thread)."""
-        return any(s.adapter == name for s in (*self._running, *self._waiting))
+    def busy(self, *more: list[Sequence]) -> set[str | None]:
+        """The adapters that running or queued requests name (engine thread)."""
+        return {s.adapter for seqs in (self._running, self._waiting, *more) for s in seqs}
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run fn on the engine thread between two steps (for changes to the model)."""

@@ -109,10 +109,9 @@ class ServedModel:
         if model in self.catalog or model in self.engine.adapters.loaded:
             return Choice(model)
         try:
-            self.find(model, paths=False)
+            return Choice(self.find(model, paths=False))
         except UnknownAdapter:
             raise UnknownModel(model) from None
-        return Choice(model)
 
     def find(self, ref: str, paths: bool = True, name: str | None = None) -> str:
         """The served name of the adapter `ref` names (see store.adapter_source; paths only inside the allowed
@@ -218,11 +217,11 @@ class ServedModel:
         """On the engine thread."""
         adapters = self.engine.adapters
         try:
-            adapters.install(prepared, pinned, self.engine.in_use)
+            adapters.install(prepared, pinned, self.engine.busy().__contains__)
         except NoFreeSlot:
             if pinned:
                 raise
-            adapters.to_host(prepared)
+            adapters.to_host(prepared, self.engine.busy().__contains__)
 
     def load_adapter_from(self, src: str, name: str | None = None, confined: bool = False,
                           pinned: bool = False) -> str:
@@ -261,7 +260,7 @@ class ServedModel:
 
         def switch() -> None:
             if name not in adapters.loaded:
-                adapters.install(prepared or adapters.host[name], in_use=self.engine.in_use)
+                adapters.install(prepared or adapters.host[name], in_use=self.engine.busy().__contains__)
             adapters.set_default(name)
 
         self.engine.call(switch).result()

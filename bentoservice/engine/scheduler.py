@@ -175,14 +175,13 @@ class Engine:
     def _count(self) -> int:
         return sum(map(len, self._waiting)) + len(self._running) + self._admitted
 
-    def fetch(self, name: str) -> concurrent.futures.Future[PreparedAdapter]:
+    def fetch(self, name: str) -> None:
         """Read an adapter into the host tier on the loader thread; one read however many ask for it at once."""
-        with self._cv:
-            future = self._loading.get(name)
-            if future is None:
-                future = self._loading[name] = self._loader.submit(self._read_from_disk, name)
-                future.add_done_callback(lambda _: self._wake())
-        return future
+        with self._cv:  # the engine thread moves reads into the host tier under this lock
+            if name in self._loading or self.adapters.tier(name) != "disk":
+                return
+            future = self._loading[name] = self._loader.submit(self._read_from_disk, name)
+            future.add_done_callback(lambda _: self._wake())
 
     def _read_from_disk(self, name: str) -> PreparedAdapter:
         started = time.perf_counter()
@@ -195,9 +194,9 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    def busy(self, *more: list[Sequence]) -> set[str | None]:
+    def busy(self, *more: list[list[Sequence]]) -> set[str | None]:
         """The adapters that running or queued requests name (engine thread)."""
-        return {s.adapter for seqs in (self._running, self._waiting, *more) for s in seqs}
+        return {s.adapter for s in self._running} | {g[0].adapter for groups in (self._waiting, *more) for g in groups}
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run fn on the engine thread between two steps (for changes to the model)."""

@@ -184,6 +184,8 @@ class Engine:
             future.add_done_callback(lambda _: self._wake())
 
     def _read_from_disk(self, name: str) -> PreparedAdapter:
+        if self.read_adapter is None:
+            raise LookupError(f"no adapter {name!r} is loaded, and this engine reads none from disk")
         started = time.perf_counter()
         prepared = self.read_adapter(name)
         metrics.LOAD_SECONDS.labels("disk").observe(time.perf_counter() - started)

@@ -30,8 +30,9 @@ from bentoservice.store.encoders import (
 )
 from bentoservice.store.models import StoredModel, StoreError, bentoml_home, get, list_models, store_root
 
-__all__ = ["ADAPTER_FILES", "BUNDLED_ENCODERS", "ENCODER_KINDS", "HF_FILES", "AdapterSource", "ACCEPTED_FORMS", "AdapterNotFound", "UnsafeAdapterId", "servable_adapters", "Card", "StoreError",
-           "StoredModel", "adapter_source", "adapters_of", "bentoml_home", "card_for", "cards", "ensure_base",
-           "ensure_encoder", "fine_tune_dir", "get", "import_encoder", "import_model", "latest_fine_tune",
-           "list_models", "new_fine_tune_path", "resolve_base", "resolve_encoder", "save_adapter", "save_encoder",
-           "save_merged", "store_root"]
+__all__ = ["ACCEPTED_FORMS", "ADAPTER_FILES", "AdapterNotFound", "AdapterSource", "BUNDLED_ENCODERS", "Card",
+           "ENCODER_KINDS", "HF_FILES", "StoreError", "StoredModel", "UnsafeAdapterId", "adapter_source",
+           "adapters_of", "bentoml_home", "card_for", "cards", "ensure_base", "ensure_encoder", "fine_tune_dir",
+           "get", "import_encoder", "import_model", "latest_fine_tune", "list_models", "new_fine_tune_path",
+           "resolve_base", "resolve_encoder", "save_adapter", "save_encoder", "save_merged", "servable_adapters",
+           "store_root"]

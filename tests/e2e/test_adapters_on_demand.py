@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
-from bentoservice import store
 from conftest import Server
 from test_adapters import PROMPT, make_adapter
+
+from bentoservice import store
 
 COUNT = 12
 FT_NAME = "ft:tiny:pirate:59be0ad8"

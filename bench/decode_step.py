@@ -54,8 +54,10 @@ def random_adapters(model: torch.nn.Module, manager: AdapterManager, count: int,
         weights = {}
         for path in paths:
             linear = model.get_decoder().get_submodule(path)
-            weights[f"{prefix}.{path}"] = (torch.randn(rank, linear.in_features, generator=generator) * 0.01,
-                                           torch.randn(linear.out_features, rank, generator=generator) * 0.01)
+            weights[f"{prefix}.{path}"] = (
+                torch.randn(rank, linear.in_features, generator=generator) * 0.01,
+                torch.randn(linear.out_features, rank, generator=generator) * 0.01,
+            )
         manager.install(PreparedAdapter(f"a{i + 1}", "random", rank, 2.0 * rank, 2.0, weights))
 
 
@@ -71,9 +73,16 @@ def step_bytes(model: torch.nn.Module, forward: Forward, rows: int, context: int
     weights += sum(w.numel() * w.element_size() for w in packed)
     kv_heads, head_dim = forward.cache.shape
     kv = rows * context * forward.cache.n_layers * 2 * kv_heads * head_dim * embedding.element_size()
-    stacks = sum(t.numel() * t.element_size() for m in model.modules() for t in (getattr(m, "lora_A", None),
-                                                                                  getattr(m, "lora_B", None))
-                 if isinstance(t, torch.Tensor)) if lora else 0
+    stacks = (
+        sum(
+            t.numel() * t.element_size()
+            for m in model.modules()
+            for t in (getattr(m, "lora_A", None), getattr(m, "lora_B", None))
+            if isinstance(t, torch.Tensor)
+        )
+        if lora
+        else 0
+    )
     return weights + kv + stacks
 
 
@@ -82,8 +91,9 @@ def check_against_eager(forward: Forward, tokens: list[int], positions: list[int
     graph_logits = forward.decode(tokens, positions, slots).logits.clone()
     forward.lora.set(slots, forward.dtype, forward.device)
     device = forward.device
-    eager = forward._decode_pass(torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device),
-                                 max(positions) + 1)
+    eager = forward._decode_pass(
+        torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device), max(positions) + 1
+    )
     error = float((graph_logits - eager).norm() / eager.norm())
     same = float((graph_logits.argmax(-1) == eager.argmax(-1)).float().mean())
     return f"rel. error {error:.1e}, same argmax {100 * same:.0f}%"
@@ -99,12 +109,14 @@ def check_prefill(model: torch.nn.Module, forward: Forward) -> str:
     lines = []
     for name, batch in (("packed", prompts), ("with a reused prefix", longer)):
         packed = forward.prefill(batch, [0] * len(batch), 0)
-        alone = torch.stack([model(input_ids=torch.tensor([p], device=forward.device)).logits[0, -1].float()
-                             for p in batch])
+        alone = torch.stack(
+            [model(input_ids=torch.tensor([p], device=forward.device)).logits[0, -1].float() for p in batch]
+        )
         error = float((packed - alone).norm() / alone.norm())
         same = float((packed.argmax(-1) == alone.argmax(-1)).float().mean())
-        lines.append(f"prefill {name} (varlen: {forward.varlen}) vs alone: rel. error {error:.1e}, "
-                     f"same argmax {100 * same:.0f}%")
+        lines.append(
+            f"prefill {name} (varlen: {forward.varlen}) vs alone: rel. error {error:.1e}, same argmax {100 * same:.0f}%"
+        )
     forward.prefixes.clear()
     return "\n".join(lines)
 
@@ -134,15 +146,21 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     manager = AdapterManager(model, args.adapters, args.lora_rank)
     forward = Forward(model, manager.batch, max(batches), cuda_graphs=device.type == "cuda", prefix_bytes=2**26)
-    reference = model if forward.lean is None else AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    reference = (
+        model
+        if forward.lean is None
+        else AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    )
     print(check_prefill(reference, forward), flush=True)
     del reference
     random_adapters(model, manager, args.adapters, args.lora_rank)
     forward.adapters_changed()
     bandwidth = copy_bandwidth(device)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s",
+        flush=True,
+    )
 
     vocab = model.config.vocab_size
     results = []
@@ -150,13 +168,14 @@ def main() -> None:
         generator = torch.Generator().manual_seed(rows)
         prompts = [torch.randint(100, vocab, (args.context,), generator=generator).tolist() for _ in range(rows)]
         for start in range(0, rows, 16):
-            forward.prefill(prompts[start:start + 16], [0] * len(prompts[start:start + 16]), start)
+            forward.prefill(prompts[start : start + 16], [0] * len(prompts[start : start + 16]), start)
         for mode, slots in (("base", [0] * rows), ("mixed", [1 + i % args.adapters for i in range(rows)])):
             tokens = [int(t) for t in torch.randint(100, vocab, (rows,), generator=generator)]
             positions = [args.context] * rows
 
-            def step(tokens: list[int] = tokens, positions: list[int] = positions,
-                     slots: list[int] = slots) -> list[int]:
+            def step(
+                tokens: list[int] = tokens, positions: list[int] = positions, slots: list[int] = slots
+            ) -> list[int]:
                 return forward.decode(tokens, positions, slots).greedy_tokens()
 
             for _ in range(3):
@@ -169,18 +188,37 @@ def main() -> None:
             moved = step_bytes(model, forward, rows, args.context + 1, mode == "mixed")
             limit = moved / bandwidth
             agreement = check_against_eager(forward, tokens, positions, slots) if forward.cuda_graphs else None
-            row = {"batch": rows, "adapters": mode, "step_ms": seconds * 1e3, "tok_s": rows / seconds,
-                   "graph_vs_eager": agreement,
-                   "bytes_per_step_gb": moved / 1e9, "bandwidth_limit_ms": limit * 1e3,
-                   "limit_tok_s": rows / limit, "share_of_limit": limit / seconds}
+            row = {
+                "batch": rows,
+                "adapters": mode,
+                "step_ms": seconds * 1e3,
+                "tok_s": rows / seconds,
+                "graph_vs_eager": agreement,
+                "bytes_per_step_gb": moved / 1e9,
+                "bandwidth_limit_ms": limit * 1e3,
+                "limit_tok_s": rows / limit,
+                "share_of_limit": limit / seconds,
+            }
             results.append(row)
-            print(f"batch {rows:4d} {mode:5s}: {row['step_ms']:7.2f} ms/step {row['tok_s']:9.0f} tok/s | "
-                  f"{row['bytes_per_step_gb']:.2f} GB/step, limit {row['bandwidth_limit_ms']:.2f} ms "
-                  f"({row['limit_tok_s']:.0f} tok/s): {100 * row['share_of_limit']:.0f}% of the limit"
-                  + (f" | graph vs eager: {agreement}" if agreement else ""), flush=True)
+            print(
+                f"batch {rows:4d} {mode:5s}: {row['step_ms']:7.2f} ms/step {row['tok_s']:9.0f} tok/s | "
+                f"{row['bytes_per_step_gb']:.2f} GB/step, limit {row['bandwidth_limit_ms']:.2f} ms "
+                f"({row['limit_tok_s']:.0f} tok/s): {100 * row['share_of_limit']:.0f}% of the limit"
+                + (f" | graph vs eager: {agreement}" if agreement else ""),
+                flush=True,
+            )
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "copy_bandwidth_gb_s": bandwidth / 1e9,
-                                         "context": args.context, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "copy_bandwidth_gb_s": bandwidth / 1e9,
+                    "context": args.context,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ from serving import (  # noqa: E402  (bench/serving.py: the model, adapters, ser
     prepare,
 )
 
-WORDS = ("the model learns a small habit from every example it sees and repeats it when asked again later "
-         "adapters are cheap to train and cheap to serve beside each other on one card").split()
+WORDS = (
+    "the model learns a small habit from every example it sees and repeats it when asked again later "
+    "adapters are cheap to train and cheap to serve beside each other on one card"
+).split()
 
 
 def chat_file(count: int, seed: int = 0) -> bytes:
@@ -56,12 +58,19 @@ def chat_file(count: int, seed: int = 0) -> bytes:
     rows = []
     for i in range(count):
         words = " ".join(rng.choice(WORDS, size=int(rng.integers(20, 300))))
-        rows.append({"messages": [{"role": "user", "content": f"{prompts[i % len(prompts)]} (#{i})"},
-                                  {"role": "assistant", "content": f"Certainly, friend. {words}."}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{prompts[i % len(prompts)]} (#{i})"},
+                    {"role": "assistant", "content": f"Certainly, friend. {words}."},
+                ]
+            }
+        )
     return "\n".join(json.dumps(row) for row in rows).encode()
 
 
 # -- the background load ------------------------------------------------------------------------------
+
 
 class Load(threading.Thread):
     """STREAMS clients, each sending one streamed request after another over `models` until stopped."""
@@ -83,9 +92,14 @@ class Load(threading.Thread):
         async def client(i: int, session) -> None:
             n = i
             while not self._halt.is_set():
-                body = {"model": self.models[n % len(self.models)], "messages": prompts[n % len(prompts)]["messages"],
-                        "max_tokens": self.max_tokens, "temperature": 0, "stream": True,
-                        "stream_options": {"include_usage": True}}
+                body = {
+                    "model": self.models[n % len(self.models)],
+                    "messages": prompts[n % len(prompts)]["messages"],
+                    "max_tokens": self.max_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
                 self.results.append(await one_request(session, self.url, body))
                 n += self.streams
 
@@ -112,8 +126,14 @@ class Load(threading.Thread):
             if start <= r.sent < end:
                 ttft.append(r.chunks[0] - r.sent)
         pct = lambda q: float(np.percentile(ttft, q)) if ttft else float("nan")  # noqa: E731
-        return {"seconds": end - start, "tok_s": tokens / (end - start), "requests": len(ttft), "failed": failed,
-                "ttft_p50_s": pct(50), "ttft_p99_s": pct(99)}
+        return {
+            "seconds": end - start,
+            "tok_s": tokens / (end - start),
+            "requests": len(ttft),
+            "failed": failed,
+            "ttft_p50_s": pct(50),
+            "ttft_p99_s": pct(99),
+        }
 
 
 class ProcessMemory(threading.Thread):
@@ -141,6 +161,7 @@ class ProcessMemory(threading.Thread):
 
 # -- the job --------------------------------------------------------------------------------------------
 
+
 def first_token(base_url: str, model: str) -> tuple[float, str]:
     """Seconds to the first streamed content of one chat request to `model`, and the reply."""
     import openai
@@ -148,8 +169,13 @@ def first_token(base_url: str, model: str) -> tuple[float, str]:
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
     start = time.perf_counter()
     first, text = None, ""
-    for chunk in client.chat.completions.create(model=model, stream=True, max_tokens=32, temperature=0,
-                                                messages=[{"role": "user", "content": "Tell me about adapters."}]):
+    for chunk in client.chat.completions.create(
+        model=model,
+        stream=True,
+        max_tokens=32,
+        temperature=0,
+        messages=[{"role": "user", "content": "Tell me about adapters."}],
+    ):
         content = chunk.choices[0].delta.content if chunk.choices else None
         if content:
             first = first or time.perf_counter()
@@ -168,10 +194,15 @@ def run_job(server: Server, args: argparse.Namespace, params: int, marks: dict[s
     marks["upload accepted"] = time.perf_counter()
     extra = {"load_in_4bit": True} if args.load_in_4bit else {}
     job = client.fine_tuning.jobs.create(
-        model=args.model, training_file=uploaded.id, suffix="e2e",
-        method={"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": args.epochs, "batch_size": args.batch_size}}},
-        extra_body={"logging_steps": 1, **extra})
+        model=args.model,
+        training_file=uploaded.id,
+        suffix="e2e",
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size}},
+        },
+        extra_body={"logging_steps": 1, **extra},
+    )
     marks["job created"] = time.perf_counter()
     steps: list[dict] = []
     seen: set[str] = set()
@@ -200,12 +231,19 @@ def run_job(server: Server, args: argparse.Namespace, params: int, marks: dict[s
     marks["first token from the new adapter"] = marks["adapter listed"] + ttft
     rates = [s["tokens_per_second"] for s in steps[1:]] or [s["tokens_per_second"] for s in steps]
     median = float(np.median(rates)) if rates else float("nan")
-    return {"job": job.id, "fine_tuned_model": job.fine_tuned_model, "examples": args.examples,
-            "trained_tokens": job.trained_tokens, "steps": len(steps), "reply": reply,
-            "tokens_per_second_median": median,
-            "mfu_median": 4 * params * median / (args.peak_tflops * 1e12) if args.peak_tflops else None,
-            "step_log": [{k: v for k, v in s.items() if k != "at"} | {"at_s": s["at"] - marks["upload sent"]}
-                         for s in steps]}
+    return {
+        "job": job.id,
+        "fine_tuned_model": job.fine_tuned_model,
+        "examples": args.examples,
+        "trained_tokens": job.trained_tokens,
+        "steps": len(steps),
+        "reply": reply,
+        "tokens_per_second_median": median,
+        "mfu_median": 4 * params * median / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+        "step_log": [
+            {k: v for k, v in s.items() if k != "at"} | {"at_s": s["at"] - marks["upload sent"]} for s in steps
+        ],
+    }
 
 
 def main() -> None:
@@ -223,8 +261,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the job's base in 4-bit (bitsandbytes)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="for MFU (default: 989, the H100's dense bf16, when there is a GPU)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="for MFU (default: 989, the H100's dense bf16, when there is a GPU)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bentoservice-bench")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -250,8 +292,9 @@ def main() -> None:
     memory = ProcessMemory()
     try:
         server.wait_ready()
-        serving_pids = {p.pid for p in [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(
-            recursive=True)]}
+        serving_pids = {
+            p.pid for p in [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+        }
         load = Load(server.url, [f"a{i + 1}" for i in range(len(adapters))], args.streams, args.max_tokens)
         load.start()
         memory.start()
@@ -269,24 +312,37 @@ def main() -> None:
 
     origin = marks["upload sent"]
     train_start = marks.get("first training step", marks.get("job running", origin))
-    windows = {"before": load.window(before, origin), "during training": load.window(train_start,
-                                                                                     marks["job succeeded"]),
-               "after": load.window(marks["first token from the new adapter"], end)}
+    windows = {
+        "before": load.window(before, origin),
+        "during training": load.window(train_start, marks["job succeeded"]),
+        "after": load.window(marks["first token from the new adapter"], end),
+    }
     gib = 2**30
     serving_gpu = sum(v for pid, v in memory.peak.items() if pid in serving_pids)
     training_gpu = max((v for pid, v in memory.peak.items() if pid not in serving_pids), default=0)
     result = {
-        "setup": {"model": args.model, "random_model": args.random_model, "parameters": params,
-                  "streams": args.streams, "adapters": args.adapters, "max_tokens": args.max_tokens,
-                  "examples": args.examples, "epochs": args.epochs, "batch_size": args.batch_size,
-                  "adapter_type": "qlora" if args.load_in_4bit else "lora",
-                  "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
+        "setup": {
+            "model": args.model,
+            "random_model": args.random_model,
+            "parameters": params,
+            "streams": args.streams,
+            "adapters": args.adapters,
+            "max_tokens": args.max_tokens,
+            "examples": args.examples,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "adapter_type": "qlora" if args.load_in_4bit else "lora",
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        },
         "timeline_s": {k: round(v - origin, 3) for k, v in marks.items()},
         "training": {k: v for k, v in job.items() if k != "step_log"},
         "load": windows,
-        "peak_gpu_gib": {"serving process": serving_gpu / gib, "training process": training_gpu / gib,
-                         "device": memory.device / gib},
+        "peak_gpu_gib": {
+            "serving process": serving_gpu / gib,
+            "training process": training_gpu / gib,
+            "device": memory.device / gib,
+        },
         "step_log": job["step_log"],
     }
     if args.json:
@@ -308,12 +364,19 @@ def table(result: dict) -> str:
     t, train = result["timeline_s"], result["training"]
     lines = ["| moment | s from upload |", "| --- | ---: |", *(f"| {k} | {v:.2f} |" for k, v in t.items())]
     mfu = f", MFU {train['mfu_median']:.1%}" if train["mfu_median"] is not None else ""
-    lines += ["", f"training: {train['tokens_per_second_median']:,.0f} tokens/s (median of {train['steps']} steps)"
-              f"{mfu}, {train['trained_tokens']} tokens", "",
-              "| load window | output tok/s | TTFT p50 / p99 (s) | requests |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        f"training: {train['tokens_per_second_median']:,.0f} tokens/s (median of {train['steps']} steps)"
+        f"{mfu}, {train['trained_tokens']} tokens",
+        "",
+        "| load window | output tok/s | TTFT p50 / p99 (s) | requests |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, w in result["load"].items():
-        lines.append(f"| {name} | {w['tok_s']:,.0f} | {w['ttft_p50_s']:.2f} / {w['ttft_p99_s']:.2f} | "
-                     f"{w['requests']} ({w['failed']} failed) |")
+        lines.append(
+            f"| {name} | {w['tok_s']:,.0f} | {w['ttft_p50_s']:.2f} / {w['ttft_p99_s']:.2f} | "
+            f"{w['requests']} ({w['failed']} failed) |"
+        )
     peak = result["peak_gpu_gib"]
     lines.append("\npeak GPU GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
     return "\n".join(lines)

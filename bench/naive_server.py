@@ -45,19 +45,33 @@ def create_app(model_dir: str, device: str, dtype: torch.dtype) -> FastAPI:
 
     def generate(ids: torch.Tensor, max_tokens: int, streamer: TokenQueue) -> None:
         with lock, torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                           streamer=streamer, pad_token_id=tokenizer.eos_token_id)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=tokenizer.eos_token_id,
+            )
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> StreamingResponse:
         body = await request.json()
-        ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"].to(device)
+        ids = tokenizer.apply_chat_template(
+            body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"].to(device)
         queue: asyncio.Queue = asyncio.Queue()
-        threading.Thread(target=generate, args=(ids, body.get("max_tokens", 64),
-                                                TokenQueue(asyncio.get_running_loop(), queue)), daemon=True).start()
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": body["model"]}
+        threading.Thread(
+            target=generate,
+            args=(ids, body.get("max_tokens", 64), TokenQueue(asyncio.get_running_loop(), queue)),
+            daemon=True,
+        ).start()
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
 
         async def events():
             tokens: list[int] = []
@@ -66,7 +80,7 @@ def create_app(model_dir: str, device: str, dtype: torch.dtype) -> FastAPI:
                 tokens.append(token)
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 if len(text) > len(sent) and not text.endswith("\ufffd"):
-                    delta, sent = text[len(sent):], text
+                    delta, sent = text[len(sent) :], text
                     yield f"data: {json.dumps({**meta, 'choices': [{'index': 0, 'delta': {'content': delta}}]})}\n\n"
             reason = "length" if len(tokens) >= body.get("max_tokens", 64) else "stop"
             yield f"data: {json.dumps({**meta, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': reason}]})}\n\n"
@@ -84,10 +98,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (bf16 on GPU)")
     args = parser.parse_args()
-    dtype = (torch.bfloat16 if args.device.startswith("cuda") else torch.float32) if args.dtype == "auto" \
+    dtype = (
+        (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+        if args.dtype == "auto"
         else getattr(torch, args.dtype)
-    uvicorn.run(create_app(args.model_dir, args.device, dtype), host="127.0.0.1", port=args.port,
-                log_level="warning")
+    )
+    uvicorn.run(create_app(args.model_dir, args.device, dtype), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

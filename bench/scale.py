@@ -26,9 +26,15 @@ WORDS = "the a model learns to answer kindly and briefly about cities rivers num
 def chats(count: int, seed: int) -> list[dict[str, Any]]:
     """Chats with replies of 20 to 120 words, so that batches differ in length as real data does."""
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": f"Tell me something, number {i}."},
-                          {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(20, 120)))}]}
-            for i in range(count)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Tell me something, number {i}."},
+                {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(20, 120)))},
+            ]
+        }
+        for i in range(count)
+    ]
 
 
 def run(args: argparse.Namespace, backend: str, workers: int, train: Path, folder: Path) -> dict[str, Any]:
@@ -36,14 +42,24 @@ def run(args: argparse.Namespace, backend: str, workers: int, train: Path, folde
     from bentoservice.training.jobs.store import JobStore
 
     jobs = JobStore()
-    config = {"model": args.model, "method": "sft", "train_file": str(train),
-              "adapter_name": f"bench-scale-{backend}-{workers}",
-              "scale": {"backend": backend, "num_workers": workers, "gpus_per_worker": 0},
-              "args": {"max_steps": args.steps, "per_device_train_batch_size": args.global_batch // workers,
-                       "logging_steps": 1, "save_strategy": "no", "seed": 0,
-                       "output_dir": str(folder / f"out-{backend}-{workers}")}}
-    job = jobs.add_job(model=args.model, request={}, config=config, fine_tuned_model=config["adapter_name"],
-                       status="queued")
+    config = {
+        "model": args.model,
+        "method": "sft",
+        "train_file": str(train),
+        "adapter_name": f"bench-scale-{backend}-{workers}",
+        "scale": {"backend": backend, "num_workers": workers, "gpus_per_worker": 0},
+        "args": {
+            "max_steps": args.steps,
+            "per_device_train_batch_size": args.global_batch // workers,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "seed": 0,
+            "output_dir": str(folder / f"out-{backend}-{workers}"),
+        },
+    }
+    job = jobs.add_job(
+        model=args.model, request={}, config=config, fine_tuned_model=config["adapter_name"], status="queued"
+    )
     queue = JobQueue(jobs, on_success=lambda job: None, concurrency=1)
     start = time.monotonic()
     while (current := jobs.get_job(job["id"]))["status"] not in ("succeeded", "failed", "cancelled"):
@@ -56,10 +72,18 @@ def run(args: argparse.Namespace, backend: str, workers: int, train: Path, folde
     metrics = next(e["data"]["metrics"] for e in events if e["message"] == "Training completed")
     tokens_per_s = metrics["num_input_tokens_seen"] / metrics["train_runtime"]
     _delete(current["store_tag"])
-    return {"backend": backend, "workers": workers, "steps": args.steps, "global_batch": args.global_batch,
-            "tokens": int(metrics["num_input_tokens_seen"]), "train_s": round(metrics["train_runtime"], 1),
-            "wall_s": round(wall, 1), "tokens_per_s": round(tokens_per_s, 1),
-            "tokens_per_s_per_worker": round(tokens_per_s / workers, 1), "final_loss": metrics.get("train_loss")}
+    return {
+        "backend": backend,
+        "workers": workers,
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "tokens": int(metrics["num_input_tokens_seen"]),
+        "train_s": round(metrics["train_runtime"], 1),
+        "wall_s": round(wall, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_s_per_worker": round(tokens_per_s / workers, 1),
+        "final_loss": metrics.get("train_loss"),
+    }
 
 
 def _delete(tag: str) -> None:

@@ -60,11 +60,26 @@ def free_port() -> int:
 # -- the model and its adapters ---------------------------------------------------------------------
 
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
-                         tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -79,13 +94,18 @@ def make_random_model(folder: Path, tokenizer_dir: Path, shape: str) -> Path:
     if (folder / "config.json").exists():
         return folder
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():
         embedding = model.get_input_embeddings().weight
-        embedding[len(tokenizer):] = 0
+        embedding[len(tokenizer) :] = 0
         embedding[tokenizer.all_special_ids] = 0
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -101,8 +121,10 @@ def make_adapters(model_dir: Path, folder: Path, count: int, rank: int) -> list[
     paths = [folder / f"a{i + 1}" for i in range(count)]
     if all((p / "adapter_model.safetensors").exists() for p in paths):
         return paths
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"),
+    )
     for i, path in enumerate(paths):
         generator = torch.Generator().manual_seed(i + 1)
         for name, param in model.named_parameters():
@@ -127,31 +149,39 @@ def prepare(args: argparse.Namespace, with_adapters: bool = True) -> tuple[Path,
     """The base model in the store (made first for --random-model) and --adapters random adapters over it."""
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.random_model:
-        args.model_dir = make_random_model(args.model_dir or args.work_dir / args.random_model, args.tokenizer,
-                                           args.random_model)
+        args.model_dir = make_random_model(
+            args.model_dir or args.work_dir / args.random_model, args.tokenizer, args.random_model
+        )
     model_dir = store_model(args.model, args.model_dir)
     if not with_adapters:
         return model_dir, []
-    return model_dir, make_adapters(model_dir, args.work_dir / f"adapters-{args.model}-r{args.lora_rank}",
-                                    args.adapters, args.lora_rank)
+    return model_dir, make_adapters(
+        model_dir, args.work_dir / f"adapters-{args.model}-r{args.lora_rank}", args.adapters, args.lora_rank
+    )
 
 
 # -- servers ----------------------------------------------------------------------------------------
+
 
 class Server:
     def __init__(self, cmd: list[str], port: int, model: str, log: Path, env: dict[str, str] | None = None) -> None:
         self.port, self.model, self.log = port, model, log
         self.url = f"http://127.0.0.1:{port}"
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         env={**os.environ, **(env or {})}, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
 
     def wait_ready(self, timeout: float = 900) -> None:
         """Ready when a one-token chat request succeeds (this also warms the server up)."""
         import httpx
 
-        body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
-                "temperature": 0}
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -178,18 +208,43 @@ def start_server(target: str, args: argparse.Namespace, model_dir: Path, adapter
     port = free_port()
     log = logs / f"{target}.log"
     if target.startswith("bentoservice"):
-        cmd = [sys.executable, "-m", "bentoservice.cli", "start", args.model, "--port", str(port),
-               "--host", "127.0.0.1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bentoservice.cli",
+            "start",
+            args.model,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
         for i, path in enumerate(adapters):
             cmd += ["--adapter-id", str(path), "--adapter-name", f"a{i + 1}"]
-        env = {"BENTOSERVICE_MAX_RUNNING": str(max(args.streams, 16)), "BENTOML_DO_NOT_TRACK": "True",
-               "HF_HUB_OFFLINE": "1"}
+        env = {
+            "BENTOSERVICE_MAX_RUNNING": str(max(args.streams, 16)),
+            "BENTOML_DO_NOT_TRACK": "True",
+            "HF_HUB_OFFLINE": "1",
+        }
         return Server(cmd, port, args.model, log, env)
     if target == "naive":
-        return Server([sys.executable, str(ROOT / "bench" / "naive_server.py"), str(model_dir), "--port", str(port)],
-                      port, args.model, log)
-    cmd = [str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir), "--port", str(port),
-           "--host", "127.0.0.1", "--log-level", "warning"]
+        return Server(
+            [sys.executable, str(ROOT / "bench" / "naive_server.py"), str(model_dir), "--port", str(port)],
+            port,
+            args.model,
+            log,
+        )
+    cmd = [
+        str(Path(sys.executable).with_name("transformers")),
+        "serve",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--log-level",
+        "warning",
+    ]
     if target == "transformers-cb":
         cmd.append("--continuous-batching")
     return Server(cmd, port, str(model_dir), log, {"HF_HUB_OFFLINE": "1"})
@@ -234,10 +289,12 @@ class MemoryPeak(threading.Thread):
 
 # -- the load ---------------------------------------------------------------------------------------
 
+
 def warmup_prompts(count: int) -> list[dict]:
     """Prompts unlike the timed ones, so that no server starts the timed rounds with their prompts cached."""
-    return [{"messages": [{"role": "user", "content": f"Warm-up request {i}: reply with one word."}]}
-            for i in range(count)]
+    return [
+        {"messages": [{"role": "user", "content": f"Warm-up request {i}: reply with one word."}]} for i in range(count)
+    ]
 
 
 async def one_request(session, url: str, body: dict) -> Result:
@@ -269,8 +326,16 @@ async def one_request(session, url: str, body: dict) -> Result:
     return result
 
 
-async def run_load(server: Server, prompts: list[dict], models: list[str], streams: int, rounds: int,
-                   max_tokens: int, usage: bool, min_seconds: float = 0) -> tuple[list[Result], float]:
+async def run_load(
+    server: Server,
+    prompts: list[dict],
+    models: list[str],
+    streams: int,
+    rounds: int,
+    max_tokens: int,
+    usage: bool,
+    min_seconds: float = 0,
+) -> tuple[list[Result], float]:
     """Each client sends `rounds` requests one after another, and more while fewer than `min_seconds` have passed."""
     import aiohttp
 
@@ -280,8 +345,13 @@ async def run_load(server: Server, prompts: list[dict], models: list[str], strea
         while r < rounds or time.perf_counter() - start < min_seconds:
             n = i + r * streams
             r += 1
-            body = {"model": models[n % len(models)], "messages": prompts[n % len(prompts)]["messages"],
-                    "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            body = {
+                "model": models[n % len(models)],
+                "messages": prompts[n % len(prompts)]["messages"],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
             if usage:
                 body["stream_options"] = {"include_usage": True}
             results.append(await one_request(session, server.url, body))
@@ -308,20 +378,32 @@ def summarize(results: list[Result], wall: float, max_tokens: int, tokenizer) ->
     itl = [b - a for r in ok for a, b in zip(r.chunks, r.chunks[1:], strict=False)]
     total = sum(tokens(r) for r in ok)
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
-    return {"requests": len(results), "failed": len(results) - len(ok),
-            "errors": sorted({r.error for r in results if r.error})[:3],
-            "short": sum(1 for r in ok if r.finish != "length"), "output_tokens": total, "wall_s": wall,
-            "tok_s": total / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3}
+    return {
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:3],
+        "short": sum(1 for r in ok if r.finish != "length"),
+        "output_tokens": total,
+        "wall_s": wall,
+        "tok_s": total / wall,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50) * 1e3,
+        "itl_p99_ms": pct(itl, 99) * 1e3,
+    }
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| target | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | peak memory | short / failed |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| target | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | peak memory | short / failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for target, s in rows.items():
         memory = f"{s['peak_rss_gb']:.2f} GB RSS" + (f", {s['peak_gpu_gb']:.1f} GB GPU" if s.get("peak_gpu_gb") else "")
-        lines.append(f"| {target} | {s['tok_s']:.1f} | {s['ttft_p50_s']:.2f} / {s['ttft_p99_s']:.2f} | "
-                     f"{s['itl_p50_ms']:.0f} / {s['itl_p99_ms']:.0f} | {memory} | {s['short']} / {s['failed']} |")
+        lines.append(
+            f"| {target} | {s['tok_s']:.1f} | {s['ttft_p50_s']:.2f} / {s['ttft_p99_s']:.2f} | "
+            f"{s['itl_p50_ms']:.0f} / {s['itl_p99_ms']:.0f} | {memory} | {s['short']} / {s['failed']} |"
+        )
     return "\n".join(lines)
 
 
@@ -329,23 +411,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Serving benchmark (see the module docstring)")
     parser.add_argument("--model", default="smollm2", help="store name of the base model")
     parser.add_argument("--model-dir", type=Path, help="import this HF folder into the store as --model if missing")
-    parser.add_argument("--random-model", choices=sorted(SHAPES),
-                        help="make --model-dir as a random-weight model of this shape first")
+    parser.add_argument(
+        "--random-model", choices=sorted(SHAPES), help="make --model-dir as a random-weight model of this shape first"
+    )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for --random-model")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another (at least)")
-    parser.add_argument("--min-seconds", type=float, default=30,
-                        help="clients keep sending until this long has passed, so that one run is a stable figure")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=30,
+        help="clients keep sending until this long has passed, so that one run is a stable figure",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--warmup-tokens", type=int, default=8,
-                        help="max_tokens of an untimed round of every stream first (0: none)")
+    parser.add_argument(
+        "--warmup-tokens", type=int, default=8, help="max_tokens of an untimed round of every stream first (0: none)"
+    )
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds a server may take to start")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--targets", default="bentoservice,naive,transformers-cb",
-                        help=f"comma-separated, from {', '.join(TARGETS)}")
-    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bentoservice-bench",
-                        help="adapters, random models and server logs (kept between runs)")
+    parser.add_argument(
+        "--targets", default="bentoservice,naive,transformers-cb", help=f"comma-separated, from {', '.join(TARGETS)}"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bentoservice-bench",
+        help="adapters, random models and server logs (kept between runs)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -373,24 +466,36 @@ def main() -> None:
                 models = [server.model]
             usage = target.startswith("bentoservice")
             if args.warmup_tokens:  # every batch size once, so that lazy set-up (CUDA graphs) is not timed
-                asyncio.run(run_load(server, warmup_prompts(args.streams), models, args.streams, 1,
-                                     args.warmup_tokens, usage))
+                asyncio.run(
+                    run_load(server, warmup_prompts(args.streams), models, args.streams, 1, args.warmup_tokens, usage)
+                )
             memory = MemoryPeak(server.proc.pid)
             memory.start()
-            results, wall = asyncio.run(run_load(server, prompts, models, args.streams, args.rounds, args.max_tokens,
-                                                 usage, args.min_seconds))
+            results, wall = asyncio.run(
+                run_load(server, prompts, models, args.streams, args.rounds, args.max_tokens, usage, args.min_seconds)
+            )
             memory.stop()
         finally:
             server.stop()
-        rows[target] = {**summarize(results, wall, args.max_tokens, tokenizer),
-                        "peak_rss_gb": memory.rss / 1e9, "peak_gpu_gb": memory.gpu / 1e9}
+        rows[target] = {
+            **summarize(results, wall, args.max_tokens, tokenizer),
+            "peak_rss_gb": memory.rss / 1e9,
+            "peak_gpu_gb": memory.gpu / 1e9,
+        }
         print(f"{target}: {json.dumps(rows[target])}", flush=True)
 
-    setup = {"model": args.model, "model_dir": str(model_dir), "streams": args.streams, "rounds": args.rounds,
-             "min_seconds": args.min_seconds,
-             "warmup_tokens": args.warmup_tokens,
-             "max_tokens": args.max_tokens, "adapters": args.adapters, "lora_rank": args.lora_rank,
-             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    setup = {
+        "model": args.model,
+        "model_dir": str(model_dir),
+        "streams": args.streams,
+        "rounds": args.rounds,
+        "min_seconds": args.min_seconds,
+        "warmup_tokens": args.warmup_tokens,
+        "max_tokens": args.max_tokens,
+        "adapters": args.adapters,
+        "lora_rank": args.lora_rank,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
     if args.json:
         args.json.write_text(json.dumps({"setup": setup, "results": rows}, indent=2))
     base = rows.get("transformers-cb")

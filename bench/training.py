@@ -40,10 +40,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 H100_BF16_FLOPS = 989e12
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
 }
 LLAMA3 = dict(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
 
@@ -97,6 +111,7 @@ class Result:
 
 # --- data ------------------------------------------------------------------------------------
 
+
 def chat_rows(tokenizer: Any, spec: Spec) -> list[dict[str, Any]]:
     """Chats whose lengths follow a skewed (log-normal) distribution of mean about `mean_tokens`.
 
@@ -105,12 +120,17 @@ def chat_rows(tokenizer: Any, spec: Spec) -> list[dict[str, Any]]:
     """
     from bentoservice.training.methods.trainers import render
 
-    words = sorted({w.strip() for w in tokenizer.convert_ids_to_tokens(range(min(len(tokenizer), 30000)))
-                    if w.startswith("Ġ") and w[1:].isalpha() and w[1:].islower() and len(w) > 3})
+    words = sorted(
+        {
+            w.strip()
+            for w in tokenizer.convert_ids_to_tokens(range(min(len(tokenizer), 30000)))
+            if w.startswith("Ġ") and w[1:].isalpha() and w[1:].islower() and len(w) > 3
+        }
+    )
     words = [w[1:] for w in words]
     rng = random.Random(spec.seed)
     sigma = 0.8
-    mu = math.log(spec.mean_tokens) - sigma ** 2 / 2
+    mu = math.log(spec.mean_tokens) - sigma**2 / 2
     rows = []
     while len(rows) < spec.examples:
         target = min(max(int(rng.lognormvariate(mu, sigma)), spec.min_tokens), spec.max_tokens)
@@ -118,8 +138,10 @@ def chat_rows(tokenizer: Any, spec: Spec) -> list[dict[str, Any]]:
         messages: list[dict[str, str]] = []
         for _ in range(turns):
             text = " ".join(rng.choice(words) for _ in range(max(1, target // (2 * turns) - 10)))
-            messages += [{"role": "user", "content": f"Repeat after me: {text}"},
-                         {"role": "assistant", "content": text}]
+            messages += [
+                {"role": "user", "content": f"Repeat after me: {text}"},
+                {"role": "assistant", "content": text},
+            ]
         while len(render(tokenizer, messages)) > spec.max_tokens:
             for m in messages:
                 m["content"] = " ".join(m["content"].split()[: -max(1, len(m["content"].split()) // 10)])
@@ -128,6 +150,7 @@ def chat_rows(tokenizer: Any, spec: Spec) -> list[dict[str, Any]]:
 
 
 # --- one variant, in its own process ----------------------------------------------------------
+
 
 class StepMeter:
     """Wall time at each step's end (after the device finishes), and the real tokens of each batch."""
@@ -191,8 +214,13 @@ def build_model(spec: Spec, device: str, tokenizer: Any) -> Any:
     if spec.shape is None:
         model = hardware.load_model(Path(model_dir(spec.model)), device, "lora")  # type: ignore[arg-type]
         return model.to(device)
-    config = LlamaConfig(**SHAPES[spec.shape], **LLAMA3, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **SHAPES[spec.shape],
+        **LLAMA3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(spec.seed)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
@@ -223,9 +251,15 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
     rows = chat_rows(tokenizer, spec)
     dataset = trainers.hf_dataset(tokenizer, formats.Dataset("openai_chat", "sft", rows))
     model = build_model(spec, device, tokenizer)
-    args = {"per_device_train_batch_size": spec.batch, "gradient_accumulation_steps": spec.accumulate,
-            "max_steps": spec.warmup + spec.steps + bool(spec.profile), "logging_steps": 1, "save_strategy": "no",
-            "seed": spec.seed, "data_seed": spec.seed}
+    args = {
+        "per_device_train_batch_size": spec.batch,
+        "gradient_accumulation_steps": spec.accumulate,
+        "max_steps": spec.warmup + spec.steps + bool(spec.profile),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": spec.seed,
+        "data_seed": spec.seed,
+    }
     lora = {} if spec.lora_dropout is None else {"lora_dropout": spec.lora_dropout}
     config = TrainingConfig(model="bench", args=args, **lora)
     output_dir = Path(tempfile.mkdtemp(prefix="bench-training-"))
@@ -235,8 +269,17 @@ def make_trainer(spec: Spec) -> tuple[Any, StepMeter, list[int]]:
     if spec.variant == "baseline":
         trainer = baseline_trainer(config, model, tokenizer, trainer_args, dataset, spec.baseline_checkpointing)
     else:
-        trainer = trainers.build_trainer(config, model, tokenizer, trainer_args, dataset, None, ProgressCallback(),
-                                         device, variant_speedups(spec.variant, device))
+        trainer = trainers.build_trainer(
+            config,
+            model,
+            tokenizer,
+            trainer_args,
+            dataset,
+            None,
+            ProgressCallback(),
+            device,
+            variant_speedups(spec.variant, device),
+        )
     meter.watch(trainer)
     meter.pass_tokens = getattr(trainer, "pass_tokens", None)
     trainer.add_callback(meter.callback())
@@ -278,8 +321,10 @@ def profile_callback(spec: Spec, device: str) -> Any:
             sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
             path = Path(spec.profile) / (re.sub(r"[^\w.-]", "_", spec.variant) + ".txt")
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}), {len(kernels)} kernels\n"
-                            + events.table(sort_by=sort, row_limit=40, max_name_column_width=80))
+            path.write_text(
+                f"step {wall:.3f} s, device busy {busy:.3f} s ({busy / wall:.0%}), {len(kernels)} kernels\n"
+                + events.table(sort_by=sort, row_limit=40, max_name_column_width=80)
+            )
             self.profiler.export_chrome_trace(str(path.with_suffix(".json.gz")))
             self.profiler = None
 
@@ -298,9 +343,9 @@ def run_variant(spec: Spec) -> Result:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
 
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log][:spec.warmup + spec.steps]
-    ends = meter.ends[:spec.warmup + spec.steps + 1]
-    step_times = [b - a for a, b in zip(ends[spec.warmup:], ends[spec.warmup + 1:], strict=False)]
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log][: spec.warmup + spec.steps]
+    ends = meter.ends[: spec.warmup + spec.steps + 1]
+    step_times = [b - a for a, b in zip(ends[spec.warmup :], ends[spec.warmup + 1 :], strict=False)]
     per_step = trainer.args.gradient_accumulation_steps  # collated batches a step
     window = slice(spec.warmup * per_step, (spec.warmup + spec.steps) * per_step)
     seconds = ends[-1] - ends[spec.warmup]
@@ -309,13 +354,25 @@ def run_variant(spec: Spec) -> Result:
         peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     else:
         peak = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = Result(spec.variant, device, tokens / seconds, statistics.median(step_times), peak / 2**30,
-                    reserved / 2**30, statistics.fmean(losses[-3:]), losses, tokens,
-                    sum(meter.padded[window]), params,
-                    checkpointed_layers=most_checkpointed(trainer, meter.padded[window]),
-                    mean_length=statistics.fmean(lengths), first_step_seconds=ends[1] - ends[0],
-                    passes=max(meter.passes[window], default=1), step_times=step_times,
-                    step_tokens=[sum(meter.tokens[i:i + per_step]) for i in range(window.start, window.stop, per_step)])
+    result = Result(
+        spec.variant,
+        device,
+        tokens / seconds,
+        statistics.median(step_times),
+        peak / 2**30,
+        reserved / 2**30,
+        statistics.fmean(losses[-3:]),
+        losses,
+        tokens,
+        sum(meter.padded[window]),
+        params,
+        checkpointed_layers=most_checkpointed(trainer, meter.padded[window]),
+        mean_length=statistics.fmean(lengths),
+        first_step_seconds=ends[1] - ends[0],
+        passes=max(meter.passes[window], default=1),
+        step_times=step_times,
+        step_tokens=[sum(meter.tokens[i : i + per_step]) for i in range(window.start, window.stop, per_step)],
+    )
     if device == "cuda":
         flops = 4 * params * tokens
         # The measured steps' examples are not known one by one here: scale the data's mean l^2 to their tokens.
@@ -336,8 +393,9 @@ def most_checkpointed(trainer: Any, batches: list[int]) -> int:
     return sum(layer.gradient_checkpointing is True for layer in speed.decoder_layers(trainer.model))
 
 
-def baseline_trainer(config: Any, model: Any, tokenizer: Any, args: dict[str, Any], dataset: Any,
-                     checkpointing: bool) -> Any:
+def baseline_trainer(
+    config: Any, model: Any, tokenizer: Any, args: dict[str, Any], dataset: Any, checkpointing: bool
+) -> Any:
     """A plain Trainer + peft, as a user writes it: padded to the longest in each batch, default settings
     (`checkpointing`: every layer, as a user does when the default runs out of memory)."""
     from peft import get_peft_model
@@ -349,8 +407,12 @@ def baseline_trainer(config: Any, model: Any, tokenizer: Any, args: dict[str, An
     plain = {k: v for k, v in args.items() if k in TrainingArguments.__dataclass_fields__}
     plain.update(include_num_input_tokens_seen="no", gradient_checkpointing=checkpointing)
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
-    return Trainer(model=get_peft_model(model, lora_config(config)), args=TrainingArguments(**plain),
-                   train_dataset=dataset, data_collator=collator)
+    return Trainer(
+        model=get_peft_model(model, lora_config(config)),
+        args=TrainingArguments(**plain),
+        train_dataset=dataset,
+        data_collator=collator,
+    )
 
 
 def variant_speedups(variant: str, device: str) -> Any:
@@ -374,11 +436,14 @@ def variant_speedups(variant: str, device: str) -> Any:
 
 # --- the comparison -------------------------------------------------------------------------
 
+
 def compare(results: list[Result]) -> str:
     base = next((r for r in results if r.variant == "baseline"), None)
-    lines = ["| variant | tokens/s | x baseline | step s | peak GiB | x baseline | loss | max step loss diff "
-             "| MFU 4N | MFU 4N+attn | padding | most checkpointed layers | most passes a step |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| variant | tokens/s | x baseline | step s | peak GiB | x baseline | loss | max step loss diff "
+        "| MFU 4N | MFU 4N+attn | padding | most checkpointed layers | most passes a step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         speedup = f"{r.tokens_per_second / base.tokens_per_second:.2f}" if base else "-"
         memory = f"{r.peak_gib / base.peak_gib:.2f}" if base else "-"
@@ -386,9 +451,11 @@ def compare(results: list[Result]) -> str:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
         mfu_attn = f"{r.mfu_attention:.1%}" if r.mfu_attention is not None else "-"
         padding = f"{1 - r.tokens / r.padded_tokens:.0%}" if r.padded_tokens else "-"
-        lines.append(f"| {r.variant} | {r.tokens_per_second:,.0f} | {speedup} | {r.step_seconds:.3f} | "
-                     f"{r.peak_gib:.2f} | {memory} | {r.loss:.4f} | {diff:.4f} | {mfu} | {mfu_attn} | {padding} | "
-                     f"{r.checkpointed_layers} | {r.passes} |")
+        lines.append(
+            f"| {r.variant} | {r.tokens_per_second:,.0f} | {speedup} | {r.step_seconds:.3f} | "
+            f"{r.peak_gib:.2f} | {memory} | {r.loss:.4f} | {diff:.4f} | {mfu} | {mfu_attn} | {padding} | "
+            f"{r.checkpointed_layers} | {r.passes} |"
+        )
     return "\n".join(lines)
 
 
@@ -408,10 +475,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lora-dropout", type=float, help="LoRA dropout for all variants (default: the product's)")
-    parser.add_argument("--baseline-checkpointing", action="store_true",
-                        help="checkpoint every layer of the baseline (when it does not fit otherwise)")
-    parser.add_argument("--accumulate", type=int, default=1,
-                        help="gradient accumulation steps: a step trains --batch x this many chats")
+    parser.add_argument(
+        "--baseline-checkpointing",
+        action="store_true",
+        help="checkpoint every layer of the baseline (when it does not fit otherwise)",
+    )
+    parser.add_argument(
+        "--accumulate", type=int, default=1, help="gradient accumulation steps: a step trains --batch x this many chats"
+    )
     parser.add_argument("--profile", help="profile one step after the measured ones into this folder")
     parser.add_argument("--json", type=Path, help="append each result to this JSON Lines file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -427,15 +498,33 @@ def main() -> None:
         ns.model = "smollm2"
     results = []
     for variant in ns.variants.split(","):
-        spec = Spec(variant, ns.model, ns.shape, ns.tokenizer, ns.examples, ns.mean_tokens, ns.min_tokens,
-                    ns.max_tokens, ns.batch, ns.steps, ns.warmup, ns.seed, ns.baseline_checkpointing,
-                    ns.lora_dropout, ns.accumulate, ns.profile)
+        spec = Spec(
+            variant,
+            ns.model,
+            ns.shape,
+            ns.tokenizer,
+            ns.examples,
+            ns.mean_tokens,
+            ns.min_tokens,
+            ns.max_tokens,
+            ns.batch,
+            ns.steps,
+            ns.warmup,
+            ns.seed,
+            ns.baseline_checkpointing,
+            ns.lora_dropout,
+            ns.accumulate,
+            ns.profile,
+        )
         result = run_child(spec)
         if result is None:
             continue
         results.append(result)
-        print(f"{variant}: {result.tokens_per_second:,.0f} tokens/s, {result.peak_gib:.2f} GiB, "
-              f"loss {result.loss:.4f}, mean example {result.mean_length:.0f} tokens", flush=True)
+        print(
+            f"{variant}: {result.tokens_per_second:,.0f} tokens/s, {result.peak_gib:.2f} GiB, "
+            f"loss {result.loss:.4f}, mean example {result.mean_length:.0f} tokens",
+            flush=True,
+        )
         if ns.json:
             with ns.json.open("a") as f:
                 f.write(json.dumps({**asdict(result), "spec": asdict(spec)}) + "\n")
@@ -443,13 +532,17 @@ def main() -> None:
 
 
 def run_child(spec: Spec) -> Result | None:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(asdict(spec))], capture_output=True,
-                          text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(asdict(spec))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("LOG "):
             print(f"  {spec.variant}: {line[4:]}", flush=True)
         if line.startswith("RESULT "):
-            return Result(**json.loads(line[len("RESULT "):]))
+            return Result(**json.loads(line[len("RESULT ") :]))
     print(f"{spec.variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
     return None
 

@@ -108,10 +108,14 @@ TARGETS: dict[TargetName, Target] = {
     "cpu": Target(torch_build="cpu", envs=_TORCH_INDEX_ENVS, resources={"cpu": "2", "memory": "8Gi"}),
     # PyPI's torch 2.13.0 for Linux is the CUDA 13.0 build (cuda-toolkit 13.0.3): match its runtime image.
     "cuda": Target(
-        base_image="nvidia/cuda:13.0.2-runtime-ubuntu24.04", system_packages=["python3-pip"],
-        commands=[_INSTALL_UV], torch_build="cu130",
-        packages=["bitsandbytes==0.50.2", "liger-kernel==0.8.5", "kernels==0.17.2"], envs=_TORCH_INDEX_ENVS,
-        resources={"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4"}),
+        base_image="nvidia/cuda:13.0.2-runtime-ubuntu24.04",
+        system_packages=["python3-pip"],
+        commands=[_INSTALL_UV],
+        torch_build="cu130",
+        packages=["bitsandbytes==0.50.2", "liger-kernel==0.8.5", "kernels==0.17.2"],
+        envs=_TORCH_INDEX_ENVS,
+        resources={"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4"},
+    ),
     # optimum-habana 1.21.2 is validated on Intel Gaudi software 1.24 (torch 2.10) and pins transformers 4.55.
     # BentoML installs packages into a fresh venv, which would hide Habana's torch: uv leaves torch out of the
     # resolution (UV_EXCLUDE) and, once the packages are in, the venv is given the system site-packages, where
@@ -121,15 +125,26 @@ TARGETS: dict[TargetName, Target] = {
         base_image="vault.habana.ai/gaudi-docker/1.24.0/ubuntu24.04/habanalabs/pytorch-installer-2.10.0:latest",
         commands=[_INSTALL_UV, f"mkdir -p /app && printf '%s\\n' torch torchvision torchaudio > {GAUDI_EXCLUDES}"],
         torch_build=None,
-        pins={"trl": None, "transformers": "transformers==4.55.4", "peft": "peft==0.17.1",
-              "accelerate": "accelerate==1.10.1", "datasets": "datasets==3.6.0"},
+        pins={
+            "trl": None,
+            "transformers": "transformers==4.55.4",
+            "peft": "peft==0.17.1",
+            "accelerate": "accelerate==1.10.1",
+            "datasets": "datasets==3.6.0",
+        },
         packages=["optimum-habana==1.21.2"],
-        post_commands=["sed -i 's/^include-system-site-packages = false$/include-system-site-packages = true/' "
-                       "/app/.venv/pyvenv.cfg"],
-        envs={"UV_EXCLUDE": GAUDI_EXCLUDES, "HABANA_VISIBLE_DEVICES": "all",
-              "OMPI_MCA_btl_vader_single_copy_mechanism": "none"},
+        post_commands=[
+            "sed -i 's/^include-system-site-packages = false$/include-system-site-packages = true/' "
+            "/app/.venv/pyvenv.cfg"
+        ],
+        envs={
+            "UV_EXCLUDE": GAUDI_EXCLUDES,
+            "HABANA_VISIBLE_DEVICES": "all",
+            "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+        },
         # BentoML has no Gaudi resource type: the deployment config's instance type picks the Gaudi nodes.
-        resources={"cpu": "16", "memory": "64Gi"}),
+        resources={"cpu": "16", "memory": "64Gi"},
+    ),
 }
 
 
@@ -207,6 +222,7 @@ def with_model_refs(args: BentoArgs | None) -> Callable[[type], type]:
 
 # --- building --------------------------------------------------------------------------------
 
+
 def _stored_adapter(spec: AdapterSpec, base: store.StoredModel) -> AdapterSpec:
     """The adapter as a model-store tag: a folder or hub adapter goes into the store first, so that the bento
     references it instead of copying a path that exists only on this machine."""
@@ -225,8 +241,9 @@ def build_bento(base: store.StoredModel, target: TargetName, adapters: list[Adap
     args = BentoArgs(target=target, model=base.tag, adapters=[_stored_adapter(spec, base) for spec in adapters])
     log.info("building %s for %s with %s", base.tag, target, [spec.id for spec in args.adapters] or "no adapters")
     # reload: the service module takes its arguments when imported; an earlier build in this process imported it.
-    return bentoml.bentos.build_bentofile(str(BENTOFILE), name=f"{base.name}-{target}", build_ctx=str(ROOT),
-                                          args=args.model_dump(), reload=True)
+    return bentoml.bentos.build_bentofile(
+        str(BENTOFILE), name=f"{base.name}-{target}", build_ctx=str(ROOT), args=args.model_dump(), reload=True
+    )
 
 
 def dockerfile(bento: bentoml.Bento) -> Path:
@@ -250,6 +267,7 @@ def containerize(tag: str, engine: str) -> int:
 
 
 # --- BentoCloud --------------------------------------------------------------------------------
+
 
 class DeploymentEnv(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -301,8 +319,9 @@ def load_deployment(path: Path) -> DeploymentConfig:
         raise BuildError(f"{path}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from exc
 
 
-def deploy_command(tag: str, config_path: Path | None = None, name: str | None = None,
-                   cluster: str | None = None) -> list[str]:
+def deploy_command(
+    tag: str, config_path: Path | None = None, name: str | None = None, cluster: str | None = None
+) -> list[str]:
     """`bentoml deploy` of a local bento with its target's deployment config (deploy/<target>.yaml)."""
     bento = bentoml.bentos.get(tag)
     target = bento.info.args.get("target")

@@ -22,8 +22,12 @@ from bentoservice import build, state, store
 from bentoservice.config import AdapterSpec, get_settings
 from bentoservice.training.commands import fine_tune_app, train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune open LLMs with LoRA and serve them OpenAI-compatible on BentoML.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune open LLMs with LoRA and serve them OpenAI-compatible on BentoML.",
+)
 app.add_typer(fine_tune_app, name="fine-tune", help="Find finished fine-tunes: `get MODEL`, `list`.")
 app.command("train")(train)
 
@@ -40,12 +44,16 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 
 
 @app.command("import")
-def import_(name: Annotated[str, typer.Argument(help="store name, e.g. smollm2")],
-            model_id: Annotated[str | None, typer.Option(
-                help="a local HF folder, a .gguf file or a hub id; default: the model card's source")] = None,
-            kind: Annotated[str | None, typer.Option(
-                help="embedding or rerank: an embedding or rerank model rather than an LLM (minilm is one)")] = None,
-            ) -> None:
+def import_(
+    name: Annotated[str, typer.Argument(help="store name, e.g. smollm2")],
+    model_id: Annotated[
+        str | None, typer.Option(help="a local HF folder, a .gguf file or a hub id; default: the model card's source")
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(help="embedding or rerank: an embedding or rerank model rather than an LLM (minilm is one)"),
+    ] = None,
+) -> None:
     """Import a base model (or an embedding or rerank model) into the BentoML model store."""
     try:
         if kind or name in store.BUNDLED_ENCODERS:
@@ -85,8 +93,9 @@ def state_() -> None:
 def reset(yes: Annotated[bool, typer.Option("--yes", help="delete without asking")] = False) -> None:
     """Delete this project's state: its models in the store, jobs, files, fine-tunes, caches. Asks first."""
     settings = get_settings()
-    typer.echo(f"This deletes {len(state.our_models())} model versions in {store.store_root()} (other models there"
-               " stay) and:")
+    typer.echo(
+        f"This deletes {len(state.our_models())} model versions in {store.store_root()} (other models there stay) and:"
+    )
     for path in state.deletable_paths(settings):
         typer.echo(f"    {path}")
     typer.echo("Stop the servers that use them first.")
@@ -97,9 +106,11 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="delete without asking
 
 
 @app.command("import-adapter")
-def import_adapter(name: Annotated[str, typer.Argument(help="store name for the adapter")],
-                   adapter_id: Annotated[str, typer.Option(help="a PEFT folder or a hub id")],
-                   base: Annotated[str, typer.Option(help="the base model it belongs to")] = "smollm2") -> None:
+def import_adapter(
+    name: Annotated[str, typer.Argument(help="store name for the adapter")],
+    adapter_id: Annotated[str, typer.Option(help="a PEFT folder or a hub id")],
+    base: Annotated[str, typer.Option(help="the base model it belongs to")] = "smollm2",
+) -> None:
     """Put a PEFT LoRA adapter into the model store (kind=adapter, base=BASE)."""
     try:
         source = store.adapter_source(adapter_id)
@@ -111,9 +122,11 @@ def import_adapter(name: Annotated[str, typer.Argument(help="store name for the 
 
 
 @app.command("merge")
-def merge(base: Annotated[str, typer.Option(help="the base model")],
-          lora: Annotated[str, typer.Option(help="the adapter: PEFT folder, store tag or hub id")],
-          target: Annotated[str, typer.Option(help="store name of the merged model")]) -> None:
+def merge(
+    base: Annotated[str, typer.Option(help="the base model")],
+    lora: Annotated[str, typer.Option(help="the adapter: PEFT folder, store tag or hub id")],
+    target: Annotated[str, typer.Option(help="store name of the merged model")],
+) -> None:
     """Merge a LoRA adapter into its base: a new base model in the store, servable like any other."""
     from bentoservice.training.methods.merge import merge_adapter
 
@@ -140,33 +153,45 @@ def _adapter_specs(adapter_id: list[str], adapter_name: list[str]) -> list[Adapt
     """--adapter-id options, each named by the --adapter-name in the same position."""
     if len(adapter_name) > len(adapter_id):
         fail("more --adapter-name than --adapter-id options")
-    return [AdapterSpec(id=src, name=adapter_name[i] if i < len(adapter_name) else None)
-            for i, src in enumerate(adapter_id)]
+    return [
+        AdapterSpec(id=src, name=adapter_name[i] if i < len(adapter_name) else None) for i, src in enumerate(adapter_id)
+    ]
 
 
 @app.command("start")
-def start(model: Annotated[str, typer.Argument(help="base model: store name or hub id")] = "smollm2",
-          model_id: Annotated[str | None, typer.Option(help="where to import the model from if missing")] = None,
-          port: int = 3000,
-          host: str = "0.0.0.0",
-          api_key: Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`")] = None,
-          chat_template: Annotated[str | None, typer.Option(
-              help="a named template or a Jinja string")] = None,
-          adapter_id: Annotated[list[str], typer.Option(
-              help="a LoRA adapter (PEFT folder, store tag or hub id); repeat for more; the first is the "
-                   "default")] = [],
-          adapter_name: Annotated[list[str], typer.Option(help="the name of the adapter-id in the same position")] = [],
-          embedding_model: Annotated[list[str], typer.Option(
-              help="an embedding model (store name or hub id) for /v1/embeddings; repeat for more; default: "
-                   "minilm; `none` serves none")] = [],
-          rerank_model: Annotated[list[str], typer.Option(
-              help="a rerank model (store name or hub id) for /v1/rerank; repeat for more")] = [],
-          ) -> None:
+def start(
+    model: Annotated[str, typer.Argument(help="base model: store name or hub id")] = "smollm2",
+    model_id: Annotated[str | None, typer.Option(help="where to import the model from if missing")] = None,
+    port: int = 3000,
+    host: str = "0.0.0.0",
+    api_key: Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="a named template or a Jinja string")] = None,
+    adapter_id: Annotated[
+        list[str],
+        typer.Option(
+            help="a LoRA adapter (PEFT folder, store tag or hub id); repeat for more; the first is the default"
+        ),
+    ] = [],
+    adapter_name: Annotated[list[str], typer.Option(help="the name of the adapter-id in the same position")] = [],
+    embedding_model: Annotated[
+        list[str],
+        typer.Option(
+            help="an embedding model (store name or hub id) for /v1/embeddings; repeat for more; default: "
+            "minilm; `none` serves none"
+        ),
+    ] = [],
+    rerank_model: Annotated[
+        list[str], typer.Option(help="a rerank model (store name or hub id) for /v1/rerank; repeat for more")
+    ] = [],
+) -> None:
     """Serve MODEL from the model store, OpenAI-compatible, with `bentoml serve`."""
     try:
         served = _served_model(model, model_id)
-        encoders = {kind: [store.ensure_encoder(name, kind).name for name in names if name != "none"]
-                    for kind, names in (("embedding", embedding_model), ("rerank", rerank_model)) if names}
+        encoders = {
+            kind: [store.ensure_encoder(name, kind).name for name in names if name != "none"]
+            for kind, names in (("embedding", embedding_model), ("rerank", rerank_model))
+            if names
+        }
     except (store.StoreError, OSError) as exc:
         fail(str(exc))
     env = {"BENTOSERVICE_MODEL": served.name}
@@ -179,8 +204,7 @@ def start(model: Annotated[str, typer.Argument(help="base model: store name or h
     for kind, names in encoders.items():
         env[f"BENTOSERVICE_{kind.upper()}_MODELS"] = ",".join(names)
     os.environ.update(env)
-    args = [sys.executable, "-m", "bentoml", "serve", "bentoservice.service:LLM", "--port", str(port),
-            "--host", host]
+    args = [sys.executable, "-m", "bentoml", "serve", "bentoservice.service:LLM", "--port", str(port), "--host", host]
     # In a process group of its own, so that a Ctrl-C or a group's SIGTERM reaches it once, through us.
     server = subprocess.Popen(args, process_group=0)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -209,25 +233,34 @@ def _announce(server: subprocess.Popen, host: str, port: int, model: str, api_ke
     base = probe.replace("127.0.0.1", "localhost", 1)
     auth = " -H 'Authorization: Bearer <your key>'" if api_key else ""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
-    typer.echo("\n".join([
-        f"bentoservice is ready, serving {model}:",
-        f"  API base URL  {base}/v1",
-        f"  docs          {base}/",
-        *([f"  console       {base}/ui/"] if console else []),
-        f"  try           curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{body}'",
-    ]))
+    typer.echo(
+        "\n".join(
+            [
+                f"bentoservice is ready, serving {model}:",
+                f"  API base URL  {base}/v1",
+                f"  docs          {base}/",
+                *([f"  console       {base}/ui/"] if console else []),
+                f"  try           curl {base}/v1/chat/completions{auth}"
+                f" -H 'Content-Type: application/json' -d '{body}'",
+            ]
+        )
+    )
 
 
 @app.command("build")
-def build_(model: Annotated[str, typer.Argument(help="base model: store name or hub id")],
-           model_id: Annotated[str | None, typer.Option(help="where to import the model from if missing")] = None,
-           target: Annotated[build.TargetName, typer.Option(help="the hardware the bento runs on")] = "cpu",
-           adapter_id: Annotated[list[str], typer.Option(
-               help="a LoRA adapter (PEFT folder, store tag or hub id); repeatable; the first is the default")] = [],
-           adapter_name: Annotated[list[str], typer.Option(help="the name of the adapter-id at its position")] = [],
-           containerize: Annotated[bool, typer.Option(
-               help="then run `bentoml containerize` (docker, podman, nerdctl or buildah)")] = False,
-           ) -> None:
+def build_(
+    model: Annotated[str, typer.Argument(help="base model: store name or hub id")],
+    model_id: Annotated[str | None, typer.Option(help="where to import the model from if missing")] = None,
+    target: Annotated[build.TargetName, typer.Option(help="the hardware the bento runs on")] = "cpu",
+    adapter_id: Annotated[
+        list[str],
+        typer.Option(help="a LoRA adapter (PEFT folder, store tag or hub id); repeatable; the first is the default"),
+    ] = [],
+    adapter_name: Annotated[list[str], typer.Option(help="the name of the adapter-id at its position")] = [],
+    containerize: Annotated[
+        bool, typer.Option(help="then run `bentoml containerize` (docker, podman, nerdctl or buildah)")
+    ] = False,
+) -> None:
     """Build a bento of MODEL for one hardware target; it references the base model and adapters in the model
     store (folders are put in the store first). Prints the bento tag."""
     try:
@@ -239,18 +272,23 @@ def build_(model: Annotated[str, typer.Argument(help="base model: store name or 
     if containerize:
         engine = build.container_engine()
         if engine is None:
-            fail(f"no container engine is running (tried {', '.join(build.CONTAINER_ENGINES)}): {bento.tag} was "
-                 f"not containerized; its Dockerfile is {build.dockerfile(bento)}")
+            fail(
+                f"no container engine is running (tried {', '.join(build.CONTAINER_ENGINES)}): {bento.tag} was "
+                f"not containerized; its Dockerfile is {build.dockerfile(bento)}"
+            )
         raise typer.Exit(build.containerize(str(bento.tag), engine))
 
 
 @app.command("deploy")
-def deploy(bento: Annotated[str, typer.Argument(help="a bento tag, e.g. from `bentoservice build`")],
-           config: Annotated[Path | None, typer.Option(
-               help="a BentoCloud deployment config; default deploy/<the bento's target>.yaml")] = None,
-           name: Annotated[str | None, typer.Option(help="the deployment name")] = None,
-           cluster: Annotated[str | None, typer.Option(help="the BentoCloud cluster")] = None,
-           dry_run: Annotated[bool, typer.Option(help="print the `bentoml deploy` command only")] = False) -> None:
+def deploy(
+    bento: Annotated[str, typer.Argument(help="a bento tag, e.g. from `bentoservice build`")],
+    config: Annotated[
+        Path | None, typer.Option(help="a BentoCloud deployment config; default deploy/<the bento's target>.yaml")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="the deployment name")] = None,
+    cluster: Annotated[str | None, typer.Option(help="the BentoCloud cluster")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the `bentoml deploy` command only")] = False,
+) -> None:
     """Deploy a bento to BentoCloud with `bentoml deploy` and its target's deployment config."""
     try:
         command = build.deploy_command(bento, config, name, cluster)
@@ -260,8 +298,10 @@ def deploy(bento: Annotated[str, typer.Argument(help="a bento tag, e.g. from `be
         typer.echo(shlex.join(command))
         return
     if subprocess.run(command).returncode:
-        fail("bentoml deploy failed: log in with `bentoml cloud login` and create the API key secret "
-             "(see docs/building-and-deploying.md)")
+        fail(
+            "bentoml deploy failed: log in with `bentoml cloud login` and create the API key secret "
+            "(see docs/building-and-deploying.md)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """A Python client in OpenWeights' style, over the official openai SDK.
 
-    client = bentoservice.Client("http://localhost:3000")
-    file = client.files.create(open("conversations.jsonl", "rb"), purpose="conversations")
-    job = client.fine_tuning.create(model="smollm2", training_file=file["id"], loss="sft", epochs=1)
-    client.events.latest(["loss", "learning_rate"], job_id=job["id"])
-    with client.deploy(job["outputs"]["model"]) as openai_client: ...
+client = bentoservice.Client("http://localhost:3000")
+file = client.files.create(open("conversations.jsonl", "rb"), purpose="conversations")
+job = client.fine_tuning.create(model="smollm2", training_file=file["id"], loss="sft", epochs=1)
+client.events.latest(["loss", "learning_rate"], job_id=job["id"])
+with client.deploy(job["outputs"]["model"]) as openai_client: ...
 """
 
 from __future__ import annotations
@@ -44,15 +44,30 @@ class FineTuning:
     def __init__(self, client: openai.OpenAI) -> None:
         self._openai = client
 
-    def create(self, model: str, training_file: str, loss: str = "sft", epochs: int | None = None,
-               learning_rate: float | None = None, beta: float | None = None, test_file: str | None = None,
-               **options: Any) -> dict[str, Any]:
+    def create(
+        self,
+        model: str,
+        training_file: str,
+        loss: str = "sft",
+        epochs: int | None = None,
+        learning_rate: float | None = None,
+        beta: float | None = None,
+        test_file: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
         """Start a job. `options` takes OpenWeights' other names (r, lora_alpha, max_seq_length,
         merge_before_push, per_device_train_batch_size, ...)."""
-        body = {"loss": loss, "epochs": epochs, "learning_rate": learning_rate, "beta": beta,
-                "test_file": test_file, **options}
-        job = self._openai.fine_tuning.jobs.create(model=model, training_file=training_file,
-                                                   extra_body={k: v for k, v in body.items() if v is not None})
+        body = {
+            "loss": loss,
+            "epochs": epochs,
+            "learning_rate": learning_rate,
+            "beta": beta,
+            "test_file": test_file,
+            **options,
+        }
+        job = self._openai.fine_tuning.jobs.create(
+            model=model, training_file=training_file, extra_body={k: v for k, v in body.items() if v is not None}
+        )
         return job.model_dump()
 
     def retrieve(self, job_id: str) -> dict[str, Any]:
@@ -100,12 +115,16 @@ class Client:
         self.events = Events(self.openai)
 
     def _post(self, base_url: str, path: str, body: dict[str, Any]) -> None:
-        response = httpx.post(f"{base_url}/v1{path}", json=body, timeout=120,
-                              headers={"authorization": f"Bearer {self.api_key}"})
+        response = httpx.post(
+            f"{base_url}/v1{path}", json=body, timeout=120, headers={"authorization": f"Bearer {self.api_key}"}
+        )
         if response.status_code >= 400:
             # openai's types name its own vendored httpx's Response; it only stores the response it is given.
-            raise openai.BadRequestError(response.json()["error"]["message"], response=response,  # type: ignore[arg-type]
-                                         body=response.json()["error"])
+            raise openai.BadRequestError(
+                response.json()["error"]["message"],
+                response=response,  # type: ignore[arg-type]
+                body=response.json()["error"],
+            )
 
     @contextmanager
     def deploy(self, model: str, lora_adapters: list[str] | tuple[str, ...] = ()) -> Iterator[openai.OpenAI]:
@@ -143,9 +162,12 @@ def _local_server(model: str, timeout: float = 300) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "bentoservice.cli", "start", model, "--port", str(port),
-                                "--host", "127.0.0.1"], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bentoservice.cli", "start", model, "--port", str(port), "--host", "127.0.0.1"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + timeout
         while not _ready(url):

@@ -27,10 +27,14 @@ bento = bento_args()  # set when building a bento or serving one: its target and
 # requests at once, so the service states its concurrency itself.
 # BentoML's OpenTelemetry middleware opens a span for every message a reply sends: on a token stream that
 # is one span per token, which cost more than half of the HTTP thread's time at 128 streams.
-@bentoml.service(name="bentoservice", workers=1, labels={"openai_endpoint": "/v1"},
-                 traffic={"timeout": 3600, "concurrency": settings.max_running + settings.max_queued},
-                 tracing={"excluded_urls": ["/v1/chat/completions", "/v1/completions"]},
-                 **service_options(bento))
+@bentoml.service(
+    name="bentoservice",
+    workers=1,
+    labels={"openai_endpoint": "/v1"},
+    traffic={"timeout": 3600, "concurrency": settings.max_running + settings.max_queued},
+    tracing={"excluded_urls": ["/v1/chat/completions", "/v1/completions"]},
+    **service_options(bento),
+)
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.asgi_app(create_console_app(), path="/ui")  # the web console: static files, no state
 @with_model_refs(bento)
@@ -47,8 +51,9 @@ class LLM:
         self.jobs = JobStore()
         handoff.restore_fine_tunes(self.jobs, self.served)
         handoff.restore_encoders(self.jobs, self.encoders, settings)
-        self.queue = JobQueue(self.jobs, on_success=partial(handoff.serve_fine_tune, self.jobs, self.served,
-                                                            self.encoders))
+        self.queue = JobQueue(
+            self.jobs, on_success=partial(handoff.serve_fine_tune, self.jobs, self.served, self.encoders)
+        )
         self.queue.start()
         app.state.jobs = self.jobs
 
@@ -66,4 +71,4 @@ class LLM:
 
 
 # Around the whole server, so that BentoML's own routes (the fine_tune task's, /docs.json) need a key too.
-LLM.add_asgi_middleware(Guard, settings=settings)
+LLM.add_asgi_middleware(Guard, settings=settings)  # type: ignore[attr-defined]  # bentoml.service returns a Service

@@ -42,13 +42,25 @@ def locations(settings: Settings) -> list[Location]:
     shown_database = make_url(url).render_as_string() if database is None and url else str(database)
     return [
         Location("BentoML home", str(store.bentoml_home()), "BENTOML_HOME", False),
-        Location("model store: base models, adapters, embedding and rerank models", str(store.store_root()),
-                 "BENTOML_HOME", False),
+        Location(
+            "model store: base models, adapters, embedding and rerank models",
+            str(store.store_root()),
+            "BENTOML_HOME",
+            False,
+        ),
         Location("data dir", str(settings.data_dir), "BENTOSERVICE_DATA_DIR", True),
-        Location("database: files, jobs, events, checkpoints", shown_database, "BENTOSERVICE_DATABASE_URL",
-                 database is not None),
-        Location("file store: uploads, jobs' results", settings.files_url or str(settings.files_dir),
-                 "BENTOSERVICE_FILES_URL", settings.files_url is None),
+        Location(
+            "database: files, jobs, events, checkpoints",
+            shown_database,
+            "BENTOSERVICE_DATABASE_URL",
+            database is not None,
+        ),
+        Location(
+            "file store: uploads, jobs' results",
+            settings.files_url or str(settings.files_dir),
+            "BENTOSERVICE_FILES_URL",
+            settings.files_url is None,
+        ),
         Location("jobs' folders: checkpoints while training", str(settings.jobs_dir), "BENTOSERVICE_DATA_DIR", True),
         Location("fine-tune output root", str(settings.fine_tune_root), "XDG_CACHE_HOME", True),
         Location("native-kernel cache", str(cache_root() / "native"), "XDG_CACHE_HOME", True),
@@ -71,8 +83,9 @@ def counts(settings: Settings) -> dict[str, int]:
         return {**numbers, "jobs": 0, "files": 0}
     with jobs_store.database().connect() as conn:
         numbers["jobs"] = conn.execute(select(func.count()).select_from(jobs_store.jobs)).scalar_one()
-        numbers["files"] = conn.execute(select(func.count()).select_from(jobs_store.files)
-                                        .where(jobs_store.files.c.deleted == 0)).scalar_one()
+        numbers["files"] = conn.execute(
+            select(func.count()).select_from(jobs_store.files).where(jobs_store.files.c.deleted == 0)
+        ).scalar_one()
     return numbers
 
 

@@ -16,14 +16,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 # The store persists between runs (the default model's import takes ~30 s); everything else is per run.
 _RUN = Path(tempfile.mkdtemp(prefix="bentoservice-test-"))
-os.environ.update({
-    "BENTOML_HOME": str(ROOT / ".cache" / "test-bentoml"),
-    "BENTOML_DO_NOT_TRACK": "True",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "XDG_CACHE_HOME": str(_RUN / "cache"),
-    "BENTOSERVICE_DATA_DIR": str(_RUN / "data"),
-})
+os.environ.update(
+    {
+        "BENTOML_HOME": str(ROOT / ".cache" / "test-bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "XDG_CACHE_HOME": str(_RUN / "cache"),
+        "BENTOSERVICE_DATA_DIR": str(_RUN / "data"),
+    }
+)
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
@@ -50,11 +52,19 @@ def make_tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, layers: in
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
@@ -84,15 +94,26 @@ def packed_batch(examples: list[list[int]]) -> dict[str, Any]:
 class Server:
     """A real `bentoservice start` process on a free port (`python`: the interpreter that runs it)."""
 
-    def __init__(self, model: str, *args: str, env: dict[str, str] | None = None, python: str = sys.executable,
-                 cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+        cwd: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)
-        cmd = [python, "-m", "bentoservice.cli", "start", model, "--port", str(self.port),
-               "--host", "127.0.0.1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
+        cmd = [python, "-m", "bentoservice.cli", "start", model, "--port", str(self.port), "--host", "127.0.0.1", *args]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=cwd,
+        )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 240) -> None:

@@ -40,9 +40,20 @@ def _add_catch_all(app: FastAPI, routes: list[BaseRoute]) -> None:
 
     @app.api_route("/{path:path}", methods=methods, include_in_schema=False)
     async def unknown_route(request: Request, path: str) -> JSONResponse:
-        allowed = sorted({m for route in routes if route.matches(request.scope)[0] == Match.PARTIAL
-                          for m in getattr(route, "methods", ())})
+        allowed = sorted(
+            {
+                m
+                for route in routes
+                if route.matches(request.scope)[0] == Match.PARTIAL
+                for m in getattr(route, "methods", ())
+            }
+        )
         if allowed:
-            return envelope(405, f"Method {request.method} is not allowed on {request.url.path}", None,
-                            "method_not_allowed", {"Allow": ", ".join(allowed)})
+            return envelope(
+                405,
+                f"Method {request.method} is not allowed on {request.url.path}",
+                None,
+                "method_not_allowed",
+                {"Allow": ", ".join(allowed)},
+            )
         return envelope(404, f"Unknown route: {request.method} {request.url.path}", None, "unknown_route")

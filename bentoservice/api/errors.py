@@ -16,9 +16,18 @@ from bentoservice.store.adapters import ACCEPTED_FORMS
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 class APIError(Exception):
@@ -39,16 +48,21 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "invalid_request_error")
 
 
-def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type(status),
-                      "param": param, "code": code}}
+def envelope(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def unknown_model(name: str, param: str = "model") -> APIError:
-    return APIError(404, f"The model `{name}` does not exist. A model is the base model, `<base>:base`, or an "
-                         f"adapter: {ACCEPTED_FORMS}.", param, "model_not_found")
+    return APIError(
+        404,
+        f"The model `{name}` does not exist. A model is the base model, `<base>:base`, or an "
+        f"adapter: {ACCEPTED_FORMS}.",
+        param,
+        "model_not_found",
+    )
 
 
 def unknown_adapter_message(detail: str) -> str:
@@ -100,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         code = "request_too_large" if isinstance(exc, BodyTooLarge) else None
-        return envelope(exc.status_code, message, None, code, exc.headers)
+        return envelope(exc.status_code, message, None, code, dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

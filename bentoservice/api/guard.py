@@ -21,8 +21,16 @@ Role = Literal["inference", "admin"]
 _OPEN = ("/readyz", "/livez")
 _OPEN_PREFIXES = ("/ui",)
 # What only an admin key may call: state that training, files and adapters change, and BentoML's task routes.
-_ADMIN_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/finetune", "/v1/adapters", "/v1/load_lora_adapter",
-                   "/v1/unload_lora_adapter", "/fine_tune/", "/docs.json")
+_ADMIN_PREFIXES = (
+    "/v1/files",
+    "/v1/fine_tuning",
+    "/v1/finetune",
+    "/v1/adapters",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/fine_tune/",
+    "/docs.json",
+)
 
 
 def required_role(method: str, path: str) -> Role:
@@ -62,8 +70,11 @@ class Guard:
         await self._limited(scope, receive, send, limit)
 
     def _open(self, path: str) -> bool:
-        return path in _OPEN or path.startswith(_OPEN_PREFIXES) or (
-            path == "/metrics" and not self.settings.metrics_need_key)
+        return (
+            path in _OPEN
+            or path.startswith(_OPEN_PREFIXES)
+            or (path == "/metrics" and not self.settings.metrics_need_key)
+        )
 
     def refusal(self, method: str, path: str, headers: Headers) -> JSONResponse | None:
         if not (self.admin_keys or self.inference_keys) or self._open(path):
@@ -75,10 +86,15 @@ class Guard:
         if given and _matches(given, self.inference_keys):
             if required_role(method, path) == "inference":
                 return None
-            return envelope(403, f"This API key may call inference routes only; {method} {path} needs an admin "
-                                 "key.", None, "insufficient_permissions")
-        return envelope(401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.", None,
-                        "invalid_api_key")
+            return envelope(
+                403,
+                f"This API key may call inference routes only; {method} {path} needs an admin key.",
+                None,
+                "insufficient_permissions",
+            )
+        return envelope(
+            401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.", None, "invalid_api_key"
+        )
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         """Count the body as it arrives (a chunked body has no Content-Length to check first)."""

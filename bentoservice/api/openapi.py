@@ -10,14 +10,32 @@ from fastapi.openapi.utils import get_openapi
 
 from bentoservice.api.guard import required_role
 
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"type": "string", "nullable": True}, "code": {"type": "string", "nullable": True}}}}}
-_WHY = {400: "Bad request (the field in `param`)", 401: "No or unknown API key",
-        403: "An inference key on an admin route", 404: "Unknown model, job, file or adapter",
-        409: "Conflict with the resource's state", 413: "Body over the size limit",
-        429: "Too many requests in flight", 503: "Still loading"}
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+}
+_WHY = {
+    400: "Bad request (the field in `param`)",
+    401: "No or unknown API key",
+    403: "An inference key on an admin route",
+    404: "Unknown model, job, file or adapter",
+    409: "Conflict with the resource's state",
+    413: "Body over the size limit",
+    429: "Too many requests in flight",
+    503: "Still loading",
+}
 _GENERATES = ("/chat/completions", "/completions", "/embeddings", "/rerank")
 
 
@@ -40,8 +58,10 @@ def install_openapi(app: FastAPI) -> None:
                     responses = operation.setdefault("responses", {})
                     responses.pop("422", None)
                     for code in _errors(method, path):
-                        responses[str(code)] = {"description": _WHY[code], "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                        responses[str(code)] = {
+                            "description": _WHY[code],
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                        }
             schema["components"]["schemas"].pop("HTTPValidationError", None)
             schema["components"]["schemas"].pop("ValidationError", None)
             app.openapi_schema = schema

@@ -126,23 +126,27 @@ class AdapterManager:
         try:
             module = self.model.get_submodule(path)
         except AttributeError:
-            raise AdapterError(f"the adapter targets {path}, which this base model lacks "
-                               "(an adapter for a different base model?)") from None
+            raise AdapterError(
+                f"the adapter targets {path}, which this base model lacks (an adapter for a different base model?)"
+            ) from None
         if not isinstance(module, (nn.Linear, BatchedLoraLinear)):
             raise AdapterError(f"the adapter targets {path}, which is not a Linear layer here")
         a, b = pair["A"], pair["B"]
         if a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterError(f"{path}: LoRA rank {a.shape[0]} differs from the config's r={rank}")
         if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
-            raise AdapterError(f"{path}: adapter shape {tuple(b.shape[:1]) + tuple(a.shape[1:])} does not fit "
-                               f"the base layer ({module.out_features}, {module.in_features}): "
-                               "an adapter for a different base model")
+            raise AdapterError(
+                f"{path}: adapter shape {tuple(b.shape[:1]) + tuple(a.shape[1:])} does not fit "
+                f"the base layer ({module.out_features}, {module.in_features}): "
+                "an adapter for a different base model"
+            )
         return a, b
 
     # -- mutation (engine thread) -------------------------------------------------------------
 
-    def install(self, adapter: PreparedAdapter, pinned: bool = False,
-                in_use: Callable[[str], bool] = lambda name: False) -> LoadedAdapter:
+    def install(
+        self, adapter: PreparedAdapter, pinned: bool = False, in_use: Callable[[str], bool] = lambda name: False
+    ) -> LoadedAdapter:
         """Put an adapter into a slot: a free one, else the least recently used whose adapter is neither pinned,
         the default nor `in_use` (that one moves to the host tier)."""
         if adapter.name in self.loaded:
@@ -152,8 +156,10 @@ class AdapterManager:
         if free:
             slot = free[0]
         else:
-            victim = next((a for a in self.loaded.values()
-                           if not a.pinned and a.name != self.default and not in_use(a.name)), None)
+            victim = next(
+                (a for a in self.loaded.values() if not a.pinned and a.name != self.default and not in_use(a.name)),
+                None,
+            )
             if victim is None:
                 raise NoFreeSlot(f"all {self.max_loras} adapter slots hold pinned adapters or adapters in use")
             slot = victim.slot
@@ -167,8 +173,9 @@ class AdapterManager:
             self._layer(path).set_slot(slot, a, b, adapter.scale)
         for layer in self._layers.values():
             layer.reserve(slot + 1)
-        loaded = LoadedAdapter(adapter.name, adapter.source, slot, adapter.rank, adapter.alpha,
-                               adapter.target_modules, pinned)
+        loaded = LoadedAdapter(
+            adapter.name, adapter.source, slot, adapter.rank, adapter.alpha, adapter.target_modules, pinned
+        )
         self.loaded[adapter.name] = loaded
         self._prepared[adapter.name] = adapter
         return loaded
@@ -183,7 +190,7 @@ class AdapterManager:
         self.host[adapter.name] = adapter
         self.host.move_to_end(adapter.name)
         excess = len(self.host) - self.max_cpu_loras
-        for name in [name for name in self.host if not in_use(name)][:max(excess, 0)]:
+        for name in [name for name in self.host if not in_use(name)][: max(excess, 0)]:
             del self.host[name]
             metrics.EVICTIONS.labels("cpu").inc()
 

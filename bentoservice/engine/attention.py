@@ -21,9 +21,17 @@ except ImportError:  # an older PyTorch: prompts are packed under a mask instead
 NAME = "bentoservice"
 
 
-def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, scaling: float | None = None,
-              cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int = 0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """HF's attention signature; `cu_seqlens` (prompt boundaries in a packed pass) selects varlen attention."""
     if cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)

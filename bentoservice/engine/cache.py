@@ -72,8 +72,9 @@ class SlotCache(Cache):
         """The next pass: row rows[i] (rows are 0..n-1) writes at positions[i] and attends up to `length`."""
         self.packed, self.rows, self.positions, self.length = False, rows, positions, length
 
-    def prefill(self, rows: torch.Tensor, positions: torch.Tensor,
-                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def prefill(
+        self, rows: torch.Tensor, positions: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """The next pass: packed prompts, token t written to row rows[t] at positions[t]; with `context`
         (rows, positions), attention reads the keys and values at those places instead of the new ones."""
         self.packed, self.rows, self.positions, self.context = True, rows, positions, context
@@ -100,7 +101,7 @@ class SlotCache(Cache):
         k[self.rows, :, self.positions] = key_states[:, :, 0]  # [rows, heads, 1, dim]
         v[self.rows, :, self.positions] = value_states[:, :, 0]
         n = key_states.shape[0]
-        return k[:n, :, :self.length], v[:n, :, :self.length]
+        return k[:n, :, : self.length], v[:n, :, : self.length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -34,8 +34,11 @@ BATCH = 32
 POOLING_CONFIG = "1_Pooling/config.json"
 SENTENCE_CONFIG = "sentence_bert_config.json"
 SENTENCE_FILES = ("modules.json", "config_sentence_transformers.json", SENTENCE_CONFIG, POOLING_CONFIG)
-POOLING_MODES: dict[str, Pooling] = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                                     "pooling_mode_mean_tokens": "mean"}
+POOLING_MODES: dict[str, Pooling] = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+}
 
 
 def read_pooling(folder: Path) -> Pooling:
@@ -92,9 +95,18 @@ class Encoder:
     """One served embedding or rerank model. Calls are serialised per model (a fast tokenizer must not be
     used by two threads at once)."""
 
-    def __init__(self, name: str, kind: Kind, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 max_tokens: int, pooling: Pooling = "mean", source: str = "", parent: str | None = None,
-                 aliases: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: Kind,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_tokens: int,
+        pooling: Pooling = "mean",
+        source: str = "",
+        parent: str | None = None,
+        aliases: Iterable[str] = (),
+    ) -> None:
         self.name, self.kind, self.source, self.parent = name, kind, source, parent
         self.aliases = {name, *aliases}
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -110,8 +122,17 @@ class Encoder:
         model = load_encoder_model(stored.path, kind, pick_dtype(settings.dtype, device)).to(device)
         tokenizer = AutoTokenizer.from_pretrained(stored.path)
         log.info("serving %s model %s from %s on %s", stored.kind, name, stored.path, device)
-        return cls(name, kind, model, tokenizer, max_input_tokens(stored.path, tokenizer, model),
-                   read_pooling(stored.path), stored.model_id, stored.base, {stored.name, stored.model_id})
+        return cls(
+            name,
+            kind,
+            model,
+            tokenizer,
+            max_input_tokens(stored.path, tokenizer, model),
+            read_pooling(stored.path),
+            stored.model_id,
+            stored.base,
+            {stored.name, stored.model_id},
+        )
 
     @property
     def dimensions(self) -> int:
@@ -120,7 +141,7 @@ class Encoder:
     def _batches(self, encoded: dict[str, list[Any]]) -> Iterator[dict[str, torch.Tensor]]:
         features = as_features(encoded)
         for start in range(0, len(features), BATCH):
-            batch = self.tokenizer.pad(features[start:start + BATCH], return_tensors="pt")
+            batch = self.tokenizer.pad(features[start : start + BATCH], return_tensors="pt")
             yield {k: v.to(self.model.device) for k, v in batch.items()}
 
     def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
@@ -132,8 +153,10 @@ class Encoder:
             lengths = [len(ids) for ids in encoded["input_ids"]]
             too_long = next((i for i, n in enumerate(lengths) if n > self.max_tokens), None)
             if too_long is not None:
-                raise ContextOverflow(f"input[{too_long}] is {lengths[too_long]} tokens long, more than the "
-                                      f"{self.max_tokens} tokens {self.name} takes; shorten it or set truncate")
+                raise ContextOverflow(
+                    f"input[{too_long}] is {lengths[too_long]} tokens long, more than the "
+                    f"{self.max_tokens} tokens {self.name} takes; shorten it or set truncate"
+                )
             for batch in self._batches(encoded):
                 vectors += embed_batch(self.model, batch, self.pooling).tolist()
         return vectors, sum(lengths)
@@ -143,8 +166,7 @@ class Encoder:
         tokens read; a pair longer than the model takes is cut, the longer of query and document first."""
         scores: list[float] = []
         with self._lock, torch.inference_mode():
-            encoded = self.tokenizer([query] * len(documents), documents, truncation=True,
-                                     max_length=self.max_tokens)
+            encoded = self.tokenizer([query] * len(documents), documents, truncation=True, max_length=self.max_tokens)
             for batch in self._batches(encoded):
                 scores += torch.sigmoid(score_batch(self.model, batch)).tolist()
         return scores, sum(len(ids) for ids in encoded["input_ids"])
@@ -162,8 +184,10 @@ class EncoderRegistry:
         """Serve a stored model under `name` (default its store name), replacing one of that name."""
         name = name or stored.name
         if name not in self._models and len(self._models) >= self.settings.max_encoders:
-            raise ValueError(f"{len(self._models)} embedding and rerank models are served already, the most "
-                             f"BENTOSERVICE_MAX_ENCODERS allows")
+            raise ValueError(
+                f"{len(self._models)} embedding and rerank models are served already, the most "
+                f"BENTOSERVICE_MAX_ENCODERS allows"
+            )
         encoder = Encoder.load(name, stored, self.settings)
         with self._lock:
             self._models[name] = encoder

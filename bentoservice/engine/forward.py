@@ -66,8 +66,7 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 class Forward:
     def __init__(self, model: Any, lora: LoraBatch, max_rows: int, cuda_graphs: bool, prefix_bytes: int = 0) -> None:
-        self.lean = (LeanModel(model, lora, max_rows, native.kernels()) if not cuda_graphs and supports(model)
-                     else None)
+        self.lean = LeanModel(model, lora, max_rows, native.kernels()) if not cuda_graphs and supports(model) else None
         if self.lean is None and not cuda_graphs and next(model.parameters()).device.type == "cpu":
             pack_linears(model, max_rows)
         self.decoder = model.get_decoder()
@@ -148,8 +147,9 @@ class Forward:
         A prompt's beginning found in the prefix store is copied into its row instead of computed."""
         full = [len(p) for p in prompts]
         self._reserve(row0 + len(prompts), max(full) + 1)
-        reused = [self._reuse(prompt, slot, row0 + i)
-                  for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=False))]
+        reused = [
+            self._reuse(prompt, slot, row0 + i) for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=False))
+        ]
         lengths = [n - r for n, r in zip(full, reused, strict=False)]
         ends = list(accumulate(lengths))
         segment = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
@@ -160,11 +160,15 @@ class Forward:
             keys_position = torch.cat([torch.arange(n) for n in full])
             context = ((keys_segment + row0).to(self.device), keys_position.to(self.device))
         self.cache.prefill((segment + row0).to(self.device), positions.to(self.device), context)
-        self.lora.set([slot for slot, n in zip(slots, lengths, strict=False) for _ in range(n)], self.dtype,
-                      self.device)
+        self.lora.set(
+            [slot for slot, n in zip(slots, lengths, strict=False) for _ in range(n)], self.dtype, self.device
+        )
         if self.varlen and context is None:  # prompt boundaries instead of a mask (a 4D placeholder: none is built)
-            attention = {"attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
-                         "cu_seqlens": self._to_device([0, *ends]).int(), "max_seqlen": max(lengths)}
+            attention = {
+                "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
+                "cu_seqlens": self._to_device([0, *ends]).int(),
+                "max_seqlen": max(lengths),
+            }
         else:
             mask = (segment[:, None] == keys_segment[None, :]) & (keys_position[None, :] <= positions[:, None])
             attention = {"attention_mask": mask[None, None].to(self.device)}
@@ -173,8 +177,13 @@ class Forward:
         if self.lean is not None:
             hidden = self.lean(ids, positions, attention["attention_mask"][0, 0], self.cache)
         else:
-            hidden = self.decoder(input_ids=ids[None], position_ids=positions[None], past_key_values=self.cache,
-                                  use_cache=True, **attention).last_hidden_state[0]
+            hidden = self.decoder(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                past_key_values=self.cache,
+                use_cache=True,
+                **attention,
+            ).last_hidden_state[0]
         for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=False)):
             if self.prefixes.wants(slot, prompt):
                 self.prefixes.add(slot, prompt, *self.cache.copy_out(row0 + i, full[i]))
@@ -212,8 +221,9 @@ class Forward:
         lora = any(slots) and self.lora.stacked > 0
         if lora:
             if self._lora_mask is None:
-                self._lora_mask = torch.zeros(self.buckets[-1], self.lora.stacked * self.lora.rank,
-                                              dtype=self.dtype, device=self.device)
+                self._lora_mask = torch.zeros(
+                    self.buckets[-1], self.lora.stacked * self.lora.rank, dtype=self.dtype, device=self.device
+                )
             self.lora.set(slots + [0] * (size - n), self.dtype, self.device, out=self._lora_mask)
         else:
             self.lora.set([0], self.dtype, self.device)
@@ -241,8 +251,13 @@ class Forward:
         mask = torch.arange(length, device=self.device)[None, :] <= positions[:, None]
         if self.lean is not None:
             return self._logits(self.lean(ids[:, 0], positions, mask, self.cache))
-        hidden = self.decoder(input_ids=ids, position_ids=positions[:, None], attention_mask=mask[:, None, None, :],
-                              past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.decoder(
+            input_ids=ids,
+            position_ids=positions[:, None],
+            attention_mask=mask[:, None, None, :],
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
         return self._logits(hidden[:, -1])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -251,6 +266,7 @@ class Forward:
     def _capture(self, size: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """Capture the decode pass of `size` rows. Its warm-up runs do this step's real work: a pass
         writes the same keys and values each time it runs, so running it again changes nothing."""
+
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             logits = self._decode_pass(self._inputs[0, :size, None], self._inputs[1, :size], length)
             return logits, logits.argmax(-1)

@@ -39,10 +39,16 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 def supports(model: nn.Module) -> bool:
     """Whether `model` is a float32 Llama-layer model on the CPU that this pass computes exactly."""
     config = model.config
-    return (type(model).__name__ in ARCHITECTURES and torch.backends.mkldnn.is_available()
-            and model.dtype == torch.float32 and next(model.parameters()).device.type == "cpu"
-            and config.hidden_act == "silu" and not getattr(config, "attention_bias", False)
-            and not getattr(config, "mlp_bias", False) and getattr(config, "sliding_window", None) is None)
+    return (
+        type(model).__name__ in ARCHITECTURES
+        and torch.backends.mkldnn.is_available()
+        and model.dtype == torch.float32
+        and next(model.parameters()).device.type == "cpu"
+        and config.hidden_act == "silu"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "sliding_window", None) is None
+    )
 
 
 @dataclass
@@ -86,13 +92,20 @@ class LeanModel:
         self.layers: list[Layer] = []
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(Layer(
-                layer.input_layernorm.weight, packed(attn, ["q_proj", "k_proj", "v_proj"]), packed(attn, ["o_proj"]),
-                layer.post_attention_layernorm.weight, packed(mlp, ["gate_proj", "up_proj"]),
-                packed(mlp, ["down_proj"]),
-                LoraGroup(lora, attn, ["q_proj", "k_proj", "v_proj"], kernel),
-                LoraGroup(lora, attn, ["o_proj"], kernel),
-                LoraGroup(lora, mlp, ["gate_proj", "up_proj"], kernel), LoraGroup(lora, mlp, ["down_proj"], kernel)))
+            self.layers.append(
+                Layer(
+                    layer.input_layernorm.weight,
+                    packed(attn, ["q_proj", "k_proj", "v_proj"]),
+                    packed(attn, ["o_proj"]),
+                    layer.post_attention_layernorm.weight,
+                    packed(mlp, ["gate_proj", "up_proj"]),
+                    packed(mlp, ["down_proj"]),
+                    LoraGroup(lora, attn, ["q_proj", "k_proj", "v_proj"], kernel),
+                    LoraGroup(lora, attn, ["o_proj"], kernel),
+                    LoraGroup(lora, mlp, ["gate_proj", "up_proj"], kernel),
+                    LoraGroup(lora, mlp, ["down_proj"], kernel),
+                )
+            )
         self.head = packed(model, ["lm_head"])  # a weight tied to the input embedding stays
         self.adapters_changed()
 
@@ -110,8 +123,9 @@ class LeanModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.head)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 cache: SlotCache) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotCache
+    ) -> torch.Tensor:
         """The final hidden states [tokens, hidden] of the pass `cache` was set up for (decode: token i is
         row i's; prefill: packed prompts); mask[i, j]: token i may attend to key j (decode: to row i's
         position j)."""
@@ -134,18 +148,25 @@ class LeanModel:
             return torch.rms_norm(x, weight.shape, weight, self.eps)
         return self.kernels.norm(x, weight, self.eps)
 
-    def _layer(self, index: int, layer: Layer, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-               bias: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+    def _layer(
+        self,
+        index: int,
+        layer: Layer,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        bias: torch.Tensor,
+        cache: SlotCache,
+    ) -> torch.Tensor:
         tokens, dim = hidden.shape[0], self.head_dim
         x = self._norm(hidden, layer.norm1)
         qkv = linear(x, layer.qkv)
         layer.qkv_lora.add(x, qkv)
         rotated_heads = self.heads + self.kv_heads
-        qk = qkv[:, :rotated_heads * dim].view(tokens, rotated_heads, dim)
+        qk = qkv[:, : rotated_heads * dim].view(tokens, rotated_heads, dim)
         cos, sin = rotary
         qk = (qk * cos).addcmul_(qk.roll(dim // 2, -1), sin)
-        values = qkv[:, rotated_heads * dim:].view(tokens, self.kv_heads, dim)
-        queries, keys = qk[:, :self.heads], qk[:, self.heads:]
+        values = qkv[:, rotated_heads * dim :].view(tokens, self.kv_heads, dim)
+        queries, keys = qk[:, : self.heads], qk[:, self.heads :]
         if cache.packed:
             out = self._prefill_attention(index, queries, keys, values, bias, cache)
         else:
@@ -155,13 +176,20 @@ class LeanModel:
         x = self._norm(hidden, layer.norm2)
         gate_up = linear(x, layer.gate_up)
         layer.gate_up_lora.add(x, gate_up)
-        act = F.silu(gate_up[:, :self.intermediate]).mul_(gate_up[:, self.intermediate:])
+        act = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate :])
         hidden = linear_add(act, layer.down, hidden)
         layer.down_lora.add(act, hidden)
         return hidden
 
-    def _decode_attention(self, index: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          bias: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+    def _decode_attention(
+        self,
+        index: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor,
+        cache: SlotCache,
+    ) -> torch.Tensor:
         """Row i's query heads over row i's cache: [rows * kv_heads, groups, dim] x [.., length, dim]."""
         rows, dim = queries.shape[0], self.head_dim
         keys, values = cache.update(keys[:, :, None], values[:, :, None], index)  # [rows, kv_heads, length, dim]
@@ -171,9 +199,17 @@ class LeanModel:
         out = torch.bmm(scores.softmax(-1), values.reshape(-1, length, dim))
         return out.view(rows, -1)
 
-    def _prefill_attention(self, index: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                           mask: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+    def _prefill_attention(
+        self,
+        index: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        cache: SlotCache,
+    ) -> torch.Tensor:
         keys, values = cache.update(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], index)
-        out = F.scaled_dot_product_attention(queries.transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                             scale=self.scaling, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            queries.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
+        )
         return out[0].transpose(0, 1).reshape(queries.shape[0], -1)

@@ -50,17 +50,32 @@ class Kernels:
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """torch.rms_norm(x, weight.shape, weight, eps) of float32 rows [tokens, hidden] of contiguous columns."""
         out = torch.empty_like(x)
-        self.rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr(),
-                      torch.get_num_threads())
+        self.rms_norm(
+            x.data_ptr(),
+            x.stride(0),
+            weight.data_ptr(),
+            eps,
+            x.shape[0],
+            x.shape[1],
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
         return out
 
 
 class Group(ctypes.Structure):
     """lora_group_t: a group's stacks (A side by side, one B per layer) and where each layer's columns start."""
 
-    _fields_ = [("in_features", ctypes.c_int64), ("width", ctypes.c_int64), ("layers", ctypes.c_int64),
-                ("rank", ctypes.c_int64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("cols", ctypes.c_void_p),
-                ("outs", ctypes.c_void_p)]
+    _fields_ = [
+        ("in_features", ctypes.c_int64),
+        ("width", ctypes.c_int64),
+        ("layers", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("cols", ctypes.c_void_p),
+        ("outs", ctypes.c_void_p),
+    ]
 
     @classmethod
     def of(cls, a: torch.Tensor, targets: list[tuple[int, torch.Tensor]]) -> Group:
@@ -69,8 +84,16 @@ class Group(ctypes.Structure):
         b = (ctypes.c_void_p * count)(*(stack.data_ptr() for _, stack in targets))
         cols = (ctypes.c_int64 * count)(*(column for column, _ in targets))
         outs = (ctypes.c_int64 * count)(*(stack.shape[2] for _, stack in targets))
-        group = cls(a.shape[1], a.shape[2], count, targets[0][1].shape[1], a.data_ptr(), ctypes.addressof(b),
-                    ctypes.addressof(cols), ctypes.addressof(outs))
+        group = cls(
+            a.shape[1],
+            a.shape[2],
+            count,
+            targets[0][1].shape[1],
+            a.data_ptr(),
+            ctypes.addressof(b),
+            ctypes.addressof(cols),
+            ctypes.addressof(outs),
+        )
         group.held = (a, targets, b, cols, outs)  # what the pointers point into
         return group
 
@@ -78,8 +101,13 @@ class Group(ctypes.Structure):
 class Pass(ctypes.Structure):
     """lora_pass_t: a pass's tokens grouped by adapter (`Blocks`), and the threads to run on."""
 
-    _fields_ = [("threads", ctypes.c_int64), ("blocks", ctypes.c_int64), ("starts", ctypes.c_void_p),
-                ("stacks", ctypes.c_void_p), ("order", ctypes.c_void_p)]
+    _fields_ = [
+        ("threads", ctypes.c_int64),
+        ("blocks", ctypes.c_int64),
+        ("starts", ctypes.c_void_p),
+        ("stacks", ctypes.c_void_p),
+        ("order", ctypes.c_void_p),
+    ]
 
     @classmethod
     def of(cls, starts: torch.Tensor, stacks: torch.Tensor, order: torch.Tensor) -> Pass:
@@ -105,8 +133,10 @@ def kernels() -> Kernels | None:
         log.warning("could not load the CPU kernels (%s): the lean pass runs torch operations only", error)
         return None
     pointer, count = ctypes.c_void_p, ctypes.c_int64
-    return Kernels(_function(library.lora_add, [pointer, pointer, pointer, count, pointer, count]),
-                   _function(library.rms_norm, [pointer, count, pointer, ctypes.c_float, count, count, pointer, count]))
+    return Kernels(
+        _function(library.lora_add, [pointer, pointer, pointer, count, pointer, count]),
+        _function(library.rms_norm, [pointer, count, pointer, ctypes.c_float, count, count, pointer, count]),
+    )
 
 
 def _function(function: Any, arguments: list[type]) -> Any:
@@ -123,8 +153,9 @@ def _build(compiler: str) -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as work:  # built aside, then renamed: atomic
         built = Path(work) / library.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), *LIBRARIES], capture_output=True, text=True,
-                       check=True)
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built), *LIBRARIES], capture_output=True, text=True, check=True
+        )
         built.replace(library)
     log.info("built the CPU kernels: %s", library)
     return library

@@ -34,8 +34,12 @@ class PackedLinear(nn.Linear):
 
 def tied_parameters(model: nn.Module) -> set[int]:
     """Ids of the parameters held by modules other than Linear layers (an embedding tied to the LM head)."""
-    return {id(p) for module in model.modules() if not isinstance(module, nn.Linear)
-            for p in module.parameters(recurse=False)}
+    return {
+        id(p)
+        for module in model.modules()
+        if not isinstance(module, nn.Linear)
+        for p in module.parameters(recurse=False)
+    }
 
 
 def drop_weight(linear_layer: nn.Linear, tied: set[int]) -> None:

@@ -25,8 +25,13 @@ class SamplingParams:
     @property
     def adjusts(self) -> bool:
         """Whether a row's logits change before it samples (rows that do not stay on the fast path)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
 
     @property
     def per_row(self) -> bool:

@@ -59,8 +59,7 @@ def adjust(logits: torch.Tensor, row: Row, end_ids: Collection[int]) -> torch.Te
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), device=device)
         values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                   values * params.repetition_penalty)
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias, strict=False)
         logits[torch.tensor(ids, device=device)] += torch.tensor(biases, dtype=logits.dtype, device=device)
@@ -78,8 +77,9 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
-def next_tokens(logits: torch.Tensor, rows: Sequence[Row], end_ids: Collection[int],
-                greedy: list[int] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+def next_tokens(
+    logits: torch.Tensor, rows: Sequence[Row], end_ids: Collection[int], greedy: list[int] | None = None
+) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of `logits`: the argmax where temperature is 0 (one batched op, or `greedy`
     when already computed), else a sample from the row's own RNG; and the log-probabilities of the
     rows that asked for them (of the adjusted logits, before temperature and top-p)."""

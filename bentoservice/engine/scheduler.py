@@ -107,10 +107,21 @@ class Launched:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, *, max_running: int, max_queued: int,
-                 prefill_token_budget: int | None, max_loras: int, max_lora_rank: int,
-                 prefix_cache_bytes: int = 0, max_cpu_loras: int = 0, adapter_wait_s: float = 30.0,
-                 read_adapter: Callable[[str], PreparedAdapter] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_running: int,
+        max_queued: int,
+        prefill_token_budget: int | None,
+        max_loras: int,
+        max_lora_rank: int,
+        prefix_cache_bytes: int = 0,
+        max_cpu_loras: int = 0,
+        adapter_wait_s: float = 30.0,
+        read_adapter: Callable[[str], PreparedAdapter] | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_running, self.max_queued = max_running, max_queued
@@ -122,8 +133,9 @@ class Engine:
         self._blocked = False  # the last admission left every waiting request waiting for an adapter
         device = next(model.parameters()).device
         self.prefill_token_budget = prefill_token_budget or (4096 if device.type == "cuda" else 256)
-        self.forward = Forward(model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda",
-                               prefix_bytes=prefix_cache_bytes)
+        self.forward = Forward(
+            model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda", prefix_bytes=prefix_cache_bytes
+        )
         if device.type == "cuda":
             # A step waits on the GPU with the GIL released; it must get it back from the HTTP thread
             # promptly (Python's default switch interval, 5 ms, is about as long as a step).
@@ -162,12 +174,22 @@ class Engine:
             if tier == "disk":
                 self.fetch(adapter)
         loop = asyncio.get_running_loop()
-        group = [Sequence(prompt, params, adapter, Stream(loop), TextTracker(self._decode, params.stop),
-                          make_generator(params.seed)) for params in choices]
+        group = [
+            Sequence(
+                prompt,
+                params,
+                adapter,
+                Stream(loop),
+                TextTracker(self._decode, params.stop),
+                make_generator(params.seed),
+            )
+            for params in choices
+        ]
         with self._cv:
             if self._count() + len(group) > self.max_running + self.max_queued:
-                raise Overloaded(f"the server is busy: {self.max_running} running and "
-                                 f"{self.max_queued} queued requests at most")
+                raise Overloaded(
+                    f"the server is busy: {self.max_running} running and {self.max_queued} queued requests at most"
+                )
             self._waiting.append(group)
             self._cv.notify()
         return [seq.stream for seq in group]
@@ -266,8 +288,10 @@ class Engine:
         if self._commands or (self._waiting and len(self._running) < self.max_running):
             return False
         running = self._running
-        if any(s.stream.cancelled or s.params.temperature > 0 or s.params.per_row
-               or s.next_position + 1 >= self.max_length for s in running):
+        if any(
+            s.stream.cancelled or s.params.temperature > 0 or s.params.per_row or s.next_position + 1 >= self.max_length
+            for s in running
+        ):
             return False
         return any(len(s.generated) + s.pending < s.params.max_tokens for s in running)
 
@@ -329,8 +353,14 @@ class Engine:
                 if slot is None:
                     if time.monotonic() - group[0].queued_at > self.adapter_wait_s:
                         for seq in group:
-                            self._emit(seq, Failed(f"every adapter slot stayed busy for {self.adapter_wait_s:g} s: "
-                                                   "retry later", 429, "adapter_slots_busy"))
+                            self._emit(
+                                seq,
+                                Failed(
+                                    f"every adapter slot stayed busy for {self.adapter_wait_s:g} s: retry later",
+                                    429,
+                                    "adapter_slots_busy",
+                                ),
+                            )
                     else:
                         waiting.append(group)
                     continue
@@ -356,8 +386,9 @@ class Engine:
             for group in [g for g in self._waiting if g[0].adapter == name]:
                 self._waiting.remove(group)
                 for seq in group:
-                    self._emit(seq, Failed(f"the adapter {name!r} could not be loaded: {exc}", status,
-                                           "invalid_adapter"))
+                    self._emit(
+                        seq, Failed(f"the adapter {name!r} could not be loaded: {exc}", status, "invalid_adapter")
+                    )
 
     def _slot(self, name: str | None, new: list[list[Sequence]], waiting: list[list[Sequence]]) -> int | None:
         """The slot of an adapter, copied in from the host tier (evicting an idle one) if need be; None while it is

@@ -61,8 +61,9 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 class ServedModel:
-    def __init__(self, name: str, model_id: str, path: Path, settings: Settings,
-                 card_template: str | None = None) -> None:
+    def __init__(
+        self, name: str, model_id: str, path: Path, settings: Settings, card_template: str | None = None
+    ) -> None:
         self.name, self.model_id = name, model_id
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
@@ -77,12 +78,19 @@ class ServedModel:
         self.vocab_size = int(model.config.vocab_size)
         self.catalog: dict[str, str] = {}  # served adapter name -> the folder, store tag or URL it is read from
         self._lookups = threading.Lock()  # one lookup of a new name at a time: concurrent first requests find it once
-        self.engine = Engine(model, self.tokenizer, max_running=settings.max_running,
-                             max_queued=settings.max_queued, prefill_token_budget=settings.prefill_token_budget,
-                             max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-                             prefix_cache_bytes=prefix_cache_mb(settings, device) * 2**20,
-                             max_cpu_loras=settings.max_cpu_loras, adapter_wait_s=settings.adapter_wait_s,
-                             read_adapter=self._read_adapter)
+        self.engine = Engine(
+            model,
+            self.tokenizer,
+            max_running=settings.max_running,
+            max_queued=settings.max_queued,
+            prefill_token_budget=settings.prefill_token_budget,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            prefix_cache_bytes=prefix_cache_mb(settings, device) * 2**20,
+            max_cpu_loras=settings.max_cpu_loras,
+            adapter_wait_s=settings.adapter_wait_s,
+            read_adapter=self._read_adapter,
+        )
 
     # -- names --------------------------------------------------------------------------------
 
@@ -96,8 +104,11 @@ class ServedModel:
 
     def knows(self, model: str) -> bool:
         """Whether `choose` answers without a lookup (the base, or an adapter name seen before)."""
-        return model in self.catalog or model in self.engine.adapters.loaded or model in (
-            self.name, self.model_id, self.name + BASE_SUFFIX, self.model_id + BASE_SUFFIX)
+        return (
+            model in self.catalog
+            or model in self.engine.adapters.loaded
+            or model in (self.name, self.model_id, self.name + BASE_SUFFIX, self.model_id + BASE_SUFFIX)
+        )
 
     def choose(self, model: str) -> Choice:
         """Resolve a request's `model`: the base (default adapter), `<base>:base`, or an adapter by any name that
@@ -144,8 +155,9 @@ class ServedModel:
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
+            )
         except jinja2.TemplateError as exc:  # the template itself raised (e.g. on a role order it refuses)
             raise TemplateError(f"the chat template {self.template_name!r} failed: {exc}") from exc
 
@@ -161,13 +173,16 @@ class ServedModel:
         room = limit - prompt_tokens
         if requested is None:
             if room < 1:
-                raise ContextOverflow(f"this model's maximum context length is {limit} tokens, "
-                                      f"but the prompt has {prompt_tokens} tokens")
+                raise ContextOverflow(
+                    f"this model's maximum context length is {limit} tokens, but the prompt has {prompt_tokens} tokens"
+                )
             return min(room, self.default_max_tokens)
         if prompt_tokens + requested > limit:
-            raise ContextOverflow(f"this model's maximum context length is {limit} tokens; you requested "
-                                  f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
-                                  f"{requested} for the completion)")
+            raise ContextOverflow(
+                f"this model's maximum context length is {limit} tokens; you requested "
+                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
+                f"{requested} for the completion)"
+            )
         return requested
 
     def generate(self, prompt: list[int], params: SamplingParams, choice: Choice) -> Stream:
@@ -223,8 +238,7 @@ class ServedModel:
                 raise
             adapters.to_host(prepared, self.engine.busy().__contains__)
 
-    def load_adapter_from(self, src: str, name: str | None = None, confined: bool = False,
-                          pinned: bool = False) -> str:
+    def load_adapter_from(self, src: str, name: str | None = None, confined: bool = False, pinned: bool = False) -> str:
         """Load an adapter given as a folder, a store tag, a served name or a hub id (see store.adapter_source)."""
         try:
             source = store.adapter_source(src, confined, self.catalog)
@@ -281,4 +295,3 @@ class ServedModel:
 
     def close(self) -> None:
         self.engine.stop()
-

@@ -17,13 +17,20 @@ MAX_TEMPLATE_CHARS = 64 * 1024
 MAX_RENDER_CHARS = 256 * 1024
 MAX_RENDER_SECONDS = 2.0
 # The conversation a template is tried on before it is accepted.
-_SAMPLE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello!"},
-           {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Bye!"}]
+_SAMPLE = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "Bye!"},
+]
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 
 _SHIPPED: dict[str, str] = {
     "chatml": (
@@ -97,8 +104,10 @@ def check_template(template: str) -> None:
         for part in compiled.generate(messages=_SAMPLE, add_generation_prompt=True, bos_token="", eos_token=""):
             length += len(part)
             if length > MAX_RENDER_CHARS or time.monotonic() > deadline:
-                raise TemplateError(f"the chat template renders more than {MAX_RENDER_CHARS} characters or takes "
-                                    f"over {MAX_RENDER_SECONDS} s for a four-message chat")
+                raise TemplateError(
+                    f"the chat template renders more than {MAX_RENDER_CHARS} characters or takes "
+                    f"over {MAX_RENDER_SECONDS} s for a four-message chat"
+                )
     except TemplateError:
         raise
     except SecurityError as exc:

@@ -37,11 +37,11 @@ class TextTracker:
     def _extend(self, force: bool) -> None:
         if self.read == len(self.ids):
             return
-        context = self.decode(self.ids[self.prefix:self.read])
-        window = self.decode(self.ids[self.prefix:])
+        context = self.decode(self.ids[self.prefix : self.read])
+        window = self.decode(self.ids[self.prefix :])
         # An unfinished UTF-8 character decodes to U+FFFD: wait for the tokens that complete it.
         if len(window) > len(context) and (force or not window.endswith("\ufffd")):
-            self.text += window[len(context):]
+            self.text += window[len(context) :]
             self.prefix, self.read = self.read, len(self.ids)
 
     def _release(self, final: bool) -> str:
@@ -54,10 +54,9 @@ class TextTracker:
             text = text[: len(text) - self._held(text)]
         if len(text) <= self.sent:
             return ""
-        delta, self.sent = text[self.sent:], len(text)
+        delta, self.sent = text[self.sent :], len(text)
         return delta
 
     def _held(self, text: str) -> int:
         """How many trailing characters to hold: a partial stop string."""
-        return max((n for stop in self.stop for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])),
-                   default=0)
+        return max((n for stop in self.stop for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])), default=0)

@@ -38,8 +38,9 @@ def save_adapter(name: str, folder: Path, base: str, metadata: dict[str, Any] | 
     if missing:
         raise StoreError(f"{folder} is not a PEFT adapter folder (missing {', '.join(missing)})")
     base_name = resolve_base(base).name
-    with bentoml.models.create(name, labels={"kind": "adapter", "base": base_name},
-                               metadata=dict(metadata or {})) as ref:
+    with bentoml.models.create(
+        name, labels={"kind": "adapter", "base": base_name}, metadata=dict(metadata or {})
+    ) as ref:
         for item in folder.iterdir():
             if item.is_file():
                 shutil.copy2(item, Path(ref.path) / item.name)
@@ -96,17 +97,20 @@ class UnsafeAdapterId(StoreError):
     """An adapter id that is not a safe name (a 400)."""
 
 
-ACCEPTED_FORMS = ("a served adapter name as /v1/models lists it (e.g. ft:smollm2:pirate:59be0ad8), a model store "
-                  "tag (name or name:version), a folder name under BENTOSERVICE_ADAPTER_DIRS or at "
-                  "BENTOSERVICE_ADAPTER_SOURCE_URL")
+ACCEPTED_FORMS = (
+    "a served adapter name as /v1/models lists it (e.g. ft:smollm2:pirate:59be0ad8), a model store "
+    "tag (name or name:version), a folder name under BENTOSERVICE_ADAPTER_DIRS or at "
+    "BENTOSERVICE_ADAPTER_SOURCE_URL"
+)
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}(/[A-Za-z0-9._:@+-]{1,256})?")
 _STORE_TAG = re.compile(r"[a-z0-9][a-z0-9._-]*(:[a-z0-9._-]+)?")
 
 
 def check_adapter_id(ref: str) -> None:
     if not _SAFE_ID.fullmatch(ref) or ".." in ref:
-        raise UnsafeAdapterId(f"{ref[:80]!r} is not a valid adapter id: letters, digits and . _ - : @ + only, "
-                              "at most one /, no '..'")
+        raise UnsafeAdapterId(
+            f"{ref[:80]!r} is not a valid adapter id: letters, digits and . _ - : @ + only, at most one /, no '..'"
+        )
 
 
 def _folder_source(src: str, folder: Path, confined: bool, name: str | None = None) -> AdapterSource:
@@ -151,8 +155,9 @@ def _remote_adapter(src: str) -> AdapterSource | None:
     return AdapterSource(local, src, _declared_base(local))
 
 
-def adapter_source(src: str, confined: bool = False, known: Mapping[str, str] | None = None,
-                   paths: bool = True, hub: bool = True) -> AdapterSource:
+def adapter_source(
+    src: str, confined: bool = False, known: Mapping[str, str] | None = None, paths: bool = True, hub: bool = True
+) -> AdapterSource:
     """The one resolution of an adapter id, for the routes and the on-demand loader.
 
     Accepted, in order: a PEFT folder path (when `paths`; `confined`, for requests over HTTP: only inside the

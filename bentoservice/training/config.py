@@ -18,8 +18,11 @@ Method = Literal["sft", "dpo", "orpo"]
 AdapterType = Literal["lora", "qlora"]
 
 # The TRL config class of each method, imported only when needed (importing trl takes seconds).
-TRL_CONFIGS: dict[str, str] = {"sft": "trl:SFTConfig", "dpo": "trl:DPOConfig",
-                               "orpo": "trl.experimental.orpo:ORPOConfig"}
+TRL_CONFIGS: dict[str, str] = {
+    "sft": "trl:SFTConfig",
+    "dpo": "trl:DPOConfig",
+    "orpo": "trl.experimental.orpo:ORPOConfig",
+}
 # TRL's defaults suit full fine-tunes (DPO/ORPO: 1e-6); a LoRA adapter needs a larger step to learn anything.
 LORA_LEARNING_RATE: dict[str, float] = {"sft": 2e-4, "dpo": 5e-5, "orpo": 5e-5}
 # Familiar names: transformers 5 folded warmup_ratio into warmup_steps (below 1 it is a fraction of the steps).
@@ -126,8 +129,12 @@ class TrainingConfig(FineTuneChecks):
 
     def trainer_args(self) -> dict[str, Any]:
         """`args` with this product's defaults filled in, plus the method's own knobs."""
-        defaults: dict[str, Any] = {"learning_rate": LORA_LEARNING_RATE[self.method], "report_to": "none",
-                                    "save_total_limit": 3, "include_num_input_tokens_seen": "non_padding"}
+        defaults: dict[str, Any] = {
+            "learning_rate": LORA_LEARNING_RATE[self.method],
+            "report_to": "none",
+            "save_total_limit": 3,
+            "include_num_input_tokens_seen": "non_padding",
+        }
         if self.method == "orpo":
             # ORPO's collator reads its own columns, and its batches have no input_ids to count.
             defaults.update(remove_unused_columns=False, include_num_input_tokens_seen="no")

@@ -61,8 +61,10 @@ def check_adapter_type(adapter_type: str, device: Device) -> None:
     if adapter_type != "qlora":
         return
     if device != "cuda":
-        raise TrainingError(f"QLoRA needs a CUDA GPU (4-bit weights through bitsandbytes); this machine trains on "
-                            f"{device}: use adapter_type='lora'")
+        raise TrainingError(
+            f"QLoRA needs a CUDA GPU (4-bit weights through bitsandbytes); this machine trains on "
+            f"{device}: use adapter_type='lora'"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingError("QLoRA needs bitsandbytes: pip install bitsandbytes")
 
@@ -76,10 +78,15 @@ def load_model(path: Path, device: Device, adapter_type: str) -> PreTrainedModel
     if adapter_type == "qlora":
         from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=_cuda_half())
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=_cuda_half(),
-                                                    device_map={"": 0})
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_cuda_half(),
+        )
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization, dtype=_cuda_half(), device_map={"": 0}
+        )
     if device == "hpu":
         # The Gaudi stack pins transformers 4.55, which calls this argument torch_dtype.
         return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
@@ -87,12 +94,25 @@ def load_model(path: Path, device: Device, adapter_type: str) -> PreTrainedModel
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def gaudi_trainer(model: PreTrainedModel, args: dict[str, Any], train_dataset: Any, eval_dataset: Any,
-                  data_collator: Any, callbacks: list[TrainerCallback]) -> Trainer:
+def gaudi_trainer(
+    model: PreTrainedModel,
+    args: dict[str, Any],
+    train_dataset: Any,
+    eval_dataset: Any,
+    data_collator: Any,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
     """A GaudiTrainer for tokenized rows with labels (optimum-habana's TRL wrappers lag TRL's API)."""
     from optimum.habana import GaudiConfig, GaudiTrainer, GaudiTrainingArguments
 
     gaudi_config = GaudiConfig(use_torch_autocast=True, use_fused_adam=True, use_fused_clip_norm=True)
     training_args = GaudiTrainingArguments(use_habana=True, use_lazy_mode=True, **args)
-    return GaudiTrainer(model=model, gaudi_config=gaudi_config, args=training_args, data_collator=data_collator,
-                        train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks)
+    return GaudiTrainer(
+        model=model,
+        gaudi_config=gaudi_config,
+        args=training_args,
+        data_collator=data_collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        callbacks=callbacks,
+    )

@@ -25,8 +25,9 @@ from bentoservice.config import Settings
 PROMPT = "The quick brown fox"
 
 
-def make_adapter(folder: Path, base_dir: Path, seed: int, r: int = 4,
-                 targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")) -> Path:
+def make_adapter(
+    folder: Path, base_dir: Path, seed: int, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")
+) -> Path:
     """A PEFT LoRA adapter with random non-zero A and B, so that it changes the model's output."""
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
@@ -45,15 +46,23 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(tiny_dir: Path, adapter_root: Path) -> dict[str, Path]:
-    return {name: make_adapter(adapter_root / name, tiny_dir, seed)
-            for name, seed in (("a1", 1), ("a2", 2), ("a3", 3))}
+    return {name: make_adapter(adapter_root / name, tiny_dir, seed) for name, seed in (("a1", 1), ("a2", 2), ("a3", 3))}
 
 
 @pytest.fixture(scope="module")
 def server(tiny, adapters: dict[str, Path], adapter_root: Path):
-    server = Server("tiny", "--adapter-id", str(adapters["a1"]), "--adapter-name", "a1",
-                    "--adapter-id", str(adapters["a2"]), "--adapter-name", "a2",
-                    env={"BENTOSERVICE_ADAPTER_DIRS": str(adapter_root), "BENTOSERVICE_MAX_LORA_RANK": "8"})
+    server = Server(
+        "tiny",
+        "--adapter-id",
+        str(adapters["a1"]),
+        "--adapter-name",
+        "a1",
+        "--adapter-id",
+        str(adapters["a2"]),
+        "--adapter-name",
+        "a2",
+        env={"BENTOSERVICE_ADAPTER_DIRS": str(adapter_root), "BENTOSERVICE_MAX_LORA_RANK": "8"},
+    )
     yield server
     server.stop()
 
@@ -121,8 +130,21 @@ def test_runtime_load_and_unload(server: Server, adapters: dict[str, Path]) -> N
 
 
 def test_load_from_model_store(server: Server, adapters: dict[str, Path]) -> None:
-    done = subprocess.run([sys.executable, "-m", "bentoservice.cli", "import-adapter", "tiny-a2",
-                           "--adapter-id", str(adapters["a2"]), "--base", "tiny"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bentoservice.cli",
+            "import-adapter",
+            "tiny-a2",
+            "--adapter-id",
+            str(adapters["a2"]),
+            "--base",
+            "tiny",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     stored = store.get("tiny-a2:latest")
     assert stored.kind == "adapter" and stored.base == "tiny"
@@ -145,23 +167,39 @@ def _broken_adapters(root: Path, outside: Path, adapters: dict[str, Path], tiny_
     renamed.mkdir(exist_ok=True)
     (renamed / "adapter_config.json").write_text((adapters["a1"] / "adapter_config.json").read_text())
     weights = load_file(str(adapters["a1"] / "adapter_model.safetensors"))
-    save_file({k.replace("q_proj", "qkv_proj"): v for k, v in weights.items()},
-              str(renamed / "adapter_model.safetensors"))
+    save_file(
+        {k.replace("q_proj", "qkv_proj"): v for k, v in weights.items()}, str(renamed / "adapter_model.safetensors")
+    )
     make_adapter(outside / "elsewhere", tiny_dir, seed=6)
     link = root / "link-out"
     if not link.exists():
         link.symlink_to(outside / "elsewhere")
-    return {"missing file": str(root / "missing"), "different base": str(root / "other"),
-            "rank": str(root / "rank16"), "target": str(renamed), "dotdot": f"{root}/../{root.name}/a1",
-            "symlink out": str(link), "outside": str(outside / "elsewhere"), "no such folder": str(root / "nope")}
+    return {
+        "missing file": str(root / "missing"),
+        "different base": str(root / "other"),
+        "rank": str(root / "rank16"),
+        "target": str(renamed),
+        "dotdot": f"{root}/../{root.name}/a1",
+        "symlink out": str(link),
+        "outside": str(outside / "elsewhere"),
+        "no such folder": str(root / "nope"),
+    }
 
 
-def test_refusals(server: Server, adapters: dict[str, Path], adapter_root: Path, tiny_dir: Path,
-                  tmp_path: Path) -> None:
+def test_refusals(
+    server: Server, adapters: dict[str, Path], adapter_root: Path, tiny_dir: Path, tmp_path: Path
+) -> None:
     before = httpx.get(f"{server.url}/v1/adapters", timeout=10).json()
-    reasons = {"missing file": "adapter_model.safetensors", "different base": "different base model",
-               "rank": "max_lora_rank", "target": "qkv_proj", "dotdot": "..", "symlink out": "outside",
-               "outside": "outside", "no such folder": "no adapter folder"}
+    reasons = {
+        "missing file": "adapter_model.safetensors",
+        "different base": "different base model",
+        "rank": "max_lora_rank",
+        "target": "qkv_proj",
+        "dotdot": "..",
+        "symlink out": "outside",
+        "outside": "outside",
+        "no such folder": "no adapter folder",
+    }
     for case, path in _broken_adapters(adapter_root, tmp_path, adapters, tiny_dir).items():
         response = post(server, "/load_lora_adapter", {"lora_name": case.replace(" ", "-"), "lora_path": path})
         assert response.status_code == 400, (case, response.text)
@@ -197,8 +235,9 @@ def _greedy(model_name: str, request_model: str, adapter: Path | None = None) ->
             served.load_adapter("x", adapter)
 
         async def run() -> str:
-            stream = served.generate(served.encode_text(PROMPT), SamplingParams(max_tokens=12, temperature=0),
-                                     served.choose(request_model))
+            stream = served.generate(
+                served.encode_text(PROMPT), SamplingParams(max_tokens=12, temperature=0), served.choose(request_model)
+            )
             return "".join([e.text async for e in stream if isinstance(e, Delta)])
 
         return asyncio.run(run())
@@ -207,9 +246,23 @@ def _greedy(model_name: str, request_model: str, adapter: Path | None = None) ->
 
 
 def test_merged_model_answers_like_base_plus_adapter(tiny, adapters: dict[str, Path]) -> None:
-    done = subprocess.run([sys.executable, "-m", "bentoservice.cli", "merge", "--base", "tiny", "--lora",
-                           str(adapters["a1"]), "--target", "tiny-merged"], capture_output=True, text=True,
-                          env=os.environ)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bentoservice.cli",
+            "merge",
+            "--base",
+            "tiny",
+            "--lora",
+            str(adapters["a1"]),
+            "--target",
+            "tiny-merged",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
     assert done.returncode == 0, done.stderr
     merged = store.resolve_base("tiny-merged")
     assert merged.labels["source"].startswith("merge:")

@@ -41,17 +41,25 @@ def stored(tiny, tiny_dir: Path, folders: dict[str, Path]) -> list[str]:
 def server(stored: list[str], tiny_dir: Path, folders: dict[str, Path]):
     folders["watched"].mkdir()
     make_adapter(folders["remote"] / "far-away", tiny_dir, seed=300)
-    server = Server("tiny", env={"BENTOSERVICE_MAX_LORAS": "2", "BENTOSERVICE_MAX_CPU_LORAS": "3",
-                                 "BENTOSERVICE_MAX_LORA_RANK": "8", "BENTOSERVICE_ADAPTER_WAIT_S": "8",
-                                 "BENTOSERVICE_ADAPTER_DIRS": str(folders["watched"]),
-                                 "BENTOSERVICE_ADAPTER_SOURCE_URL": f"file://{folders['remote']}"})
+    server = Server(
+        "tiny",
+        env={
+            "BENTOSERVICE_MAX_LORAS": "2",
+            "BENTOSERVICE_MAX_CPU_LORAS": "3",
+            "BENTOSERVICE_MAX_LORA_RANK": "8",
+            "BENTOSERVICE_ADAPTER_WAIT_S": "8",
+            "BENTOSERVICE_ADAPTER_DIRS": str(folders["watched"]),
+            "BENTOSERVICE_ADAPTER_SOURCE_URL": f"file://{folders['remote']}",
+        },
+    )
     yield server
     server.stop()
 
 
 def complete(server: Server, model: str, prompt: str = PROMPT, **extra) -> str:
-    done = server.client().completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
-                                              extra_body=extra or None)
+    done = server.client().completions.create(
+        model=model, prompt=prompt, max_tokens=8, temperature=0, extra_body=extra or None
+    )
     return done.choices[0].text
 
 
@@ -69,8 +77,7 @@ def metric(server: Server, name: str, tier: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_many_store_adapters_each_answer_by_name_under_concurrent_mixed_load(server: Server,
-                                                                              stored: list[str]) -> None:
+def test_many_store_adapters_each_answer_by_name_under_concurrent_mixed_load(server: Server, stored: list[str]) -> None:
     assert {name: "disk" for name in stored}.items() <= tiers(server).items()
     first = {name: complete(server, name) for name in stored}  # each loaded on demand, 2 slots for 12
     assert len(set(first.values())) == COUNT, first
@@ -98,8 +105,9 @@ def test_concurrent_first_requests_trigger_one_load(server: Server, tiny_dir: Pa
     assert metric(server, "bentoservice_adapter_loads_total", "disk") == before + 1
 
 
-def test_adapters_added_after_start_are_served_on_first_request(server: Server, tiny_dir: Path,
-                                                                folders: dict[str, Path]) -> None:
+def test_adapters_added_after_start_are_served_on_first_request(
+    server: Server, tiny_dir: Path, folders: dict[str, Path]
+) -> None:
     late = make_adapter(folders["store"] / "late", tiny_dir, seed=500)
     store.save_adapter("od-late", late, "tiny")  # e.g. trained by another replica
     shutil.copytree(make_adapter(folders["store"] / "dropped", tiny_dir, seed=501), folders["watched"] / "dropped")
@@ -123,15 +131,17 @@ def test_unsafe_id_is_400_and_unknown_is_404(server: Server) -> None:
     assert err.value.body["param"] == "adapter_id"
 
 
-def test_every_adapter_route_accepts_every_name_form(server: Server, stored: list[str],
-                                                     folders: dict[str, Path]) -> None:
+def test_every_adapter_route_accepts_every_name_form(
+    server: Server, stored: list[str], folders: dict[str, Path]
+) -> None:
     tag = store.get("od-3:latest").tag
     watched = folders["watched"] / "crowd"
     expected = complete(server, "od-3")
     # served name <- store tag; then the served name and the tag name it everywhere
     assert post(server, "/load_lora_adapter", {"lora_name": FT_NAME, "lora_path": tag}).status_code == 200
-    assert complete(server, FT_NAME) == complete(server, tag) == complete(server, "tiny", adapter_id=FT_NAME) \
-        == expected
+    assert (
+        complete(server, FT_NAME) == complete(server, tag) == complete(server, "tiny", adapter_id=FT_NAME) == expected
+    )
     for form in (FT_NAME, tag, "od-3"):
         listing = post(server, "/adapters", {"adapter_name": form})
         # od-3 was served by its store name before: its tag may name either served name of that folder
@@ -145,14 +155,19 @@ def test_every_adapter_route_accepts_every_name_form(server: Server, stored: lis
     assert complete(server, "copy-0") == complete(server, "copy-1") == complete(server, "copy-2") == expected
     assert complete(server, "copy-3") == complete(server, "crowd")
     # unloading by served name, by store tag and by path
-    for route, key, form in (("/adapters/unload", "adapter_name", "copy-0"), ("/unload_lora_adapter", "lora_name", tag),
-                             ("/adapters/unload", "adapter_name", str(watched))):
+    for route, key, form in (
+        ("/adapters/unload", "adapter_name", "copy-0"),
+        ("/unload_lora_adapter", "lora_name", tag),
+        ("/adapters/unload", "adapter_name", str(watched)),
+    ):
         assert post(server, route, {key: form}).status_code == 200, form
     # what matches nothing says what is accepted
-    for route, body, param in (("/adapters/load", {"adapter_id": "ft:tiny:nope:12345678"}, "adapter_id"),
-                               ("/load_lora_adapter", {"lora_name": "x", "lora_path": "nope:v1"}, "lora_path"),
-                               ("/unload_lora_adapter", {"lora_name": "ft:tiny:nope:12345678"}, "lora_name"),
-                               ("/adapters/unload", {"adapter_name": "nope"}, "adapter_name")):
+    for route, body, param in (
+        ("/adapters/load", {"adapter_id": "ft:tiny:nope:12345678"}, "adapter_id"),
+        ("/load_lora_adapter", {"lora_name": "x", "lora_path": "nope:v1"}, "lora_path"),
+        ("/unload_lora_adapter", {"lora_name": "ft:tiny:nope:12345678"}, "lora_name"),
+        ("/adapters/unload", {"adapter_name": "nope"}, "adapter_name"),
+    ):
         response = post(server, route, body)
         error = response.json()["error"]
         assert response.status_code == 404 and error["param"] == param, (route, response.text)
@@ -161,8 +176,9 @@ def test_every_adapter_route_accepts_every_name_form(server: Server, stored: lis
     assert response.status_code == 400 and "store tag" in response.json()["error"]["message"]
 
 
-def test_pinned_adapter_survives_pressure_and_busy_slots_give_429(server: Server, stored: list[str],
-                                                                   folders: dict[str, Path]) -> None:
+def test_pinned_adapter_survives_pressure_and_busy_slots_give_429(
+    server: Server, stored: list[str], folders: dict[str, Path]
+) -> None:
     response = post(server, "/load_lora_adapter", {"lora_name": "keeper", "lora_path": "od-0", "pinned": True})
     assert response.status_code == 200, response.text
     for name in stored[1:]:
@@ -171,8 +187,10 @@ def test_pinned_adapter_survives_pressure_and_busy_slots_give_429(server: Server
     listing = httpx.get(f"{server.url}/v1/adapters", timeout=10).json()
     assert [a["pinned"] for a in listing["data"] if a["name"] == "keeper"] == [True]
     # both slots pinned: a request for a third adapter waits its bounded time, then is refused with a 429
-    assert post(server, "/load_lora_adapter", {"lora_name": "keeper-2", "lora_path": "od-1",
-                                               "pinned": True}).status_code == 200
+    assert (
+        post(server, "/load_lora_adapter", {"lora_name": "keeper-2", "lora_path": "od-1", "pinned": True}).status_code
+        == 200
+    )
     try:
         with pytest.raises(openai.RateLimitError):
             complete(server, "od-5")

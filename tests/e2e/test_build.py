@@ -23,24 +23,44 @@ from bentoservice import build, store
 
 TORCH_PIN = next(line for line in build.project_requirements() if line.startswith("torch=="))
 EXPECTED = {
-    "cpu": {"from": "python:3.11-slim", "resources": {"cpu": "2", "memory": "8Gi"},
-            "present": ["--extra-index-url https://download.pytorch.org/whl/cpu", f"{TORCH_PIN}+cpu"],
-            "absent": ["bitsandbytes", "optimum-habana"],
-            # build-essential: BentoML's own, a C compiler for the CPU LoRA kernel
-            "dockerfile": ["ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY", "build-essential"], "instance_type": "cpu.4"},
-    "cuda": {"from": "nvidia/cuda:13.0.2-runtime-ubuntu24.04",
-             "resources": {"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4"},
-             "present": ["--extra-index-url https://download.pytorch.org/whl/cu130", f"{TORCH_PIN}+cu130",
-                         "bitsandbytes==0.50.2", "liger-kernel==0.8.5", "kernels==0.17.2"],
-             "absent": ["optimum-habana"],
-             "dockerfile": ["RUN python3 -m pip install --break-system-packages uv",
-                            "ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY"], "instance_type": "gpu.l4.1"},
-    "gaudi": {"from": "vault.habana.ai/gaudi-docker/1.24.0/ubuntu24.04/habanalabs/pytorch-installer-2.10.0:latest",
-              "resources": {"cpu": "16", "memory": "64Gi"},
-              "present": ["optimum-habana==1.21.2", "transformers==4.55.4", "accelerate==1.10.1", "peft==0.17.1"],
-              "absent": ["torch", "trl", "bitsandbytes", "--extra-index-url"],
-              "dockerfile": ["ENV UV_EXCLUDE=$UV_EXCLUDE", "uv venv --python 3.12 /app/.venv",
-                             "include-system-site-packages = true"], "instance_type": "gaudi2.1"},
+    "cpu": {
+        "from": "python:3.11-slim",
+        "resources": {"cpu": "2", "memory": "8Gi"},
+        "present": ["--extra-index-url https://download.pytorch.org/whl/cpu", f"{TORCH_PIN}+cpu"],
+        "absent": ["bitsandbytes", "optimum-habana"],
+        # build-essential: BentoML's own, a C compiler for the CPU LoRA kernel
+        "dockerfile": ["ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY", "build-essential"],
+        "instance_type": "cpu.4",
+    },
+    "cuda": {
+        "from": "nvidia/cuda:13.0.2-runtime-ubuntu24.04",
+        "resources": {"cpu": "4", "memory": "16Gi", "gpu": 1, "gpu_type": "nvidia-l4"},
+        "present": [
+            "--extra-index-url https://download.pytorch.org/whl/cu130",
+            f"{TORCH_PIN}+cu130",
+            "bitsandbytes==0.50.2",
+            "liger-kernel==0.8.5",
+            "kernels==0.17.2",
+        ],
+        "absent": ["optimum-habana"],
+        "dockerfile": [
+            "RUN python3 -m pip install --break-system-packages uv",
+            "ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY",
+        ],
+        "instance_type": "gpu.l4.1",
+    },
+    "gaudi": {
+        "from": "vault.habana.ai/gaudi-docker/1.24.0/ubuntu24.04/habanalabs/pytorch-installer-2.10.0:latest",
+        "resources": {"cpu": "16", "memory": "64Gi"},
+        "present": ["optimum-habana==1.21.2", "transformers==4.55.4", "accelerate==1.10.1", "peft==0.17.1"],
+        "absent": ["torch", "trl", "bitsandbytes", "--extra-index-url"],
+        "dockerfile": [
+            "ENV UV_EXCLUDE=$UV_EXCLUDE",
+            "uv venv --python 3.12 /app/.venv",
+            "include-system-site-packages = true",
+        ],
+        "instance_type": "gaudi2.1",
+    },
 }
 
 
@@ -66,10 +86,13 @@ def adapter(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def builds(tiny: store.StoredModel, adapter: Path) -> Iterator[dict[str, subprocess.CompletedProcess]]:
     """`bentoservice build tiny` per target: cpu with an adapter folder; cuda with --containerize and no container
     engine on PATH."""
-    runs = {"cpu": bentoservice("build", "tiny", "--adapter-id", str(adapter), "--adapter-name", "build-a1"),
-            "cuda": bentoservice("build", "tiny", "--target", "cuda", "--containerize",
-                                 path=str(Path(sys.executable).parent)),
-            "gaudi": bentoservice("build", "tiny", "--target", "gaudi")}
+    runs = {
+        "cpu": bentoservice("build", "tiny", "--adapter-id", str(adapter), "--adapter-name", "build-a1"),
+        "cuda": bentoservice(
+            "build", "tiny", "--target", "cuda", "--containerize", path=str(Path(sys.executable).parent)
+        ),
+        "gaudi": bentoservice("build", "tiny", "--target", "gaudi"),
+    }
     yield runs
     for run in runs.values():
         if run.stdout.strip():
@@ -121,12 +144,15 @@ def test_adapter_folder_is_referenced_from_the_store(tags: dict[str, str], adapt
     assert str(adapter) not in json.dumps({"envs": info["envs"], "args": info["args"]})
 
 
-def test_containerize_without_an_engine_keeps_the_dockerfile(builds: dict[str, subprocess.CompletedProcess],
-                                                            tags: dict[str, str]) -> None:
+def test_containerize_without_an_engine_keeps_the_dockerfile(
+    builds: dict[str, subprocess.CompletedProcess], tags: dict[str, str]
+) -> None:
     error = builds["cuda"].stderr.strip().splitlines()[-1]
     dockerfile = build.dockerfile(bentoml.bentos.get(tags["cuda"]))
-    assert error == (f"error: no container engine is running (tried docker, podman, nerdctl, buildah): {tags['cuda']} "
-                     f"was not containerized; its Dockerfile is {dockerfile}")
+    assert error == (
+        f"error: no container engine is running (tried docker, podman, nerdctl, buildah): {tags['cuda']} "
+        f"was not containerized; its Dockerfile is {dockerfile}"
+    )
     assert dockerfile.is_file()
 
 
@@ -137,9 +163,13 @@ class BentoServer(Server):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bento-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--port", str(self.port),
-                                      "--host", "127.0.0.1"], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=os.environ, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", tag, "--port", str(self.port), "--host", "127.0.0.1"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=os.environ,
+            start_new_session=True,
+        )
         self.wait_ready()
 
 
@@ -150,16 +180,18 @@ def test_cpu_bento_serves_chat_completions(tags: dict[str, str]) -> None:
         models = {model.id: model for model in client.models.list().data}
         assert {"tiny", "build-a1"} <= set(models) and models["build-a1"].parent == "tiny"  # minilm too, when stored
         for model in ("tiny", "build-a1", "tiny:base"):
-            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
-                                                   max_tokens=8, temperature=0)
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+            )
             assert reply.choices[0].message.content and reply.model == model
     finally:
         server.stop()
 
 
 def test_default_bentofile_builds_the_cpu_bento(smollm2: store.StoredModel) -> None:
-    done = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     try:

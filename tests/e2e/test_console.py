@@ -17,17 +17,33 @@ import pytest
 from conftest import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-CHATS = [{"messages": [{"role": "user", "content": f"Say hello number {i}."},
-                       {"role": "assistant", "content": f"Hello number {i}! Ahoy!"}]} for i in range(8)]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+CHATS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Say hello number {i}."},
+            {"role": "assistant", "content": f"Hello number {i}! Ahoy!"},
+        ]
+    }
+    for i in range(8)
+]
 TIMEOUT_MS = 300_000
 MODEL = os.environ.get("BENTOSERVICE_CONSOLE_MODEL", "tiny")
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
 if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: run the tests through .ci/with-chromium (as root it installs Debian's)",
-                allow_module_level=True)
+    pytest.skip(
+        "no /usr/bin/chromium: run the tests through .ci/with-chromium (as root it installs Debian's)",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +81,9 @@ def screenshot(page: sync_api.Page, name: str, tmp_path: Path) -> None:
 
 
 def answer(server: Server, model: str, prompt: str) -> str:
-    reply = server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                    temperature=0, max_tokens=16)
+    reply = server.client().chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=16
+    )
     return reply.choices[0].message.content
 
 

@@ -20,22 +20,128 @@ from test_fine_tuning import jsonl, wait_for
 
 from bentoservice import store
 
-NAMES = ["Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Leila",
-         "Marco", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Sven", "Tamara", "Umar", "Vera", "Walter", "Ximena",
-         "Yusuf", "Zoe", "Anton", "Bianca", "Carlos", "Dana", "Emil", "Fatima", "Gustav", "Hana", "Igor", "Julia"]
-CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Dublin", "Nairobi", "Quito", "Zagreb", "Perth", "Tunis", "Riga",
-          "Seoul", "Accra", "Bogota", "Porto", "Kyoto", "Malmo", "Dakar", "Turin", "Minsk", "Sofia", "Bern", "Osaka",
-          "Lyon", "Graz", "Cork", "Gdansk", "Leeds", "Kazan", "Fez", "Cusco", "Split", "Bergen", "Delft", "Ghent"]
-JOBS = ["baker", "pilot", "nurse", "lawyer", "farmer", "plumber", "dentist", "painter", "chemist", "tailor", "judge",
-        "miner", "sailor", "welder", "barber", "florist", "surgeon", "actor", "butcher", "cashier", "editor",
-        "jeweler", "locksmith", "mechanic", "potter", "ranger", "roofer", "singer", "teacher", "vet", "waiter",
-        "writer", "glazier", "banker", "carpenter", "drummer"]
+NAMES = [
+    "Alice",
+    "Bruno",
+    "Chloe",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hiro",
+    "Ines",
+    "Jonas",
+    "Kofi",
+    "Leila",
+    "Marco",
+    "Nadia",
+    "Oscar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Sven",
+    "Tamara",
+    "Umar",
+    "Vera",
+    "Walter",
+    "Ximena",
+    "Yusuf",
+    "Zoe",
+    "Anton",
+    "Bianca",
+    "Carlos",
+    "Dana",
+    "Emil",
+    "Fatima",
+    "Gustav",
+    "Hana",
+    "Igor",
+    "Julia",
+]
+CITIES = [
+    "Lisbon",
+    "Oslo",
+    "Cairo",
+    "Lima",
+    "Hanoi",
+    "Dublin",
+    "Nairobi",
+    "Quito",
+    "Zagreb",
+    "Perth",
+    "Tunis",
+    "Riga",
+    "Seoul",
+    "Accra",
+    "Bogota",
+    "Porto",
+    "Kyoto",
+    "Malmo",
+    "Dakar",
+    "Turin",
+    "Minsk",
+    "Sofia",
+    "Bern",
+    "Osaka",
+    "Lyon",
+    "Graz",
+    "Cork",
+    "Gdansk",
+    "Leeds",
+    "Kazan",
+    "Fez",
+    "Cusco",
+    "Split",
+    "Bergen",
+    "Delft",
+    "Ghent",
+]
+JOBS = [
+    "baker",
+    "pilot",
+    "nurse",
+    "lawyer",
+    "farmer",
+    "plumber",
+    "dentist",
+    "painter",
+    "chemist",
+    "tailor",
+    "judge",
+    "miner",
+    "sailor",
+    "welder",
+    "barber",
+    "florist",
+    "surgeon",
+    "actor",
+    "butcher",
+    "cashier",
+    "editor",
+    "jeweler",
+    "locksmith",
+    "mechanic",
+    "potter",
+    "ranger",
+    "roofer",
+    "singer",
+    "teacher",
+    "vet",
+    "waiter",
+    "writer",
+    "glazier",
+    "banker",
+    "carpenter",
+    "drummer",
+]
 
 
 def facts(i: int) -> dict[str, tuple[str, str]]:
     name = NAMES[i]
-    return {"city": (f"Where does {name} live?", f"{name} lives in {CITIES[i]}."),
-            "job": (f"What does {name} do for a living?", f"{name} works as a {JOBS[i]}.")}
+    return {
+        "city": (f"Where does {name} live?", f"{name} lives in {CITIES[i]}."),
+        "job": (f"What does {name} do for a living?", f"{name} works as a {JOBS[i]}."),
+    }
 
 
 def ranking_rows(people: range, seed: int) -> list[dict]:
@@ -54,18 +160,28 @@ def ranking_rows(people: range, seed: int) -> list[dict]:
 TRAIN = ranking_rows(range(0, 24), seed=1)
 HELD_OUT = ranking_rows(range(24, 36), seed=2)  # people the model never saw
 # In the shape of FlagEmbedding's toy_finetune_data.jsonl, which OPEA's rerank example uploads.
-TOY = [{"query": "Five women walk along a beach wearing flip-flops.",
+TOY = [
+    {
+        "query": "Five women walk along a beach wearing flip-flops.",
         "pos": ["Some women with flip-flops on, are walking along the beach"],
-        "neg": ["The 4 women are sitting on the beach.", "There was a reform in 1996.", "A man is eating."]},
-       {"query": "A boy is jumping on skateboard in the middle of a red bridge.",
+        "neg": ["The 4 women are sitting on the beach.", "There was a reform in 1996.", "A man is eating."],
+    },
+    {
+        "query": "A boy is jumping on skateboard in the middle of a red bridge.",
         "pos": ["The boy does a skateboarding trick."],
-        "neg": ["The boy skates down the sidewalk.", "The boy is sleeping.", "Two dogs play in the snow."]},
-       {"query": "Two young children in blue jerseys are in the distance.",
+        "neg": ["The boy skates down the sidewalk.", "The boy is sleeping.", "Two dogs play in the snow."],
+    },
+    {
+        "query": "Two young children in blue jerseys are in the distance.",
         "pos": ["Two kids in numbered jerseys wash their hands."],
-        "neg": ["Two kids in jackets walk to school.", "A woman paints a wall.", "The market opens at nine."]},
-       {"query": "A man selling donuts to a customer.",
+        "neg": ["Two kids in jackets walk to school.", "A woman paints a wall.", "The market opens at nine."],
+    },
+    {
+        "query": "A man selling donuts to a customer.",
         "pos": ["A woman drinks her coffee in a small cafe."],
-        "neg": ["A woman is sleeping in bed.", "A dog runs through the park.", "The train is late."]}]
+        "neg": ["A woman is sleeping in bed.", "A dog runs through the park.", "The train is late."],
+    },
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,8 +222,9 @@ def test_embeddings_through_the_openai_sdk(server: Server) -> None:
     assert all(len(v) == 384 and math.isclose(math.sqrt(cosine(v, v)), 1, abs_tol=1e-3) for v in vectors)
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
     assert reply.usage.prompt_tokens == reply.usage.total_tokens > len(texts) * 5
-    floats = client.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2", input=texts[0],
-                                      encoding_format="float")
+    floats = client.embeddings.create(
+        model="sentence-transformers/all-MiniLM-L6-v2", input=texts[0], encoding_format="float"
+    )
     assert floats.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
     listed = {m.id: m for m in client.models.list().data}
     assert listed["minilm"].root == "sentence-transformers/all-MiniLM-L6-v2"
@@ -117,11 +234,14 @@ def test_embeddings_through_the_openai_sdk(server: Server) -> None:
 def test_bad_embedding_and_rerank_requests(server: Server) -> None:
     client = server.client()
     long_text = "word " * 600
-    for kwargs, param in [({"model": "minilm", "input": []}, "input"), ({"model": "minilm", "input": ""}, "input"),
-                          ({"model": "minilm", "input": [[101, 2023]]}, "input"),
-                          ({"model": "minilm", "input": "hi", "dimensions": 128}, "dimensions"),
-                          ({"model": "tiny", "input": "hi"}, "model"),
-                          ({"model": "minilm", "input": ["ok", long_text]}, "input")]:
+    for kwargs, param in [
+        ({"model": "minilm", "input": []}, "input"),
+        ({"model": "minilm", "input": ""}, "input"),
+        ({"model": "minilm", "input": [[101, 2023]]}, "input"),
+        ({"model": "minilm", "input": "hi", "dimensions": 128}, "dimensions"),
+        ({"model": "tiny", "input": "hi"}, "model"),
+        ({"model": "minilm", "input": ["ok", long_text]}, "input"),
+    ]:
         with pytest.raises(openai.BadRequestError) as err:
             client.embeddings.create(**kwargs)
         assert err.value.body["param"] == param, kwargs
@@ -132,10 +252,14 @@ def test_bad_embedding_and_rerank_requests(server: Server) -> None:
         client.embeddings.create(model="no-such-model", input="hi")
     url = f"{server.url}/v1/rerank"
     good = {"model": "minilm", "query": "q", "documents": ["a", "b"]}
-    for body, status in [({**good, "documents": []}, 400), ({**good, "top_n": 0}, 400),
-                         ({"documents": ["a"]}, 400), ({**good, "documents": [{"txt": "a"}]}, 400),
-                         (good, 400),  # minilm embeds; it does not rerank
-                         ({k: v for k, v in good.items() if k != "model"}, 404)]:  # no rerank model loaded yet
+    for body, status in [
+        ({**good, "documents": []}, 400),
+        ({**good, "top_n": 0}, 400),
+        ({"documents": ["a"]}, 400),
+        ({**good, "documents": [{"txt": "a"}]}, 400),
+        (good, 400),  # minilm embeds; it does not rerank
+        ({k: v for k, v in good.items() if k != "model"}, 404),
+    ]:  # no rerank model loaded yet
         reply = httpx.post(url, json=body, timeout=30)
         assert reply.status_code == status, (body, reply.text)
         assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
@@ -145,8 +269,11 @@ def held_out_accuracy(url: str, model: str) -> float:
     """How often the served model ranks the positive first among a held-out query's passages."""
     hits = 0
     for row in HELD_OUT:
-        reply = httpx.post(f"{url}/v1/rerank", json={"model": model, "query": row["query"],
-                                                     "documents": row["pos"] + row["neg"], "top_n": 1}, timeout=60)
+        reply = httpx.post(
+            f"{url}/v1/rerank",
+            json={"model": model, "query": row["query"], "documents": row["pos"] + row["neg"], "top_n": 1},
+            timeout=60,
+        )
         assert reply.status_code == 200, reply.text
         hits += reply.json()["results"][0]["index"] == 0
     return hits / len(HELD_OUT)
@@ -158,9 +285,13 @@ def test_rerank_fine_tune_raises_held_out_accuracy(server: Server) -> None:
     held_out = client.files.create(file=("held_out.jsonl", jsonl(HELD_OUT)), purpose="fine-tune")
     assert train.format == "flag_embedding"
     job = client.fine_tuning.jobs.create(
-        model="minilm", training_file=train.id, validation_file=held_out.id, suffix="people",
+        model="minilm",
+        training_file=train.id,
+        validation_file=held_out.id,
+        suffix="people",
         hyperparameters={"n_epochs": 4, "batch_size": 8},
-        extra_body={"General": {"task": "rerank", "lora_config": None}, "Dataset": {"train_group_size": 4}})
+        extra_body={"General": {"task": "rerank", "lora_config": None}, "Dataset": {"train_group_size": 4}},
+    )
     done = wait_for(client, job.id)
     assert done.status == "succeeded", done.error
     events = list(reversed(client.fine_tuning.jobs.list_events(job.id, limit=200).data))
@@ -180,8 +311,11 @@ def test_opea_rerank_flow(server: Server) -> None:
     files = {"file": ("toy_finetune_data.jsonl", jsonl(TOY), "application/octet-stream")}
     uploaded = httpx.post(f"{url}/files", files=files, data={"purpose": "fine-tune"}, timeout=30)
     assert uploaded.status_code == 200 and uploaded.json()["format"] == "flag_embedding"
-    body = {"training_file": "toy_finetune_data.jsonl", "model": "BAAI/bge-reranker-large",
-            "General": {"task": "rerank", "lora_config": None}}
+    body = {
+        "training_file": "toy_finetune_data.jsonl",
+        "model": "BAAI/bge-reranker-large",
+        "General": {"task": "rerank", "lora_config": None},
+    }
     offline = httpx.post(f"{url}/fine_tuning/jobs", json=body, timeout=30)
     assert offline.status_code == 404 and offline.json()["error"]["code"] == "model_not_found"
     assert "bentoservice import" in offline.json()["error"]["message"]
@@ -196,31 +330,44 @@ def test_opea_rerank_flow(server: Server) -> None:
     checkpoints = httpx.post(f"{url}/finetune/list_checkpoints", json={"fine_tuning_job_id": job_id}, timeout=30)
     assert checkpoints.status_code == 200 and checkpoints.json()[0]["step_number"] == 3  # 4 rows, batch 4, 3 epochs
     documents = ["The boy does a skateboarding trick.", "The boy is sleeping.", "A man is eating."]
-    reply = httpx.post(f"{url}/rerank", json={"model": done.fine_tuned_model, "query": TOY[1]["query"],
-                                               "documents": documents, "top_n": 2, "return_documents": True},
-                       timeout=30)
+    reply = httpx.post(
+        f"{url}/rerank",
+        json={
+            "model": done.fine_tuned_model,
+            "query": TOY[1]["query"],
+            "documents": documents,
+            "top_n": 2,
+            "return_documents": True,
+        },
+        timeout=30,
+    )
     assert reply.status_code == 200, reply.text
     results = reply.json()["results"]
     assert len(results) == 2 and results[0]["relevance_score"] >= results[1]["relevance_score"]
     assert all(0 <= r["relevance_score"] <= 1 and r["document"]["text"] == documents[r["index"]] for r in results)
-    default = httpx.post(f"{url}/rerank", json={"query": "q", "documents": ["a"], "return_documents": False},
-                         timeout=30)
+    default = httpx.post(
+        f"{url}/rerank", json={"query": "q", "documents": ["a"], "return_documents": False}, timeout=30
+    )
     assert default.status_code == 200 and "document" not in default.json()["results"][0]
 
 
 def test_embedding_fine_tune_is_served(server: Server) -> None:
     client = server.client()
     train = client.files.create(file=("people.jsonl", jsonl(TRAIN[:16])), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="sentence-transformers/all-MiniLM-L6-v2", training_file=train.id,
-                                         extra_body={"General": {"task": "embedding"}, "max_steps": 2})
+    job = client.fine_tuning.jobs.create(
+        model="sentence-transformers/all-MiniLM-L6-v2",
+        training_file=train.id,
+        extra_body={"General": {"task": "embedding"}, "max_steps": 2},
+    )
     done = wait_for(client, job.id)
     assert done.status == "succeeded", done.error
     assert done.method.type == "embedding" and done.trained_tokens > 0
     vectors = client.embeddings.create(model=done.fine_tuned_model, input=["Where does Alice live?"]).data
     base = client.embeddings.create(model="minilm", input=["Where does Alice live?"]).data
     assert len(vectors[0].embedding) == 384 and vectors[0].embedding != pytest.approx(base[0].embedding)
-    rerank = httpx.post(f"{server.url}/v1/rerank", json={"model": done.fine_tuned_model, "query": "q",
-                                                           "documents": ["a"]}, timeout=30)
+    rerank = httpx.post(
+        f"{server.url}/v1/rerank", json={"model": done.fine_tuned_model, "query": "q", "documents": ["a"]}, timeout=30
+    )
     assert rerank.status_code == 400
 
 
@@ -230,16 +377,22 @@ def test_bad_rerank_jobs(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
     assert err.value.body["message"].startswith("bad.jsonl: line 2: neg must be a list of passages")
-    chats = client.files.create(file=("chats.jsonl", jsonl([{"messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])), purpose="fine-tune")
+    chats = client.files.create(
+        file=(
+            "chats.jsonl",
+            jsonl([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]),
+        ),
+        purpose="fine-tune",
+    )
     toy = client.files.create(file=("toy.jsonl", jsonl(TOY)), purpose="fine-tune")
     rerank = {"General": {"task": "rerank"}}
     with pytest.raises(openai.BadRequestError) as kind:
         client.fine_tuning.jobs.create(model="minilm", training_file=chats.id, extra_body=rerank)
     assert kind.value.body["code"] == "invalid_file_kind"
     with pytest.raises(openai.BadRequestError) as group:
-        client.fine_tuning.jobs.create(model="minilm", training_file=toy.id,
-                                       extra_body={**rerank, "Dataset": {"train_group_size": 1}})
+        client.fine_tuning.jobs.create(
+            model="minilm", training_file=toy.id, extra_body={**rerank, "Dataset": {"train_group_size": 1}}
+        )
     assert group.value.body["param"] == "Dataset.train_group_size"
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.create(model="no-such-encoder", training_file=toy.id, extra_body=rerank)
@@ -253,17 +406,26 @@ def test_restart_serves_fine_tunes_and_named_models(server: Server, data_dir: Pa
     jobs = httpx.get(f"{server.url}/v1/fine_tuning/jobs", timeout=30).json()["data"]
     rerank = next(j for j in jobs if j["method"]["type"] == "rerank" and j["status"] == "succeeded")
     embedding = next(j for j in jobs if j["method"]["type"] == "embedding" and j["status"] == "succeeded")
-    again = Server("tiny", "--rerank-model", rerank["outputs"]["store_tag"], "--embedding-model", "none",
-                   env={"BENTOSERVICE_DATA_DIR": str(data_dir)})
+    again = Server(
+        "tiny",
+        "--rerank-model",
+        rerank["outputs"]["store_tag"],
+        "--embedding-model",
+        "none",
+        env={"BENTOSERVICE_DATA_DIR": str(data_dir)},
+    )
     try:
         served = {m["id"]: m for m in httpx.get(f"{again.url}/v1/models", timeout=30).json()["data"]}
         assert {rerank["fine_tuned_model"], embedding["fine_tuned_model"]} <= set(served)
         assert "minilm" not in served and rerank["outputs"]["store_tag"].split(":")[0] in served
-        reply = httpx.post(f"{again.url}/v1/rerank", json={"query": TOY[0]["query"], "documents": TOY[0]["neg"]},
-                           timeout=30)
+        reply = httpx.post(
+            f"{again.url}/v1/rerank", json={"query": TOY[0]["query"], "documents": TOY[0]["neg"]}, timeout=30
+        )
         assert reply.status_code == 200 and reply.json()["model"] == rerank["outputs"]["store_tag"].split(":")[0]
-        assert httpx.post(f"{again.url}/v1/embeddings", json={"model": "minilm", "input": "hi"},
-                          timeout=30).status_code == 404
+        assert (
+            httpx.post(f"{again.url}/v1/embeddings", json={"model": "minilm", "input": "hi"}, timeout=30).status_code
+            == 404
+        )
     finally:
         again.stop()
 

@@ -91,8 +91,17 @@ def test_rows_joining_and_leaving_do_not_change_the_others(tiny_server: Server) 
 
     def complete(i: int) -> str:
         sampled = {"temperature": 1.0, "seed": i} if i % 3 == 0 else {"temperature": 0}
-        return client.completions.create(model="tiny", prompt=f"number {i} is", max_tokens=3 + 5 * i,
-                                         stop=["zz"] if i % 4 == 1 else None, **sampled).choices[0].text
+        return (
+            client.completions.create(
+                model="tiny",
+                prompt=f"number {i} is",
+                max_tokens=3 + 5 * i,
+                stop=["zz"] if i % 4 == 1 else None,
+                **sampled,
+            )
+            .choices[0]
+            .text
+        )
 
     alone = [complete(i) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -157,9 +166,14 @@ def test_the_lean_pass_gives_the_hf_models_logits(tiny_dir, kernels: str) -> Non
     generator = torch.Generator().manual_seed(0)
     linears = [(name, m) for name, m in reference.model.named_modules() if isinstance(m, torch.nn.Linear)]
     for name, rank, targets in (("all", 4, ("proj",)), ("some", 8, ("q_proj", "v_proj", "down_proj"))):
-        weights = {f"model.{path}": (torch.randn(rank, m.in_features, generator=generator) * 0.3,
-                                     torch.randn(m.out_features, rank, generator=generator) * 0.3)
-                   for path, m in linears if path.endswith(targets)}
+        weights = {
+            f"model.{path}": (
+                torch.randn(rank, m.in_features, generator=generator) * 0.3,
+                torch.randn(m.out_features, rank, generator=generator) * 0.3,
+            )
+            for path, m in linears
+            if path.endswith(targets)
+        }
         for manager in managers:
             manager.install(PreparedAdapter(name, "random", rank, 2.0 * rank, 2.0, weights))
     forward.adapters_changed()

@@ -13,11 +13,23 @@ import openai
 import pytest
 from conftest import Server
 
-CHATS = [{"messages": [{"role": "user", "content": f"Say hello number {i}."},
-                       {"role": "assistant", "content": f"Hello number {i}! Ahoy!"}]} for i in range(8)]
-PAIRS = [{"prompt": [{"role": "user", "content": f"Capital of country {i}?"}],
-          "chosen": [{"role": "assistant", "content": "Paris."}],
-          "rejected": [{"role": "assistant", "content": "I do not know."}]} for i in range(8)]
+CHATS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Say hello number {i}."},
+            {"role": "assistant", "content": f"Hello number {i}! Ahoy!"},
+        ]
+    }
+    for i in range(8)
+]
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": f"Capital of country {i}?"}],
+        "chosen": [{"role": "assistant", "content": "Paris."}],
+        "rejected": [{"role": "assistant", "content": "I do not know."}],
+    }
+    for i in range(8)
+]
 ALPACA = [{"instruction": f"Repeat the word {w}.", "input": "", "output": w} for w in ("red", "green", "blue", "gold")]
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -62,9 +74,13 @@ def test_sft_job_end_to_end(server: Server) -> None:
     uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
     assert uploaded.object == "file" and uploaded.filename == "chats.jsonl" and uploaded.bytes == len(jsonl(CHATS))
     assert client.files.content(uploaded.id).content == jsonl(CHATS)
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, suffix="hello",
-                                         hyperparameters={"n_epochs": 1, "batch_size": 2},
-                                         extra_body={"max_steps": 3, "save_steps": 1, "learning_rate": 1e-3})
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        suffix="hello",
+        hyperparameters={"n_epochs": 1, "batch_size": 2},
+        extra_body={"max_steps": 3, "save_steps": 1, "learning_rate": 1e-3},
+    )
     assert job.status == "validating_files" and job.hyperparameters.batch_size == 2
     done = wait_for(client, job.id)
     assert done.status == "succeeded", done.error
@@ -76,8 +92,9 @@ def test_sft_job_end_to_end(server: Server) -> None:
     assert [c.step_number for c in checkpoints] == [3, 2, 1]
     assert checkpoints[0].metrics.step == 3 and checkpoints[0].fine_tuned_model_checkpoint
     assert done.fine_tuned_model in [m.id for m in client.models.list().data]
-    reply = client.chat.completions.create(model=done.fine_tuned_model, messages=CHATS[0]["messages"][:1],
-                                           max_tokens=5, temperature=0)
+    reply = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=CHATS[0]["messages"][:1], max_tokens=5, temperature=0
+    )
     assert reply.choices[0].message.content is not None
     assert [j.id for j in client.fine_tuning.jobs.list().data][0] == job.id
 
@@ -85,9 +102,12 @@ def test_sft_job_end_to_end(server: Server) -> None:
 def test_dpo_job(server: Server) -> None:
     client = server.client()
     uploaded = client.files.create(file=("pairs.jsonl", jsonl(PAIRS)), purpose="preference")
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id,
-                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
-                                         extra_body={"max_steps": 2})
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+        extra_body={"max_steps": 2},
+    )
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     done = wait_for(client, job.id)
     assert done.status == "succeeded", done.error
@@ -101,9 +121,13 @@ def test_opea_flow(server: Server) -> None:
     files = {"file": ("alpaca_data.json", json.dumps(ALPACA).encode(), "application/json")}
     uploaded = httpx.post(f"{url}/files", files=files, data={"purpose": "fine-tune"}, timeout=30)
     assert uploaded.status_code == 200 and uploaded.json()["format"] == "alpaca"
-    body = {"training_file": "alpaca_data.json", "model": "tiny",
-            "General": {"lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj"]}},
-            "Dataset": {"max_length": 256}, "Training": {"max_train_steps": 2, "batch_size": 2}}
+    body = {
+        "training_file": "alpaca_data.json",
+        "model": "tiny",
+        "General": {"lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj"]}},
+        "Dataset": {"max_length": 256},
+        "Training": {"max_train_steps": 2, "batch_size": 2},
+    }
     created = httpx.post(f"{url}/fine_tuning/jobs", json=body, timeout=30)
     assert created.status_code == 200, created.text
     job_id = created.json()["id"]
@@ -115,8 +139,9 @@ def test_opea_flow(server: Server) -> None:
     checkpoints = httpx.post(f"{url}/finetune/list_checkpoints", json={"fine_tuning_job_id": job_id}, timeout=30)
     assert checkpoints.status_code == 200 and checkpoints.json()[0]["step_number"] == 2
     second = httpx.post(f"{url}/fine_tuning/jobs", json={**body, "Training": {"max_train_steps": 500}}, timeout=30)
-    cancelled = httpx.post(f"{url}/fine_tuning/jobs/cancel", json={"fine_tuning_job_id": second.json()["id"]},
-                           timeout=30)
+    cancelled = httpx.post(
+        f"{url}/fine_tuning/jobs/cancel", json={"fine_tuning_job_id": second.json()["id"]}, timeout=30
+    )
     assert cancelled.status_code == 200
     assert wait_for(server.client(), second.json()["id"]).status == "cancelled"
 
@@ -196,8 +221,9 @@ def test_restart_mid_job_resumes(tiny, tmp_path: Path) -> None:
     try:
         client = server.client()
         uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id,
-                                             extra_body={"max_steps": 60, "save_steps": 5})
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=uploaded.id, extra_body={"max_steps": 60, "save_steps": 5}
+        )
         wait_for_event(client, job.id, "checkpoint")
         runner = _job_row(tmp_path, job.id)["pid"]
         os.killpg(runner, signal.SIGKILL)  # the machine goes down: server and runner together
@@ -212,8 +238,11 @@ def test_restart_mid_job_resumes(tiny, tmp_path: Path) -> None:
         assert done.status == "succeeded", done.error
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=500).data]
         assert any("resumed" in m for m in messages)
-        steps = [e.data["step"] for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=500).data)
-                 if e.type == "metrics"]
+        steps = [
+            e.data["step"]
+            for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=500).data)
+            if e.type == "metrics"
+        ]
         resumed_at = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
         assert steps[resumed_at] > 1, "training restarted from scratch instead of the checkpoint"
         assert done.fine_tuned_model in [m.id for m in client.models.list().data], messages
@@ -261,21 +290,26 @@ def test_python_client(server: Server, tmp_path: Path) -> None:
     pairs.write_bytes(jsonl(PAIRS))
     with pairs.open("rb") as file:
         uploaded = client.files.create(file, purpose="preference")
-    job = client.fine_tuning.create(model="tiny", training_file=uploaded["id"], loss="dpo", epochs=1,
-                                    learning_rate=1e-5, beta=0.1, max_steps=2)
+    job = client.fine_tuning.create(
+        model="tiny", training_file=uploaded["id"], loss="dpo", epochs=1, learning_rate=1e-5, beta=0.1, max_steps=2
+    )
     done = client.fine_tuning.wait(job["id"], timeout=240)
     assert done["status"] == "succeeded" and done["params"]["loss"] == "dpo"
     assert any("loss" in e["data"] for e in client.events.list(job_id=job["id"]))
     assert set(client.events.latest(["loss", "learning_rate"], job_id=job["id"])) == {"loss", "learning_rate"}
     with client.deploy(done["outputs"]["model"]) as openai_client:
-        reply = openai_client.chat.completions.create(model=done["outputs"]["model"], max_tokens=3,
-                                                      messages=PAIRS[0]["prompt"])
+        reply = openai_client.chat.completions.create(
+            model=done["outputs"]["model"], max_tokens=3, messages=PAIRS[0]["prompt"]
+        )
         assert reply.choices[0].message.content is not None
     chats = client.files.create(jsonl(CHATS), purpose="conversations")
-    merged = client.fine_tuning.wait(client.fine_tuning.create(
-        model="tiny", training_file=chats["id"], max_steps=2, merge_before_push=True)["id"], timeout=240)
+    merged = client.fine_tuning.wait(
+        client.fine_tuning.create(model="tiny", training_file=chats["id"], max_steps=2, merge_before_push=True)["id"],
+        timeout=240,
+    )
     assert merged["status"] == "succeeded", merged["error"]
     with client.deploy(merged["outputs"]["model"]) as openai_client:
-        reply = openai_client.chat.completions.create(model=merged["outputs"]["model"], max_tokens=3,
-                                                      messages=CHATS[0]["messages"][:1])
+        reply = openai_client.chat.completions.create(
+            model=merged["outputs"]["model"], max_tokens=3, messages=CHATS[0]["messages"][:1]
+        )
         assert reply.model == merged["outputs"]["model"] and reply.choices[0].message.content is not None

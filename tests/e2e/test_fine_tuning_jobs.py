@@ -33,9 +33,14 @@ def test_openai_job_shape(server: Server) -> None:
     train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
     valid = client.files.create(file=("valid.jsonl", jsonl(CHATS[:3])), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train, validation_file=valid, seed=7, metadata={"team": "search"},
+        model="tiny",
+        training_file=train,
+        validation_file=valid,
+        seed=7,
+        metadata={"team": "search"},
         hyperparameters={"n_epochs": "auto", "batch_size": 2, "learning_rate_multiplier": "auto"},
-        extra_body={"max_steps": 4, "save_steps": 2, "evaluation": {"max_tokens": 6}})
+        extra_body={"max_steps": 4, "save_steps": 2, "evaluation": {"max_tokens": 6}},
+    )
     assert (job.hyperparameters.n_epochs, job.hyperparameters.learning_rate_multiplier) == (3, 1.0)
     assert job.seed == 7 and job.metadata == {"team": "search"}
     other = client.fine_tuning.jobs.create(model="tiny", training_file=train, metadata={"team": "ads"})
@@ -76,8 +81,9 @@ def test_pause_resume_across_a_restart(tiny, tmp_path: Path) -> None:
     try:
         client = server.client()
         train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
-        job = client.fine_tuning.jobs.create(model="tiny", training_file=train,
-                                             extra_body={"max_steps": 150, "save_steps": 1000})
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=train, extra_body={"max_steps": 150, "save_steps": 1000}
+        )
         with pytest.raises(openai.BadRequestError) as early:
             client.fine_tuning.jobs.resume(job.id)
         assert early.value.body["param"] == "fine_tuning_job_id"
@@ -132,22 +138,28 @@ def test_before_after_evaluation(server: Server) -> None:
     summary = job.model_extra["evaluation"]
     assert summary["base"]["loss"] > 0 and summary["adapter"]["loss"] > 0
     assert summary["base"]["loss"] != summary["adapter"]["loss"]
-    assert summary["adapter"]["loss"] == pytest.approx(next(
-        e.data["full_valid_loss"] for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
-        if "full_valid_loss" in e.data))
+    assert summary["adapter"]["loss"] == pytest.approx(
+        next(
+            e.data["full_valid_loss"]
+            for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
+            if "full_valid_loss" in e.data
+        )
+    )
     assert [s["prompt"] for s in summary["samples"]] == [c["messages"][0]["content"] for c in CHATS[:3]]
     assert [s["reference"] for s in summary["samples"]] == [c["messages"][1]["content"] for c in CHATS[:3]]
     assert all(isinstance(s["base"], str) and isinstance(s["adapter"], str) for s in summary["samples"])
     stored = client.files.retrieve(job.result_files[1])
     assert stored.filename == "evaluation.json" and stored.purpose == "fine-tune-results"
     assert json.loads(client.files.content(stored.id).text) == summary
-    final = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
-             if e.message.startswith("Evaluation:")]
+    final = [
+        e for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data if e.message.startswith("Evaluation:")
+    ]
     assert len(final) == 1 and final[0].data["evaluation"] == summary and "(base) ->" in final[0].message
     train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
     with pytest.raises(openai.BadRequestError) as missing:
-        client.fine_tuning.jobs.create(model="tiny", training_file=train,
-                                       extra_body={"evaluation": {"prompts_file": "file-nope"}})
+        client.fine_tuning.jobs.create(
+            model="tiny", training_file=train, extra_body={"evaluation": {"prompts_file": "file-nope"}}
+        )
     assert missing.value.body["param"] == "evaluation.prompts_file"
     with pytest.raises(openai.BadRequestError) as typo:
         client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={"evaluation": {"max_token": 3}})
@@ -158,33 +170,55 @@ def test_wandb_integration(server: Server) -> None:
     client = server.client()
     train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train, extra_body={"max_steps": 2},
-        integrations=[{"type": "wandb", "wandb": {"project": "bentoservice-tests", "tags": ["ci"]}}])
+        model="tiny",
+        training_file=train,
+        extra_body={"max_steps": 2},
+        integrations=[{"type": "wandb", "wandb": {"project": "bentoservice-tests", "tags": ["ci"]}}],
+    )
     assert job.integrations[0].wandb.project == "bentoservice-tests" and job.integrations[0].wandb.run_id == job.id
     done = wait_for(client, job.id)
     assert done.status == "succeeded", done.error
-    written = [e.data["wandb_run_dir"] for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
-               if "wandb_run_dir" in e.data]
+    written = [
+        e.data["wandb_run_dir"]
+        for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
+        if "wandb_run_dir" in e.data
+    ]
     assert len(written) == 1 and Path(written[0]).parent.parent == Path(done.integrations[0].wandb.model_extra["dir"])
     logs = list(Path(written[0]).glob("*.wandb"))
     assert logs and logs[0].stat().st_size > 0 and Path(written[0]).name.startswith("offline-run-")
     with pytest.raises(openai.BadRequestError) as other:
-        client.fine_tuning.jobs.create(model="tiny", training_file=train,
-                                       integrations=[{"type": "mlflow", "mlflow": {}}])  # type: ignore[list-item]
+        client.fine_tuning.jobs.create(
+            model="tiny", training_file=train, integrations=[{"type": "mlflow", "mlflow": {}}]
+        )  # type: ignore[list-item]
     assert other.value.body["param"].startswith("integrations")
 
 
 def test_openweights_fields(server: Server) -> None:
     client = server.client()
     train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="conversations").id
-    for field, value in (("is_peft", False), ("train_on_responses_only", False), ("optim", "adam"),
-                         ("finetuned_model_id", "me/model"), ("use_rslora", True)):
+    for field, value in (
+        ("is_peft", False),
+        ("train_on_responses_only", False),
+        ("optim", "adam"),
+        ("finetuned_model_id", "me/model"),
+        ("use_rslora", True),
+    ):
         with pytest.raises(openai.BadRequestError) as err:
             client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={field: value})
         assert err.value.body["param"] == field, field
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={
-        "loss": "sft", "optim": "sgd", "weight_decay": 0.01, "lr_scheduler_type": "constant", "lora_bias": "none",
-        "meta": {"experiment": 3}, "max_steps": 500})
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=train,
+        extra_body={
+            "loss": "sft",
+            "optim": "sgd",
+            "weight_decay": 0.01,
+            "lr_scheduler_type": "constant",
+            "lora_bias": "none",
+            "meta": {"experiment": 3},
+            "max_steps": 500,
+        },
+    )
     client.fine_tuning.jobs.cancel(job.id)
     params = job.model_extra["params"]
     assert (params["optim"], params["weight_decay"], params["lr_scheduler_type"]) == ("sgd", 0.01, "constant")

@@ -29,13 +29,27 @@ from bentoservice.training.jobs.store import jobs as jobs_table
 
 VENV_BIN = Path(sys.executable).parent
 # Replies of different lengths, so that the two halves of a batch weigh differently in its loss.
-CHATS = [{"messages": [{"role": "user", "content": f"Say hello number {i}."},
-                       {"role": "assistant", "content": "Hello! " * (i + 1) + "Ahoy!"}]} for i in range(8)]
+CHATS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Say hello number {i}."},
+            {"role": "assistant", "content": "Hello! " * (i + 1) + "Ahoy!"},
+        ]
+    }
+    for i in range(8)
+]
 STEPS = 3
 # The same global batch either way: 4 rows in one process, or 2 rows in each of two; in order, so that both see the
 # same rows at each step.
-COMMON = {"max_steps": STEPS, "learning_rate": 1e-3, "logging_steps": 1, "seed": 7, "save_strategy": "no",
-          "gradient_checkpointing": False, "train_sampling_strategy": "sequential"}
+COMMON = {
+    "max_steps": STEPS,
+    "learning_rate": 1e-3,
+    "logging_steps": 1,
+    "seed": 7,
+    "save_strategy": "no",
+    "gradient_checkpointing": False,
+    "train_sampling_strategy": "sequential",
+}
 
 
 def losses(jobs: JobStore, job_id: str) -> list[float]:
@@ -72,13 +86,20 @@ def local_runs(tiny: store.StoredModel, tmp_path_factory: pytest.TempPathFactory
     jobs = JobStore()
     ids = []
     for workers, batch in ((1, 4), (2, 2)):
-        config = {"model": "tiny", "method": "sft", "train_file": str(train), "lora_dropout": 0.0,
-                  "adapter_name": f"scale-{workers}", "scale": {"backend": "local", "num_workers": workers,
-                                                                "gpus_per_worker": 0},
-                  "args": {**COMMON, "per_device_train_batch_size": batch,
-                           "output_dir": str(folder / f"out-{workers}")}}
-        ids.append(jobs.add_job(model="tiny", request={}, config=config, fine_tuned_model=f"scale-{workers}",
-                                status="queued")["id"])
+        config = {
+            "model": "tiny",
+            "method": "sft",
+            "train_file": str(train),
+            "lora_dropout": 0.0,
+            "adapter_name": f"scale-{workers}",
+            "scale": {"backend": "local", "num_workers": workers, "gpus_per_worker": 0},
+            "args": {**COMMON, "per_device_train_batch_size": batch, "output_dir": str(folder / f"out-{workers}")},
+        }
+        ids.append(
+            jobs.add_job(model="tiny", request={}, config=config, fine_tuned_model=f"scale-{workers}", status="queued")[
+                "id"
+            ]
+        )
     # One at a time, as the 2-core machine would be oversubscribed otherwise.
     queue = JobQueue(jobs, on_success=lambda job: None, concurrency=1)
     one, two = run_jobs(queue, ids)
@@ -111,8 +132,9 @@ def _kill_cluster(*markers: str) -> None:
     and their children (Ray's agents rename themselves)."""
     import psutil
 
-    found = [p for p in psutil.process_iter(["cmdline"])
-             if any(m in " ".join(p.info["cmdline"] or []) for m in markers)]
+    found = [
+        p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in markers)
+    ]
     for process in [*found, *(c for p in found for c in _children(p))]:
         try:
             process.kill()
@@ -136,19 +158,48 @@ def ray_cluster(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     pytest.importorskip("ray")
     node = tmp_path_factory.mktemp("ray-node")
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "BENTOML_HOME": str(node / "bentoml"), "BENTOSERVICE_DATA_DIR": str(node / "data"),
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray component on 127.0.0.1, not the host's address
-    subprocess.run([sys.executable, "-m", "bentoservice.cli", "import", "tiny", "--model-id", str(tiny_dir)],
-                   env=env, check=True, capture_output=True)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(node / "bentoml"),
+        "BENTOSERVICE_DATA_DIR": str(node / "data"),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }  # every Ray component on 127.0.0.1, not the host's address
+    subprocess.run(
+        [sys.executable, "-m", "bentoservice.cli", "import", "tiny", "--model-id", str(tiny_dir)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     gcs, dashboard = free_port(), free_port()
     # Free ports for every service with a fixed default port, so that this cluster meets no other on the machine.
-    ports = {"--port": gcs, "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host",
-               "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", temp,
-               "--disable-usage-stats", *(str(x) for pair in ports.items() for x in pair)]
+    ports = {
+        "--port": gcs,
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    command = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "true",
+        "--temp-dir",
+        temp,
+        "--disable-usage-stats",
+        *(str(x) for pair in ports.items() for x in pair),
+    ]
     started = subprocess.run(command, env=env, capture_output=True, text=True)
     try:
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
@@ -159,13 +210,17 @@ def ray_cluster(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="module")
-def scaled(tiny: store.StoredModel, ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[tuple[Server, Path]]:
+def scaled(
+    tiny: store.StoredModel, ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Path]]:
     """A server whose jobs may train on the Ray cluster, with its files in an fsspec folder and, when the test run
     has one (make test starts it), its job store in PostgreSQL."""
     folder = tmp_path_factory.mktemp("scaled")
-    env = {"BENTOSERVICE_DATA_DIR": str(folder / "data"), "BENTOSERVICE_FILES_URL": f"file://{folder}/files",
-           "BENTOSERVICE_RAY_ADDRESS": ray_cluster}
+    env = {
+        "BENTOSERVICE_DATA_DIR": str(folder / "data"),
+        "BENTOSERVICE_FILES_URL": f"file://{folder}/files",
+        "BENTOSERVICE_RAY_ADDRESS": ray_cluster,
+    }
     if PG_URL:
         env["BENTOSERVICE_DATABASE_URL"] = PG_URL
     server = Server("tiny", env=env)
@@ -179,9 +234,19 @@ def test_ray_job_with_two_workers(scaled: tuple[Server, Path], ray_cluster: str,
     server, files = scaled
     client = server.client()
     uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, suffix="ray", extra_body={
-        "backend": "ray", "num_workers": 2, "gpus_per_worker": 0, "max_steps": STEPS, "learning_rate": 1e-3,
-        "per_device_train_batch_size": 2})
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        suffix="ray",
+        extra_body={
+            "backend": "ray",
+            "num_workers": 2,
+            "gpus_per_worker": 0,
+            "max_steps": STEPS,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 2,
+        },
+    )
     done = wait_for(client, job.id, timeout=600)
     events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
     assert done.status == "succeeded", (done.error, [e.message for e in events])
@@ -197,8 +262,9 @@ def test_ray_job_with_two_workers(scaled: tuple[Server, Path], ray_cluster: str,
     # as a local run's; the server serves it.
     assert (files / "results" / f"{job.id}.bentomodel").is_file()
     assert adapter_shapes(done.outputs["store_tag"]) == adapter_shapes(local_runs["one"]["store_tag"])
-    reply = client.chat.completions.create(model=done.fine_tuned_model, messages=CHATS[0]["messages"][:1],
-                                           max_tokens=4, temperature=0)
+    reply = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=CHATS[0]["messages"][:1], max_tokens=4, temperature=0
+    )
     assert reply.choices[0].message.content is not None
 
 
@@ -208,8 +274,17 @@ def test_ray_job_cancel(scaled: tuple[Server, Path], ray_cluster: str) -> None:
     server, _ = scaled
     client = server.client()
     uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={
-        "backend": "ray", "num_workers": 2, "gpus_per_worker": 0, "max_steps": 5000, "per_device_train_batch_size": 2})
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        extra_body={
+            "backend": "ray",
+            "num_workers": 2,
+            "gpus_per_worker": 0,
+            "max_steps": 5000,
+            "per_device_train_batch_size": 2,
+        },
+    )
     deadline = time.monotonic() + 300
     while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data):
         assert time.monotonic() < deadline, "the Ray job never started training"
@@ -227,8 +302,9 @@ def test_postgres_job_store_and_fsspec_files(scaled: tuple[Server, Path]) -> Non
     uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
     assert (files / uploaded.id).read_bytes() == jsonl(CHATS)  # the file store, not data_dir/files
     assert client.files.content(uploaded.id).content == jsonl(CHATS)
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={
-        "max_steps": 2, "per_device_train_batch_size": 2})
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=uploaded.id, extra_body={"max_steps": 2, "per_device_train_batch_size": 2}
+    )
     done = wait_for(client, job.id, timeout=600)
     assert done.status == "succeeded", done.error
     # The job, its events and the file are rows of the PostgreSQL database.
@@ -246,9 +322,13 @@ def test_scale_fields_are_checked(scaled: tuple[Server, Path]) -> None:
     server, _ = scaled
     uploaded = server.client().files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
     base = {"model": "tiny", "training_file": uploaded.id}
-    for extra, param in (({"gpus_per_worker": 2}, "gpus_per_worker"), ({"num_workers": 0}, "num_workers"),
-                         ({"distributed": "zero"}, "distributed"), ({"backend": "slurm"}, "backend"),
-                         ({"distributed": "fsdp", "gpus_per_worker": 0}, "distributed")):
+    for extra, param in (
+        ({"gpus_per_worker": 2}, "gpus_per_worker"),
+        ({"num_workers": 0}, "num_workers"),
+        ({"distributed": "zero"}, "distributed"),
+        ({"backend": "slurm"}, "backend"),
+        ({"distributed": "fsdp", "gpus_per_worker": 0}, "distributed"),
+    ):
         reply = httpx.post(f"{server.url}/v1/fine_tuning/jobs", json={**base, **extra}, timeout=30)
         assert reply.status_code == 400, reply.text
         error = reply.json()["error"]

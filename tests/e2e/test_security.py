@@ -15,8 +15,10 @@ from conftest import Server
 from bentoservice.config import Settings
 
 ADMIN, INFERENCE, LEGACY = "sk-admin-1", "sk-infer-1", "sk-legacy"
-CHATS = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
-         for w in ("red", "green", "blue", "gold")]
+CHATS = [
+    {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+    for w in ("red", "green", "blue", "gold")
+]
 
 
 def jsonl(rows: list[dict]) -> bytes:
@@ -27,19 +29,28 @@ def jsonl(rows: list[dict]) -> bytes:
 def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text("# role key\nadmin sk-admin-2\ninference sk-infer-2\n")
-    server = Server("tiny", "--api-key", LEGACY, env={
-        "BENTOSERVICE_ADMIN_API_KEYS": ADMIN, "BENTOSERVICE_INFERENCE_API_KEYS": INFERENCE,
-        "BENTOSERVICE_API_KEYS_FILE": str(keys), "BENTOSERVICE_MAX_REQUEST_BYTES": "20000",
-        "BENTOSERVICE_MAX_FILE_BYTES": "100000",
-        "BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("security-data"))})
+    server = Server(
+        "tiny",
+        "--api-key",
+        LEGACY,
+        env={
+            "BENTOSERVICE_ADMIN_API_KEYS": ADMIN,
+            "BENTOSERVICE_INFERENCE_API_KEYS": INFERENCE,
+            "BENTOSERVICE_API_KEYS_FILE": str(keys),
+            "BENTOSERVICE_MAX_REQUEST_BYTES": "20000",
+            "BENTOSERVICE_MAX_FILE_BYTES": "100000",
+            "BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("security-data")),
+        },
+    )
     yield server
     server.stop()
 
 
 def call(server: Server, method: str, path: str, key: str | None = ADMIN, **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.request(method, f"{server.url}{path}", headers={**headers, **kwargs.pop("headers", {})},
-                         timeout=60, **kwargs)
+    return httpx.request(
+        method, f"{server.url}{path}", headers={**headers, **kwargs.pop("headers", {})}, timeout=60, **kwargs
+    )
 
 
 def error(response: httpx.Response, status: int) -> dict:
@@ -50,12 +61,14 @@ def error(response: httpx.Response, status: int) -> dict:
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-TASK_ROUTES = [("POST", "/fine_tune/submit", {"json": {"job": {"model": "tiny", "training_file": "file-x"}}}),
-               ("GET", "/fine_tune/status", {"params": {"task_id": "x"}}),
-               ("GET", "/fine_tune/get", {"params": {"task_id": "x"}}),
-               ("PUT", "/fine_tune/cancel", {"params": {"task_id": "x"}}),
-               ("POST", "/fine_tune/retry", {"params": {"task_id": "x"}}),
-               ("GET", "/docs.json", {})]
+TASK_ROUTES = [
+    ("POST", "/fine_tune/submit", {"json": {"job": {"model": "tiny", "training_file": "file-x"}}}),
+    ("GET", "/fine_tune/status", {"params": {"task_id": "x"}}),
+    ("GET", "/fine_tune/get", {"params": {"task_id": "x"}}),
+    ("PUT", "/fine_tune/cancel", {"params": {"task_id": "x"}}),
+    ("POST", "/fine_tune/retry", {"params": {"task_id": "x"}}),
+    ("GET", "/docs.json", {}),
+]
 
 
 @pytest.mark.parametrize(("method", "path", "kwargs"), TASK_ROUTES, ids=[p for _, p, _ in TASK_ROUTES])
@@ -71,19 +84,29 @@ def test_probes_stay_open(server: Server) -> None:
         assert call(server, "GET", path, None).status_code == 200
 
 
-INFERENCE_ROUTES = [("GET", "/v1/models", {}), ("POST", "/v1/chat/completions", {"json": CHAT}),
-                    ("POST", "/v1/completions", {"json": {"model": "tiny", "prompt": "hi", "max_tokens": 2}}),
-                    ("POST", "/v1/embeddings", {"json": {"model": "minilm", "input": "hi"}}),
-                    ("GET", "/v1/chat_templates", {})]
-ADMIN_ROUTES = [("GET", "/v1/files", {}), ("GET", "/v1/fine_tuning/jobs", {}),
-                ("POST", "/v1/fine_tuning/jobs/cancel", {"json": {"fine_tuning_job_id": "ftjob-x"}}),
-                ("GET", "/v1/adapters", {}), ("POST", "/v1/adapters/unload", {"json": {"adapter_name": "x"}}),
-                ("POST", "/v1/unload_lora_adapter", {"json": {"lora_name": "x"}}),
-                ("POST", "/v1/chat_templates", {"json": {"name": "t", "template": "{{ 1 }}", "override": True}})]
+INFERENCE_ROUTES = [
+    ("GET", "/v1/models", {}),
+    ("POST", "/v1/chat/completions", {"json": CHAT}),
+    ("POST", "/v1/completions", {"json": {"model": "tiny", "prompt": "hi", "max_tokens": 2}}),
+    ("POST", "/v1/embeddings", {"json": {"model": "minilm", "input": "hi"}}),
+    ("GET", "/v1/chat_templates", {}),
+]
+ADMIN_ROUTES = [
+    ("GET", "/v1/files", {}),
+    ("GET", "/v1/fine_tuning/jobs", {}),
+    ("POST", "/v1/fine_tuning/jobs/cancel", {"json": {"fine_tuning_job_id": "ftjob-x"}}),
+    ("GET", "/v1/adapters", {}),
+    ("POST", "/v1/adapters/unload", {"json": {"adapter_name": "x"}}),
+    ("POST", "/v1/unload_lora_adapter", {"json": {"lora_name": "x"}}),
+    ("POST", "/v1/chat_templates", {"json": {"name": "t", "template": "{{ 1 }}", "override": True}}),
+]
 
 
-@pytest.mark.parametrize(("method", "path", "kwargs"), INFERENCE_ROUTES + ADMIN_ROUTES,
-                         ids=[f"{m} {p}" for m, p, _ in INFERENCE_ROUTES + ADMIN_ROUTES])
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    INFERENCE_ROUTES + ADMIN_ROUTES,
+    ids=[f"{m} {p}" for m, p, _ in INFERENCE_ROUTES + ADMIN_ROUTES],
+)
 def test_which_key_may_call_what(server: Server, method: str, path: str, kwargs: dict) -> None:
     admin_only = (method, path, kwargs) in ADMIN_ROUTES
     assert error(call(server, method, path, None, **kwargs), 401)["type"] == "authentication_error"
@@ -117,16 +140,31 @@ BAD_INPUTS = [
     ("negative token id", "/v1/completions", {"json": {"model": "tiny", "prompt": [-1]}}, "prompt"),
     ("empty prompt", "/v1/completions", {"json": {"model": "tiny", "prompt": ""}}, "prompt"),
     ("adapter id with : and /", "/v1/adapters/load", {"json": {"adapter_id": "x:y/z"}}, "adapter_id"),
-    ("lora_path URL", "/v1/load_lora_adapter", {"json": {"lora_name": "x", "lora_path": "file:///etc/passwd"}},
-     "lora_path"),
-    ("override: 0", "/v1/chat_templates", {"json": {"name": "chatml", "template": "{{ 1 }}", "override": 0}},
-     "override"),
-    ("sandbox escape", "/v1/chat_templates",
-     {"json": {"name": "evil", "template": '{{ cycler.__init__.__globals__.os.popen("id").read() }}'}}, "template"),
+    (
+        "lora_path URL",
+        "/v1/load_lora_adapter",
+        {"json": {"lora_name": "x", "lora_path": "file:///etc/passwd"}},
+        "lora_path",
+    ),
+    (
+        "override: 0",
+        "/v1/chat_templates",
+        {"json": {"name": "chatml", "template": "{{ 1 }}", "override": 0}},
+        "override",
+    ),
+    (
+        "sandbox escape",
+        "/v1/chat_templates",
+        {"json": {"name": "evil", "template": '{{ cycler.__init__.__globals__.os.popen("id").read() }}'}},
+        "template",
+    ),
     ("template over the size limit", "/v1/chat_templates", {"json": {"name": "big", "template": "x" * 70000}}, None),
-    ("template that renders too much", "/v1/chat_templates",
-     {"json": {"name": "loop", "template": "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"}},
-     "template"),
+    (
+        "template that renders too much",
+        "/v1/chat_templates",
+        {"json": {"name": "loop", "template": "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"}},
+        "template",
+    ),
 ]
 
 
@@ -150,16 +188,23 @@ def _chunks(total: int) -> Iterator[bytes]:
 
 
 def test_chunked_bodies_are_counted_as_they_stream(server: Server) -> None:
-    answer = call(server, "POST", "/v1/chat/completions", content=_chunks(50_000),
-                  headers={"Content-Type": "application/json"})
+    answer = call(
+        server, "POST", "/v1/chat/completions", content=_chunks(50_000), headers={"Content-Type": "application/json"}
+    )
     assert error(answer, 413)["code"] == "request_too_large"
     # Uploads have their own, larger limit, chunked or not.
-    big = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n" + b"x" * 150_000
-    answer = call(server, "POST", "/v1/files", content=iter([big[i:i + 4096] for i in range(0, len(big), 4096)]),
-                  headers={"Content-Type": "multipart/form-data; boundary=b"})
+    big = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n' + b"x" * 150_000
+    answer = call(
+        server,
+        "POST",
+        "/v1/files",
+        content=iter([big[i : i + 4096] for i in range(0, len(big), 4096)]),
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
     assert error(answer, 413)["code"] == "request_too_large"
-    small = call(server, "POST", "/v1/files", files={"file": ("chats.jsonl", jsonl(CHATS) * 1)},
-                 data={"purpose": "fine-tune"})
+    small = call(
+        server, "POST", "/v1/files", files={"file": ("chats.jsonl", jsonl(CHATS) * 1)}, data={"purpose": "fine-tune"}
+    )
     assert small.status_code == 200 and len(jsonl(CHATS)) > 0
 
 
@@ -175,22 +220,31 @@ def _upload(server: Server, name: str = "chats.jsonl") -> dict:
 
 
 def test_upload_names_are_sanitised(server: Server) -> None:
-    for given, kept in (("../../etc/evil.jsonl", "evil.jsonl"), ("..\\..\\win.jsonl", "win.jsonl"),
-                        (".hidden.jsonl", "hidden.jsonl"), ("..", "upload")):
+    for given, kept in (
+        ("../../etc/evil.jsonl", "evil.jsonl"),
+        ("..\\..\\win.jsonl", "win.jsonl"),
+        (".hidden.jsonl", "hidden.jsonl"),
+        ("..", "upload"),
+    ):
         assert _upload(server, given)["filename"] == kept
 
 
-HYPERPARAMETERS = [({"hyperparameters": {"n_epochs": -3}}, "hyperparameters.n_epochs"),
-                   ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-                   ({"hyperparameters": {"n_epochs": 10**9}}, "hyperparameters.n_epochs"),
-                   ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
-                   ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
-                   ({"hyperparameters": {"beta": -1}}, "hyperparameters.beta"),
-                   ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}},
-                    "method.supervised.hyperparameters.n_epochs"),
-                   ({"epochs": 0}, "epochs"), ({"learning_rate": 1e9}, "learning_rate"),
-                   ({"per_device_train_batch_size": 100_000}, "per_device_train_batch_size"),
-                   ({"Training": {"epochs": -1}}, "Training.epochs")]
+HYPERPARAMETERS = [
+    ({"hyperparameters": {"n_epochs": -3}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"n_epochs": 10**9}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
+    ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
+    ({"hyperparameters": {"beta": -1}}, "hyperparameters.beta"),
+    (
+        {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}},
+        "method.supervised.hyperparameters.n_epochs",
+    ),
+    ({"epochs": 0}, "epochs"),
+    ({"learning_rate": 1e9}, "learning_rate"),
+    ({"per_device_train_batch_size": 100_000}, "per_device_train_batch_size"),
+    ({"Training": {"epochs": -1}}, "Training.epochs"),
+]
 
 
 @pytest.mark.parametrize(("fields", "param"), HYPERPARAMETERS, ids=[p for _, p in HYPERPARAMETERS])
@@ -204,8 +258,10 @@ def test_both_cancel_routes_agree(server: Server) -> None:
     job = call(server, "POST", "/v1/fine_tuning/jobs", json=body).json()
     first = call(server, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert first.status_code == 200 and first.json()["status"] == "cancelled"
-    again = [call(server, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel"),
-             call(server, "POST", "/v1/fine_tuning/jobs/cancel", json={"fine_tuning_job_id": job["id"]})]
+    again = [
+        call(server, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel"),
+        call(server, "POST", "/v1/fine_tuning/jobs/cancel", json={"fine_tuning_job_id": job["id"]}),
+    ]
     assert [a.status_code for a in again] == [400, 400] and again[0].json() == again[1].json()
 
 
@@ -234,6 +290,7 @@ def test_a_job_of_zero_steps_fails_and_publishes_nothing(tiny, tmp_path: Path) -
     before = {str(m.tag) for m in store.list_models("adapter")}
     with pytest.raises(TrainingError, match="0 optimizer steps"):
         bentoservice.AutoLLM.for_model("tiny").tuning(
-            CHATS, args={"num_train_epochs": 0, "output_dir": str(tmp_path / "out"), "report_to": []})
+            CHATS, args={"num_train_epochs": 0, "output_dir": str(tmp_path / "out"), "report_to": []}
+        )
     assert {str(m.tag) for m in store.list_models("adapter")} == before
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -22,19 +22,27 @@ def test_default_model_answers_paris(smollm2_server: Server) -> None:
 
 def test_hub_id_is_an_alias(smollm2_server: Server) -> None:
     client = smollm2_server.client()
-    reply = client.chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=PARIS,
-                                           temperature=0, max_completion_tokens=12)
+    reply = client.chat.completions.create(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=PARIS, temperature=0, max_completion_tokens=12
+    )
     assert "Paris" in reply.choices[0].message.content
     assert client.models.retrieve("HuggingFaceTB/SmolLM2-135M-Instruct").id == "smollm2"
 
 
 def test_streaming_equals_non_streaming(smollm2_server: Server) -> None:
     client = smollm2_server.client()
-    messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": "Name three colours."}]
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
     full = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=40)
-    chunks = list(client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=40,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -52,12 +60,16 @@ def test_stream_ends_with_done(smollm2_server: Server) -> None:
 
 def test_completions(smollm2_server: Server) -> None:
     client = smollm2_server.client()
-    done = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8,
-                                     temperature=0)
+    done = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
     assert done.usage.completion_tokens == 8
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == done.choices[0].text
 
 
@@ -74,16 +86,19 @@ def test_unknown_model_is_404(smollm2_server: Server) -> None:
     assert err.value.body["code"] == "model_not_found" and "gpt-4" in err.value.body["message"]
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"model": "smollm2"}, "messages"),
-    ({"model": "smollm2", "messages": []}, "messages"),
-    ({"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"model": "smollm2", "messages": PARIS, "n": 9}, "n"),  # over BENTOSERVICE_MAX_CHOICES (8)
-    ({"model": "smollm2", "messages": PARIS, "n": 0}, "n"),
-    ({"model": "smollm2", "messages": PARIS, "temperature": 7}, "temperature"),
-    ({"model": "smollm2", "messages": PARIS, "max_tokens": 0}, "max_tokens"),
-    ({"model": "smollm2", "messages": PARIS, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "smollm2"}, "messages"),
+        ({"model": "smollm2", "messages": []}, "messages"),
+        ({"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "smollm2", "messages": PARIS, "n": 9}, "n"),  # over BENTOSERVICE_MAX_CHOICES (8)
+        ({"model": "smollm2", "messages": PARIS, "n": 0}, "n"),
+        ({"model": "smollm2", "messages": PARIS, "temperature": 7}, "temperature"),
+        ({"model": "smollm2", "messages": PARIS, "max_tokens": 0}, "max_tokens"),
+        ({"model": "smollm2", "messages": PARIS, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
 def test_bad_requests_are_400(smollm2_server: Server, body: dict, param: str) -> None:
     response = httpx.post(f"{smollm2_server.url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 400
@@ -92,8 +107,12 @@ def test_bad_requests_are_400(smollm2_server: Server, body: dict, param: str) ->
 
 
 def test_malformed_json_is_400(smollm2_server: Server) -> None:
-    response = httpx.post(f"{smollm2_server.url}/v1/chat/completions", content=b"{not json",
-                          headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        f"{smollm2_server.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert response.status_code == 400 and "error" in response.json()
 
 
@@ -123,8 +142,9 @@ def test_server_healthy_after_bad_requests(smollm2_server: Server) -> None:
     assert httpx.get(f"{smollm2_server.url}/readyz", timeout=10).status_code == 200
     assert httpx.get(f"{smollm2_server.url}/livez", timeout=10).status_code == 200
     assert httpx.get(f"{smollm2_server.url}/metrics", timeout=10).status_code == 200
-    reply = smollm2_server.client().chat.completions.create(model="smollm2", messages=PARIS, temperature=0,
-                                                           max_tokens=10)
+    reply = smollm2_server.client().chat.completions.create(
+        model="smollm2", messages=PARIS, temperature=0, max_tokens=10
+    )
     assert "Paris" in reply.choices[0].message.content
 
 
@@ -134,16 +154,19 @@ def test_stop_and_length(tiny_server: Server) -> None:
     assert free.choices[0].finish_reason == "length" and free.usage.completion_tokens == 20
     text = free.choices[0].text
     stop = text[5:8]
-    stopped = client.completions.create(model="tiny", prompt="one two three", max_tokens=20, temperature=0,
-                                        stop=[stop])
+    stopped = client.completions.create(model="tiny", prompt="one two three", max_tokens=20, temperature=0, stop=[stop])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == text[: text.index(stop)]
 
 
 def test_seed_makes_sampling_repeatable(tiny_server: Server) -> None:
     client = tiny_server.client()
-    runs = [client.completions.create(model="tiny", prompt="hello", max_tokens=12, temperature=1.0, seed=seed)
-            .choices[0].text for seed in (7, 7, 8)]
+    runs = [
+        client.completions.create(model="tiny", prompt="hello", max_tokens=12, temperature=1.0, seed=seed)
+        .choices[0]
+        .text
+        for seed in (7, 7, 8)
+    ]
     assert runs[0] == runs[1] != runs[2]
 
 
@@ -154,8 +177,10 @@ def test_chat_templates_registry(tiny_server: Server) -> None:
     body = {"name": "chatml", "template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"}
     refused = httpx.post(f"{tiny_server.url}/v1/chat_templates", json=body, timeout=10)
     assert refused.status_code == 400 and "override" in refused.json()["error"]["message"]
-    assert httpx.post(f"{tiny_server.url}/v1/chat_templates", json={**body, "override": True},
-                      timeout=10).status_code == 200
+    assert (
+        httpx.post(f"{tiny_server.url}/v1/chat_templates", json={**body, "override": True}, timeout=10).status_code
+        == 200
+    )
 
 
 def test_api_key_and_named_template(tiny) -> None:
@@ -167,11 +192,16 @@ def test_api_key_and_named_template(tiny) -> None:
         assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
         bases = [m.id for m in server.client("sk-test").models.list().data if m.parent is None]
         assert bases == ["tiny", "minilm"]  # plus any fine-tunes restored from the shared data dir
-        conv = httpx.post(f"{server.url}/v1/worker_get_conversation_template", json={"model": "tiny"},
-                          headers={"authorization": "Bearer sk-test"}, timeout=10).json()["conv"]
+        conv = httpx.post(
+            f"{server.url}/v1/worker_get_conversation_template",
+            json={"model": "tiny"},
+            headers={"authorization": "Bearer sk-test"},
+            timeout=10,
+        ).json()["conv"]
         assert conv["name"] == "vicuna_v1.1"
         assert conv["example"].startswith("A chat between a curious user") and conv["example"].endswith(
-            "USER: Hello! ASSISTANT:")
+            "USER: Hello! ASSISTANT:"
+        )
     finally:
         server.stop()
 

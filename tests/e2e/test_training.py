@@ -34,14 +34,20 @@ QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "
 
 
 def chat(i: int, reply: str = "Hi") -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": f"Say hello number {i}"},
-                         {"role": "assistant", "content": f"{reply} {i}!"}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"Say hello number {i}"},
+            {"role": "assistant", "content": f"{reply} {i}!"},
+        ]
+    }
 
 
 def pair(i: int) -> dict[str, Any]:
-    return {"prompt": [{"role": "user", "content": f"Question {i}?"}],
-            "chosen": [{"role": "assistant", "content": "A kind answer."}],
-            "rejected": [{"role": "assistant", "content": "Go away."}]}
+    return {
+        "prompt": [{"role": "user", "content": f"Question {i}?"}],
+        "chosen": [{"role": "assistant", "content": "A kind answer."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -70,11 +76,16 @@ def lora_b_nonzero(base: Path, adapter: Path) -> bool:
 
 # --- data and labels -------------------------------------------------------------------------
 
+
 def test_labels_cover_assistant_turns_only(tiny: store.StoredModel, tmp_path: Path) -> None:
     tokenizer = load_tokenizer(tiny.path)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "Ciao"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Ciao"},
+    ]
     row = assistant_labels(tokenizer, messages)
     trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE])
     ignored = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == IGNORE])
@@ -88,8 +99,9 @@ def test_labels_cover_assistant_turns_only(tiny: store.StoredModel, tmp_path: Pa
     args = {**config.trainer_args(), **hardware.precision("cpu", {}), "output_dir": str(tmp_path)}
     model = hardware.load_model(tiny.path, "cpu", "lora")
     dataset = formats.Dataset("openai_chat", "sft", [{"messages": messages}])
-    trainer = build_trainer(config, model, tokenizer, args, hf_dataset(tokenizer, dataset), None,
-                            ProgressCallback(), "cpu")
+    trainer = build_trainer(
+        config, model, tokenizer, args, hf_dataset(tokenizer, dataset), None, ProgressCallback(), "cpu"
+    )
     assert trainer.train_dataset[0]["labels"] == row["labels"]
 
 
@@ -108,14 +120,15 @@ def test_config_defaults_and_validation() -> None:
         TrainingConfig(args={"max_length": 10})
 
 
-def test_bad_data_fails_with_its_line_before_any_model_loads(tiny: store.StoredModel, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_data_fails_with_its_line_before_any_model_loads(
+    tiny: store.StoredModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_model(*args: Any) -> None:
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(hardware, "load_model", no_model)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(chat(1)) + "\n" + json.dumps(chat(2)) + "\n{\"messages\": [}\n")
+    bad.write_text(json.dumps(chat(1)) + "\n" + json.dumps(chat(2)) + '\n{"messages": [}\n')
     config = write_yaml(tmp_path / "job.yaml", {"model": "tiny", "train_file": str(bad)})
     result = CliRunner().invoke(single(train), [str(config)])
     assert result.exit_code == 1, result.output
@@ -131,18 +144,29 @@ def test_bad_data_fails_with_its_line_before_any_model_loads(tiny: store.StoredM
 
 # --- training --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("method", "packing"), [("sft", False), ("sft", True), ("dpo", False), ("orpo", False)])
-def test_method_trains_a_loadable_adapter(method: str, packing: bool, tiny: store.StoredModel, tmp_path: Path,
-                                          adapters: list[str], caplog: pytest.LogCaptureFixture) -> None:
+def test_method_trains_a_loadable_adapter(
+    method: str,
+    packing: bool,
+    tiny: store.StoredModel,
+    tmp_path: Path,
+    adapters: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     rows = [chat(i) for i in range(6)] if method == "sft" else [pair(i) for i in range(6)]
     # Each accepted kind of training data: a list of rows, a datasets.Dataset, a file.
-    data: Any = {"sft": rows, "dpo": datasets.Dataset.from_list(rows),
-                 "orpo": write_jsonl(tmp_path / "pairs.jsonl", rows)}[method]
+    data: Any = {
+        "sft": rows,
+        "dpo": datasets.Dataset.from_list(rows),
+        "orpo": write_jsonl(tmp_path / "pairs.jsonl", rows),
+    }[method]
     options = {"packing": True, "max_seq_length": 64} if packing else {}
     events: list[dict[str, Any]] = []
     with caplog.at_level(logging.WARNING, logger="bentoservice"):
         result = bentoservice.AutoLLM.for_model("tiny").tuning(
-            data, rows[:2], method=method, args={**QUICK, "fp16": True}, sink=events.append, **options)
+            data, rows[:2], method=method, args={**QUICK, "fp16": True}, sink=events.append, **options
+        )
     adapters.append(result.tag)
 
     assert "training in fp32 on the CPU" in caplog.text  # fp16 downgraded, not a crash
@@ -178,15 +202,18 @@ def test_sft_changes_smollm2_greedy_output(smollm2: store.StoredModel, adapters:
 
     def greedy(m: Any) -> str:
         prompt = [{"role": "user", "content": "What is the capital of France?"}]
-        inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = m.generate(**inputs, max_new_tokens=8, do_sample=False)
-        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     before = greedy(model)
     questions = ["What is the capital of France?", "Name a color.", "How are you?", "Tell me a fact."]
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Purple elephants dance."}]}
-            for q in questions]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Purple elephants dance."}]}
+        for q in questions
+    ]
     llm = bentoservice.AutoLLM.for_model("smollm2", model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
     result = llm.tuning(rows, args={**QUICK, "max_steps": 6, "learning_rate": 2e-3, "save_strategy": "no"})
     adapters.append(result.tag)
@@ -203,10 +230,12 @@ def test_qlora_on_cpu_is_a_clear_error(tiny: store.StoredModel) -> None:
         llm.prepare_for_training(rank=8)
 
 
-def test_stop_then_resume_continues_from_the_checkpoint(tiny: store.StoredModel, tmp_path: Path,
-                                                        adapters: list[str]) -> None:
-    llm = bentoservice.AutoLLM.for_model("tiny").prepare_for_training(r=8, lora_alpha=16,
-                                                                      target_modules=["q_proj", "v_proj"])
+def test_stop_then_resume_continues_from_the_checkpoint(
+    tiny: store.StoredModel, tmp_path: Path, adapters: list[str]
+) -> None:
+    llm = bentoservice.AutoLLM.for_model("tiny").prepare_for_training(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+    )
     rows = [chat(i) for i in range(8)]
     args = {**QUICK, "max_steps": 5, "save_steps": 100, "output_dir": str(tmp_path / "out")}
     stop = threading.Event()
@@ -235,12 +264,15 @@ def test_stop_then_resume_continues_from_the_checkpoint(tiny: store.StoredModel,
 
 
 def test_lazy_autollm_import() -> None:
-    code = ("import sys, bentoservice; assert 'torch' not in sys.modules; "
-            "bentoservice.AutoLLM; assert 'torch' in sys.modules")
+    code = (
+        "import sys, bentoservice; assert 'torch' not in sys.modules; "
+        "bentoservice.AutoLLM; assert 'torch' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # --- CLI -------------------------------------------------------------------------------------
+
 
 def single(command: Any) -> typer.Typer:
     app = typer.Typer()
@@ -253,15 +285,15 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def test_cli_train_then_fine_tune_get_and_list(tiny: store.StoredModel, tmp_path: Path,
-                                                adapters: list[str]) -> None:
+def test_cli_train_then_fine_tune_get_and_list(tiny: store.StoredModel, tmp_path: Path, adapters: list[str]) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(4)])
     job = {"model": "tiny", "train_file": str(data), "r": 4, "epochs": 1, **QUICK, "max_steps": 1}
     runner = CliRunner()
     paths = []
     for name in ("cli-first", "cli-second"):
-        result = runner.invoke(single(train), [str(write_yaml(tmp_path / f"{name}.yaml",
-                                                                {**job, "adapter_name": name}))])
+        result = runner.invoke(
+            single(train), [str(write_yaml(tmp_path / f"{name}.yaml", {**job, "adapter_name": name}))]
+        )
         assert result.exit_code == 0, result.output
         tag, path = result.stdout.strip().splitlines()[-1].split("\t")
         adapters.append(tag)

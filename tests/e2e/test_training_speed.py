@@ -72,16 +72,35 @@ def test_packed_examples_never_attend_to_each_other(tiny_dir: Path) -> None:
         torch.testing.assert_close(bare, packed)
 
 
-def sft_trainer(tiny: store.StoredModel, rows: list[dict[str, Any]], out: Path, speedups: speed.Speedups,
-                **args: Any) -> Any:
+def sft_trainer(
+    tiny: store.StoredModel, rows: list[dict[str, Any]], out: Path, speedups: speed.Speedups, **args: Any
+) -> Any:
     tokenizer = load_tokenizer(tiny.path)
-    config = TrainingConfig(model="tiny", lora_dropout=0.0, args={
-        "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
-        "save_strategy": "no", **args})
+    config = TrainingConfig(
+        model="tiny",
+        lora_dropout=0.0,
+        args={
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            **args,
+        },
+    )
     dataset = hf_dataset(tokenizer, formats.Dataset("openai_chat", "sft", rows))
     torch.manual_seed(0)  # the same LoRA initialisation for every run
-    return build_trainer(config, hardware.load_model(tiny.path, "cpu", "lora"), tokenizer,
-                         training_args(config, "cpu", out), dataset, None, ProgressCallback(), "cpu", speedups)
+    return build_trainer(
+        config,
+        hardware.load_model(tiny.path, "cpu", "lora"),
+        tokenizer,
+        training_args(config, "cpu", out),
+        dataset,
+        None,
+        ProgressCallback(),
+        "cpu",
+        speedups,
+    )
 
 
 def losses(trainer: Any) -> list[float]:
@@ -91,8 +110,9 @@ def losses(trainer: Any) -> list[float]:
 
 def test_padding_free_training_follows_the_padded_path(tiny: store.StoredModel, tmp_path: Path) -> None:
     rows = chats(16)
-    padded = losses(sft_trainer(tiny, rows, tmp_path / "padded",
-                                speed.Speedups(padding_free=False, labelled_logits=False)))
+    padded = losses(
+        sft_trainer(tiny, rows, tmp_path / "padded", speed.Speedups(padding_free=False, labelled_logits=False))
+    )
     trainer = sft_trainer(tiny, rows, tmp_path / "fast", speed.defaults("cpu", planned_tokens=0))
     assert trainer.args.padding_free and trainer.labelled_logits
     assert not trainer.args.gradient_checkpointing and trainer.memory is None  # TRL's default recomputes every layer
@@ -108,8 +128,14 @@ def test_padding_free_training_follows_the_padded_path(tiny: store.StoredModel, 
 
     # A step's examples trained in several passes (of at most 40 tokens here) learn what one pass learns. Gradient
     # accumulation by example count becomes one batch, split by tokens.
-    split = sft_trainer(tiny, rows, tmp_path / "split", speed.defaults("cpu", planned_tokens=0),
-                        per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    split = sft_trainer(
+        tiny,
+        rows,
+        tmp_path / "split",
+        speed.defaults("cpu", planned_tokens=0),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     assert (split.args.per_device_train_batch_size, split.args.gradient_accumulation_steps) == (4, 1)
     split.pass_tokens = 40
     assert losses(split) == pytest.approx(fast, rel=1e-5)
@@ -120,8 +146,14 @@ def test_the_fused_loss_learns_and_logs_what_trl_does(tiny: store.StoredModel, t
     rows = chats(16)
     runs = {}
     for fused in (False, True):
-        trainer = sft_trainer(tiny, rows, tmp_path / str(fused), speed.Speedups(fused_loss=fused),
-                              per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        trainer = sft_trainer(
+            tiny,
+            rows,
+            tmp_path / str(fused),
+            speed.Speedups(fused_loss=fused),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+        )
         trainer.pass_tokens = 40  # several passes a step: the loss is normalised by the step's labelled tokens
         assert (trainer.head is not None) == fused
         trainer.train()
@@ -148,8 +180,14 @@ def test_a_step_with_an_infinite_loss_is_logged_as_trainer_logs_it(tiny: store.S
 
     logged = {}
     for nan_filter in (True, False):
-        trainer = sft_trainer(tiny, chats(8), tmp_path / str(nan_filter), speed.defaults("cpu", planned_tokens=0),
-                              max_steps=2, logging_nan_inf_filter=nan_filter)
+        trainer = sft_trainer(
+            tiny,
+            chats(8),
+            tmp_path / str(nan_filter),
+            speed.defaults("cpu", planned_tokens=0),
+            max_steps=2,
+            logging_nan_inf_filter=nan_filter,
+        )
         trainer.add_callback(BreakTheModel())
         logged[nan_filter] = losses(trainer)
         assert trainer.args.logging_nan_inf_filter is False  # Trainer's own check, which waits for the device, is off
@@ -192,8 +230,9 @@ def test_fused_lora_layers_compute_what_peft_does(tiny_dir: Path) -> None:
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     torch.manual_seed(0)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                 init_lora_weights=False)).train()
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    ).train()
     fused = copy.deepcopy(peft_model)
     assert fuse_lora_layers(fused) == 7 * base.config.num_hidden_layers
     attention = fused.get_base_model().model.layers[0].self_attn  # q, k and v computed together, from one input
@@ -236,8 +275,15 @@ def test_graphed_passes_learn_what_eager_passes_do() -> None:
     from bentoservice.training.speed.fused_lora import fuse_lora_layers
     from bentoservice.training.speed.graphs import graph_decoder
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         base = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -250,8 +296,10 @@ def test_graphed_passes_learn_what_eager_passes_do() -> None:
     # examples more than a graphed pass takes, so those two passes run eagerly, in the same step (the first one
     # before any graph, the other between them). Attention is captured for sequences of up to 128 tokens (the
     # padding one included).
-    passes = [packed_batch([torch.randint(0, 1000, (n,)).tolist() for n in sizes])
-              for sizes in ((400,), (12, 30, 5), (100, 90), (7, 3, 9, 4, 20), (40, 50))]
+    passes = [
+        packed_batch([torch.randint(0, 1000, (n,)).tolist() for n in sizes])
+        for sizes in ((400,), (12, 30, 5), (100, 90), (7, 3, 9, 4, 20), (40, 50))
+    ]
 
     def train_pass(model: Any, batch: dict[str, Any]) -> float:
         # The loss goes with its autograd graph before the next pass: a graph kept alive would keep the
@@ -307,7 +355,8 @@ def test_the_fused_loss_on_a_gpu_computes_trls_loss_without_waiting_for_it() -> 
 
     mask = labels[1:] != -100
     log_p, want_entropy, _, _, want_top1 = ChunkedLogProbFunction.apply(
-        hidden[:-1][mask], head.weight, None, labels[1:][mask], 1.0, 32768, None, 1.0, ("entropy", "is_top1"))
+        hidden[:-1][mask], head.weight, None, labels[1:][mask], 1.0, 32768, None, 1.0, ("entropy", "is_top1")
+    )
     want = -log_p.sum() / divisor
     want.backward()
     torch.testing.assert_close(loss, want)

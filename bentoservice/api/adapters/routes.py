@@ -25,13 +25,16 @@ NAME_FORMS = "the served name, the model store tag (name or name:version) or its
 
 
 class DefaultAdapter(BaseModel):
-    adapter_name: str | None = Field(description=f"the adapter requests naming the base use: {NAME_FORMS}; "
-                                                 "null for the bare base")
+    adapter_name: str | None = Field(
+        description=f"the adapter requests naming the base use: {NAME_FORMS}; null for the bare base"
+    )
 
 
 class LoadAdapter(BaseModel):
-    adapter_id: str = Field(min_length=1, description="a PEFT folder inside the allowed folders, a model store tag, "
-                                                      "a served name or a hub id")
+    adapter_id: str = Field(
+        min_length=1,
+        description="a PEFT folder inside the allowed folders, a model store tag, a served name or a hub id",
+    )
     adapter_name: str | None = Field(None, min_length=1)
     pinned: bool = Field(False, description="keep it in a slot: never evicted for another adapter")
 
@@ -42,8 +45,10 @@ class UnloadAdapter(BaseModel):
 
 class LoadLora(BaseModel):
     lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1, description="a PEFT folder inside the allowed folders, a model store tag, "
-                                                     "a served name or a hub id")
+    lora_path: str = Field(
+        min_length=1,
+        description="a PEFT folder inside the allowed folders, a model store tag, a served name or a hub id",
+    )
     pinned: bool = False
 
 
@@ -70,8 +75,12 @@ def _listing(served: ServedModel) -> dict[str, Any]:
             continue
         entry = {"name": a.name, "source": a.source, "tier": a.tier, "default": a.name == served.default_adapter}
         if a.loaded is not None:
-            entry.update(rank=a.loaded.rank, lora_alpha=a.loaded.alpha, target_modules=a.loaded.target_modules,
-                         pinned=a.loaded.pinned)
+            entry.update(
+                rank=a.loaded.rank,
+                lora_alpha=a.loaded.alpha,
+                target_modules=a.loaded.target_modules,
+                pinned=a.loaded.pinned,
+            )
         entries.append(entry)
     return {"object": "list", "base": served.name, "default": served.default_adapter, "data": entries}
 

@@ -38,13 +38,25 @@ Text = Annotated[str, AfterValidator(_encodable)]
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
-METADATA = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-            "prompt_cache_retention")
+METADATA = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+)
 """Accepted and not acted on: they label a request for OpenAI's own storage, billing and caching."""
 
 HARMLESS: dict[str, tuple[Any, ...]] = {
-    "modalities": (["text"],), "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
-    "tool_choice": ("none",), "suffix": ("",), "best_of": (1,),
+    "modalities": (["text"],),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "suffix": ("",),
+    "best_of": (1,),
 }
 """Values of refused fields that ask for nothing beyond what the server does."""
 
@@ -62,9 +74,21 @@ def _refuse(value: Any, info: ValidationInfo) -> Any:
 Refused = Annotated[Any, AfterValidator(_refuse)]
 """An OpenAI field this server does not implement: a 400 naming it unless its value asks for nothing."""
 
-CHAT_REFUSED = ("audio", "modalities", "response_format", "tools", "tool_choice", "functions", "function_call",
-                "prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation",
-                "prompt_cache_options")
+CHAT_REFUSED = (
+    "audio",
+    "modalities",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "prediction",
+    "reasoning_effort",
+    "verbosity",
+    "web_search_options",
+    "moderation",
+    "prompt_cache_options",
+)
 TEXT_REFUSED = ("best_of", "suffix")
 
 
@@ -76,6 +100,7 @@ def _refusing(name: str, base: type[BaseModel], refused: tuple[str, ...]) -> Any
 
 def _given_only_if(other: str, wanted: bool, message: str) -> Callable[[Any, ValidationInfo], Any]:
     """A check that a field is set only when the field `other` (declared before it) is `wanted`."""
+
     def check(value: Any, info: ValidationInfo) -> Any:
         if value is not None and bool(info.data.get(other)) != wanted:
             raise ValueError(message)
@@ -181,7 +206,8 @@ class _Chat(SamplingFields):
     prompt_cache_retention: str | None = None
 
     _needs_logprobs = field_validator("top_logprobs")(
-        _given_only_if("logprobs", True, "top_logprobs needs logprobs: true"))
+        _given_only_if("logprobs", True, "top_logprobs needs logprobs: true")
+    )
 
     @property
     def completion_budget(self) -> int | None:
@@ -208,8 +234,9 @@ class _Text(SamplingFields):
             raise ValueError("the prompt is empty")
         return prompt
 
-    _not_with_echo = field_validator("logprobs")(_given_only_if(
-        "echo", False, "logprobs with echo (the prompt's log-probabilities) is not supported"))
+    _not_with_echo = field_validator("logprobs")(
+        _given_only_if("echo", False, "logprobs with echo (the prompt's log-probabilities) is not supported")
+    )
 
     @property
     def top_alternatives(self) -> int | None:

@@ -41,8 +41,14 @@ def served_model(request: Request) -> ServedModel:
 
 
 def _model_card(model_id: str, root: str, parent: str | None, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "bentoservice",
-            "root": root, "parent": parent}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "bentoservice",
+        "root": root,
+        "parent": parent,
+    }
 
 
 def _model_list(served: ServedModel, created: int) -> list[dict[str, Any]]:
@@ -81,16 +87,29 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 def _params(body: ChatCompletionRequest | CompletionRequest, served: ServedModel, max_tokens: int) -> SamplingParams:
     for param, ids in (("logit_bias", body.logit_bias or {}), ("stop_token_ids", body.stop_token_ids or ())):
         if any(not 0 <= i < served.vocab_size for i in ids):
-            raise APIError(400, f"{param} names a token id outside the vocabulary (0..{served.vocab_size - 1})",
-                           param, "invalid_value")
+            raise APIError(
+                400,
+                f"{param} names a token id outside the vocabulary (0..{served.vocab_size - 1})",
+                param,
+                "invalid_value",
+            )
     if body.n > served.max_choices:
         raise APIError(400, f"n is at most {served.max_choices} here", "n", "invalid_value")
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=body.stops, presence_penalty=body.presence_penalty,
-                          frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                          logit_bias=tuple(sorted((body.logit_bias or {}).items())), min_tokens=body.min_tokens,
-                          stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-                          logprobs=body.top_alternatives)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stops,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=tuple(sorted((body.logit_bias or {}).items())),
+        min_tokens=body.min_tokens,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        logprobs=body.top_alternatives,
+    )
 
 
 def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -102,8 +121,11 @@ def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 def _usage(done: list[Finished]) -> dict[str, int]:
     completion = sum(d.completion_tokens for d in done)
-    return {"prompt_tokens": done[0].prompt_tokens, "completion_tokens": completion,
-            "total_tokens": done[0].prompt_tokens + completion}
+    return {
+        "prompt_tokens": done[0].prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": done[0].prompt_tokens + completion,
+    }
 
 
 async def _collect(stream: Stream) -> tuple[str, list[TokenLogprob], Finished]:
@@ -152,15 +174,21 @@ def chat_logprobs(served: ServedModel, entries: list[TokenLogprob]) -> dict[str,
         text = served.token_text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
-                        for e in entries], "refusal": None}
+    return {
+        "content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]} for e in entries],
+        "refusal": None,
+    }
 
 
 def text_logprobs(served: ServedModel, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
     tokens = [served.token_text(e.token) for e in entries]
     offsets = [offset + n for n in accumulate((len(t) for t in tokens[:-1]), initial=0)] if tokens else []
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "text_offset": offsets,
-            "top_logprobs": [{served.token_text(t): lp for t, lp in e.top} for e in entries]}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "text_offset": offsets,
+        "top_logprobs": [{served.token_text(t): lp for t, lp in e.top} for e in entries],
+    }
 
 
 @dataclass(frozen=True)
@@ -177,13 +205,23 @@ class Shape:
     first_delta: dict[str, Any] | None = None
 
 
-CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk",
-             lambda text: {"delta": {} if text is None else {"content": text}},
-             lambda text: {"message": {"role": "assistant", "content": text, "refusal": None}},
-             lambda served, entries, _: chat_logprobs(served, entries),
-             {"delta": {"role": "assistant", "content": ""}})
-TEXT = Shape("cmpl", "text_completion", "text_completion", lambda text: {"text": text or ""},
-             lambda text: {"text": text}, text_logprobs)
+CHAT = Shape(
+    "chatcmpl",
+    "chat.completion",
+    "chat.completion.chunk",
+    lambda text: {"delta": {} if text is None else {"content": text}},
+    lambda text: {"message": {"role": "assistant", "content": text, "refusal": None}},
+    lambda served, entries, _: chat_logprobs(served, entries),
+    {"delta": {"role": "assistant", "content": ""}},
+)
+TEXT = Shape(
+    "cmpl",
+    "text_completion",
+    "text_completion",
+    lambda text: {"text": text or ""},
+    lambda text: {"text": text},
+    text_logprobs,
+)
 
 
 def sse(data: str) -> str:
@@ -210,8 +248,15 @@ def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIt
     offsets = [len(reply.echo)] * len(streams)
 
     def chunk(index: int, part: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
-        return sse(json.dumps({**meta, "object": shape.chunk_object, "choices": [
-            {"index": index, **part, "logprobs": logprobs, "finish_reason": finish}]}))
+        return sse(
+            json.dumps(
+                {
+                    **meta,
+                    "object": shape.chunk_object,
+                    "choices": [{"index": index, **part, "logprobs": logprobs, "finish_reason": finish}],
+                }
+            )
+        )
 
     async def events() -> AsyncIterator[str]:
         done: list[Finished] = []
@@ -229,8 +274,18 @@ def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIt
                         offsets[index] += sum(len(t) for t in logprobs.get("tokens", ()))
                     yield chunk(index, shape.text_part(event.text), None, logprobs)
                 elif isinstance(event, Failed):
-                    yield sse(json.dumps({"error": {"message": event.message, "type": error_type(event.status),
-                                                    "param": None, "code": event.code}}))
+                    yield sse(
+                        json.dumps(
+                            {
+                                "error": {
+                                    "message": event.message,
+                                    "type": error_type(event.status),
+                                    "param": None,
+                                    "code": event.code,
+                                }
+                            }
+                        )
+                    )
                     break
                 else:
                     done.append(event)
@@ -259,12 +314,23 @@ async def choose(served: ServedModel, body: ChatCompletionRequest | CompletionRe
         raise unknown_model(model, param) from None
 
 
-async def _respond(served: ServedModel, body: ChatCompletionRequest | CompletionRequest, prompt: list[int],
-                   budget: int | None, shape: Shape, choice: Choice, echo: str = "") -> Any:
+async def _respond(
+    served: ServedModel,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: list[int],
+    budget: int | None,
+    shape: Shape,
+    choice: Choice,
+    echo: str = "",
+) -> Any:
     params = _params(body, served, served.max_tokens(len(prompt), budget))
     streams = served.generate_choices(prompt, _choices(params, body.n), choice)
-    meta = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
-            "system_fingerprint": None}
+    meta = {
+        "id": f"{shape.id_prefix}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": body.model,
+        "system_fingerprint": None,
+    }
     reply = Reply(served, shape, meta, params.logprobs is not None, echo)
     if body.stream:
         return StreamingResponse(_events(streams, reply, body.include_usage), media_type="text/event-stream")
@@ -273,9 +339,15 @@ async def _respond(served: ServedModel, body: ChatCompletionRequest | Completion
     finally:
         for stream in streams:
             stream.cancel()
-    choices = [{"index": i, **shape.full_part(echo + text),
-                "logprobs": shape.logprobs(served, logprobs, len(echo)) if reply.logprobs else None,
-                "finish_reason": done.reason} for i, (text, logprobs, done) in enumerate(results)]
+    choices = [
+        {
+            "index": i,
+            **shape.full_part(echo + text),
+            "logprobs": shape.logprobs(served, logprobs, len(echo)) if reply.logprobs else None,
+            "finish_reason": done.reason,
+        }
+        for i, (text, logprobs, done) in enumerate(results)
+    ]
     return {**meta, "object": shape.object, "usage": _usage([done for _, _, done in results]), "choices": choices}
 
 
@@ -298,20 +370,32 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     else:
         prompt = list(body.prompt)
         if max(prompt) >= served.vocab_size:
-            raise APIError(400, f"token id {max(prompt)} is outside the vocabulary (0..{served.vocab_size - 1})",
-                           "prompt", "invalid_value")
+            raise APIError(
+                400,
+                f"token id {max(prompt)} is outside the vocabulary (0..{served.vocab_size - 1})",
+                "prompt",
+                "invalid_value",
+            )
     echo = ""
     if body.echo:
-        echo = served.decode(prompt) if isinstance(body.prompt[0], int) else str(body.prompt) if isinstance(
-            body.prompt, str) else body.prompt[0]
+        echo = (
+            served.decode(prompt)
+            if isinstance(body.prompt[0], int)
+            else str(body.prompt)
+            if isinstance(body.prompt, str)
+            else body.prompt[0]
+        )
     return await _respond(served, body, prompt, body.max_tokens, TEXT, choice, echo)
 
 
 @router.get("/chat_templates")
 async def list_chat_templates(request: Request) -> dict[str, Any]:
     served = served_model(request)
-    return {"object": "list", "model_template": {"model": served.name, "name": served.template_name},
-            "data": [{"name": name, "template": text} for name, text in sorted(chat_templates().items())]}
+    return {
+        "object": "list",
+        "model_template": {"model": served.name, "name": served.template_name},
+        "data": [{"name": name, "template": text} for name, text in sorted(chat_templates().items())],
+    }
 
 
 @router.post("/chat_templates")
@@ -326,5 +410,10 @@ async def conversation_template(body: TemplateQuery, request: Request) -> dict[s
     served = served_model(request)
     if body.model is not None:
         served.choose(body.model)
-    return {"conv": {"name": served.template_name, "template": served.template,
-                     "example": served.render_chat([{"role": "user", "content": "Hello!"}])}}
+    return {
+        "conv": {
+            "name": served.template_name,
+            "template": served.template,
+            "example": served.render_chat([{"role": "user", "content": "Hello!"}]),
+        }
+    }

@@ -98,14 +98,19 @@ def _encoder(request: Request, name: str | None, kind: Kind) -> Encoder:
     encoders = _encoders(request)
     found = encoders.default(kind) if name is None else encoders.find(name)
     if found is None and name is None:
-        raise APIError(404, f"No {kind} model is loaded: start the server with --{kind}-model, or fine-tune one "
-                            f"(General.task={kind})", "model", "model_not_found")
+        raise APIError(
+            404,
+            f"No {kind} model is loaded: start the server with --{kind}-model, or fine-tune one (General.task={kind})",
+            "model",
+            "model_not_found",
+        )
     if found is None and name is not None and _is_chat_model(request, name):
         raise APIError(400, f"`{name}` is a chat model, not {A_MODEL[kind]}", "model", "invalid_model")
     if found is None:
         loaded = ", ".join(e.name for e in encoders.all() if e.kind == kind) or "none"
-        raise APIError(404, f"The model `{name}` does not exist. Loaded {kind} models: {loaded}.", "model",
-                       "model_not_found")
+        raise APIError(
+            404, f"The model `{name}` does not exist. Loaded {kind} models: {loaded}.", "model", "model_not_found"
+        )
     if found.kind != kind:
         raise APIError(400, f"`{name}` is {A_MODEL[found.kind]}, not {A_MODEL[kind]}", "model", "invalid_model")
     return found
@@ -123,16 +128,27 @@ def _base64(vector: list[float]) -> str:
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     encoder = _encoder(request, body.model, "embedding")
     if body.dimensions is not None and body.dimensions != encoder.dimensions:
-        raise APIError(400, f"{encoder.name} makes {encoder.dimensions}-dimensional embeddings; it cannot shorten "
-                            f"them to {body.dimensions}", "dimensions", "invalid_value")
+        raise APIError(
+            400,
+            f"{encoder.name} makes {encoder.dimensions}-dimensional embeddings; it cannot shorten "
+            f"them to {body.dimensions}",
+            "dimensions",
+            "invalid_value",
+        )
     try:
         vectors, tokens = await run_in_threadpool(encoder.embed, body.texts, body.truncate)
     except ContextOverflow as exc:
         raise APIError(400, str(exc), "input", "context_length_exceeded") from None
-    data = [{"object": "embedding", "index": i, "embedding": _base64(v) if body.encoding_format == "base64" else v}
-            for i, v in enumerate(vectors)]
-    return {"object": "list", "data": data, "model": body.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    data = [
+        {"object": "embedding", "index": i, "embedding": _base64(v) if body.encoding_format == "base64" else v}
+        for i, v in enumerate(vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 @router.post("/rerank")
@@ -141,7 +157,18 @@ async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
     texts = body.texts
     scores, tokens = await run_in_threadpool(encoder.rerank, body.query, texts)
     ranked = sorted(range(len(texts)), key=lambda i: scores[i], reverse=True)[: body.top_n]
-    results = [{"index": i, "relevance_score": scores[i], **({"document": {"text": texts[i]}}
-                                                               if body.return_documents else {})} for i in ranked]
-    return {"id": f"rerank-{uuid.uuid4().hex}", "model": encoder.name, "results": results,
-            "usage": {"total_tokens": tokens}, "meta": {"billed_units": {"search_units": 1}}}
+    results = [
+        {
+            "index": i,
+            "relevance_score": scores[i],
+            **({"document": {"text": texts[i]}} if body.return_documents else {}),
+        }
+        for i in ranked
+    ]
+    return {
+        "id": f"rerank-{uuid.uuid4().hex}",
+        "model": encoder.name,
+        "results": results,
+        "usage": {"total_tokens": tokens},
+        "meta": {"billed_units": {"search_units": 1}},
+    }

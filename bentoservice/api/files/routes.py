@@ -35,9 +35,19 @@ def job_store(request: Request) -> JobStore:
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-            "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
-            "status_details": None, "expires_at": None, "format": row["format"], "rows": row["rows"]}
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+        "format": row["format"],
+        "rows": row["rows"],
+    }
 
 
 def _get(jobs: JobStore, file_id: str) -> dict[str, Any]:
@@ -68,8 +78,9 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -> dict[str, Any]:
     jobs = job_store(request)
     if purpose not in PURPOSES:
-        raise APIError(400, f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}", "purpose",
-                       "invalid_purpose")
+        raise APIError(
+            400, f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}", "purpose", "invalid_purpose"
+        )
     settings = get_settings()
     data = await _read_limited(file, settings.max_file_bytes)
     name = safe_filename(file.filename)
@@ -78,8 +89,15 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
     except formats.DataFormatError as exc:
         raise APIError(400, f"{name}: {exc}", "file", "invalid_file_format") from None
     digest = hashlib.sha256(data).hexdigest()
-    row = jobs.add_file(filename=name, purpose=purpose, bytes=len(data), sha256=digest, format=parsed.format,
-                        kind=parsed.kind, rows=len(parsed.rows))
+    row = jobs.add_file(
+        filename=name,
+        purpose=purpose,
+        bytes=len(data),
+        sha256=digest,
+        format=parsed.format,
+        kind=parsed.kind,
+        rows=len(parsed.rows),
+    )
     await run_in_threadpool(filestore.write, row["id"], data)
     return file_object(row)
 
@@ -98,9 +116,14 @@ async def retrieve(file_id: str, request: Request) -> dict[str, Any]:
 @router.get("/files/{file_id}/content")
 async def content(file_id: str, request: Request) -> StreamingResponse:
     row = _get(job_store(request), file_id)
-    return StreamingResponse(filestore.chunks(filestore.file_url(row["id"])), media_type="application/octet-stream",
-                             headers={"Content-Length": str(row["bytes"]),
-                                      "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row['filename'])}"})
+    return StreamingResponse(
+        filestore.chunks(filestore.file_url(row["id"])),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(row["bytes"]),
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row['filename'])}",
+        },
+    )
 
 
 @router.delete("/files/{file_id}")

@@ -25,8 +25,14 @@ from bentoservice.training.data import filestore
 from bentoservice.training.distributed import backends
 from bentoservice.training.methods import encoder_config
 
-TASKS = {"instruction_tuning": "sft", "sft": "sft", "dpo": "dpo", "orpo": "orpo", "rerank": "rerank",
-         "embedding": "embedding"}
+TASKS = {
+    "instruction_tuning": "sft",
+    "sft": "sft",
+    "dpo": "dpo",
+    "orpo": "orpo",
+    "rerank": "rerank",
+    "embedding": "embedding",
+}
 KIND = {"sft": "sft", "dpo": "preference", "orpo": "preference", "rerank": "rerank", "embedding": "rerank"}
 WANTED = {"sft": "SFT conversations", "preference": "preference pairs", "rerank": "rerank data (query, pos, neg)"}
 
@@ -42,8 +48,9 @@ def training_method(body: JobRequest) -> str:
         return "sft" if body.method.type == "supervised" else "dpo"
     task = body.General.task if body.General else "instruction_tuning"
     if task not in TASKS:
-        raise APIError(400, f"General.task {task!r} is not supported; use {', '.join(TASKS)}",
-                       "General.task", "unsupported_task")
+        raise APIError(
+            400, f"General.task {task!r} is not supported; use {', '.join(TASKS)}", "General.task", "unsupported_task"
+        )
     return TASKS[task]
 
 
@@ -67,8 +74,10 @@ def _trainer_args(body: JobRequest, job_id: str, default_learning_rate: float, t
     multiplier = _first(hyper.learning_rate_multiplier, top.learning_rate_multiplier) or 1.0
     args = {
         "num_train_epochs": _first(body.epochs, hyper.n_epochs, top.n_epochs, training.epochs) or 3,
-        "per_device_train_batch_size": _first(body.per_device_train_batch_size, hyper.batch_size,
-                                              top.batch_size, training.batch_size) or 4,
+        "per_device_train_batch_size": _first(
+            body.per_device_train_batch_size, hyper.batch_size, top.batch_size, training.batch_size
+        )
+        or 4,
         "learning_rate": _first(body.learning_rate, training.learning_rate) or default_learning_rate * multiplier,
         "gradient_accumulation_steps": _first(body.gradient_accumulation_steps, training.gradient_accumulation_steps),
         "warmup_steps": body.warmup_steps,
@@ -90,21 +99,28 @@ def _trainer_args(body: JobRequest, job_id: str, default_learning_rate: float, t
 
 def _lora_settings(body: JobRequest, opea_lora: LoraBlock) -> dict[str, Any]:
     """The LoRA settings of a job: OpenWeights' top-level fields, else OPEA's General.lora_config."""
-    return {"r": _first(body.r, opea_lora.r), "lora_alpha": _first(body.lora_alpha, opea_lora.lora_alpha),
-            "lora_dropout": _first(body.lora_dropout, opea_lora.lora_dropout),
-            "target_modules": _first(body.target_modules, opea_lora.target_modules)}
+    return {
+        "r": _first(body.r, opea_lora.r),
+        "lora_alpha": _first(body.lora_alpha, opea_lora.lora_alpha),
+        "lora_dropout": _first(body.lora_dropout, opea_lora.lora_dropout),
+        "target_modules": _first(body.target_modules, opea_lora.target_modules),
+    }
 
 
 # OpenWeights' optimizer names as TrainingArguments.optim; Adam without decoupled weight decay has no equivalent there.
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd"}
 # OpenWeights fields and the value of each that is the only one this product trains with.
-FIXED = {"is_peft": (True, "LLM jobs train LoRA adapters"),
-         "train_on_responses_only": (True, "the loss is always on the assistant's tokens only"),
-         "use_rslora": (False, "rank-stabilised LoRA is not supported (the served adapter scales by lora_alpha/r)"),
-         "chat_template": ("default", "the base model's own chat template formats the data"),
-         "finetuned_model_id": (None, "models stay in this server's store, not on the Hugging Face hub: name one "
-                                      "with suffix"),
-         "push_to_private": (None, "models stay in this server's store, not on the Hugging Face hub")}
+FIXED = {
+    "is_peft": (True, "LLM jobs train LoRA adapters"),
+    "train_on_responses_only": (True, "the loss is always on the assistant's tokens only"),
+    "use_rslora": (False, "rank-stabilised LoRA is not supported (the served adapter scales by lora_alpha/r)"),
+    "chat_template": ("default", "the base model's own chat template formats the data"),
+    "finetuned_model_id": (
+        None,
+        "models stay in this server's store, not on the Hugging Face hub: name one with suffix",
+    ),
+    "push_to_private": (None, "models stay in this server's store, not on the Hugging Face hub"),
+}
 
 
 def _openweights_options(body: JobRequest, config: dict[str, Any]) -> None:
@@ -115,29 +131,43 @@ def _openweights_options(body: JobRequest, config: dict[str, Any]) -> None:
     if body.optim == "adam":
         raise APIError(400, "optim 'adam' is not available; use adamw, adamw_8bit or sgd", "optim", "unsupported")
     if body.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise APIError(400, "optim 'adamw_8bit' needs bitsandbytes, which is not installed here", "optim",
-                       "unsupported")
+        raise APIError(
+            400, "optim 'adamw_8bit' needs bitsandbytes, which is not installed here", "optim", "unsupported"
+        )
     if body.lora_bias is not None:
         config["bias"] = body.lora_bias
     if body.packing is not None:
         config["packing"] = body.packing
-    args = {"optim": OPTIMIZERS.get(body.optim or ""), "weight_decay": body.weight_decay,
-            "lr_scheduler_type": body.lr_scheduler_type, "per_device_eval_batch_size": body.eval_batch_size,
-            "eval_steps": body.test_file_eval_steps, "eval_strategy": body.test_file_eval_strategy}
+    args = {
+        "optim": OPTIMIZERS.get(body.optim or ""),
+        "weight_decay": body.weight_decay,
+        "lr_scheduler_type": body.lr_scheduler_type,
+        "per_device_eval_batch_size": body.eval_batch_size,
+        "eval_steps": body.test_file_eval_steps,
+        "eval_strategy": body.test_file_eval_strategy,
+    }
     config["args"].update({k: v for k, v in args.items() if v is not None})
 
 
-def _training_config(body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None,
-                     method: str) -> dict[str, Any]:
+def _training_config(
+    body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None, method: str
+) -> dict[str, Any]:
     """The TrainingConfig fields the runner will use (plain data: no torch on this side)."""
     hyper = _method_hyperparameters(body)
     opea_lora = body.General.lora_config if body.General else LoraBlock()
     if opea_lora is None:
-        raise APIError(400, "General.lora_config: null (full fine-tuning) is only for rerank and embedding "
-                            "tasks; LLM jobs train LoRA adapters", "General.lora_config", "unsupported")
+        raise APIError(
+            400,
+            "General.lora_config: null (full fine-tuning) is only for rerank and embedding "
+            "tasks; LLM jobs train LoRA adapters",
+            "General.lora_config",
+            "unsupported",
+        )
     training, dataset = body.Training or TrainingBlock(), body.Dataset or DatasetBlock()
     config = {
-        "model": base_name, "method": method, "train_file": filestore.file_url(train["id"]),
+        "model": base_name,
+        "method": method,
+        "train_file": filestore.file_url(train["id"]),
         "test_file": filestore.file_url(test["id"]) if test else None,
         "adapter_name": f"ft-{job_id.removeprefix('ftjob-')}",
         **_lora_settings(body, opea_lora),
@@ -151,8 +181,9 @@ def _training_config(body: JobRequest, job_id: str, base_name: str, train: dict,
     return {k: v for k, v in config.items() if v is not None}
 
 
-def _encoder_config(body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None,
-                    method: str) -> dict[str, Any]:
+def _encoder_config(
+    body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None, method: str
+) -> dict[str, Any]:
     """The EncoderConfig fields of a rerank or embedding job. As in OPEA these train in full; LoRA (merged into
     the stored model) only when the body gives General.lora_config."""
     general, dataset = body.General or GeneralBlock(), body.Dataset or DatasetBlock()
@@ -160,12 +191,16 @@ def _encoder_config(body: JobRequest, job_id: str, base_name: str, train: dict, 
     opea_lora = general.lora_config if "lora_config" in general.model_fields_set else None
     lora = None if opea_lora is None else _lora_settings(body, opea_lora)
     config = {
-        "method": method, "model": base_name, "train_file": filestore.file_url(train["id"]),
+        "method": method,
+        "model": base_name,
+        "train_file": filestore.file_url(train["id"]),
         "test_file": filestore.file_url(test["id"]) if test else None,
         "adapter_name": f"ft-{job_id.removeprefix('ftjob-')}",
         "lora": None if lora is None else {k: v for k, v in lora.items() if v is not None},
-        "group_size": dataset.train_group_size, "max_seq_length": _first(body.max_seq_length, dataset.max_length),
-        "query_max_len": dataset.query_max_len, "passage_max_len": dataset.passage_max_len,
+        "group_size": dataset.train_group_size,
+        "max_seq_length": _first(body.max_seq_length, dataset.max_length),
+        "query_max_len": dataset.query_max_len,
+        "passage_max_len": dataset.passage_max_len,
         "query_instruction": dataset.query_instruction_for_retrieval,
         "passage_instruction": dataset.passage_instruction_for_retrieval,
         "temperature": (training.embedding_training_config or EmbeddingTrainingBlock()).temperature,
@@ -182,25 +217,33 @@ def _add_scale(body: JobRequest, config: dict[str, Any]) -> None:
     except backends.BackendError as exc:
         raise APIError(400, str(exc), exc.param, "invalid_scale") from None
     if scale.num_workers > 1 and config["method"] in encoder_config.ENCODER_METHODS:
-        raise APIError(400, "rerank and embedding jobs train in one process: num_workers must be 1", "num_workers",
-                       "invalid_scale")
+        raise APIError(
+            400, "rerank and embedding jobs train in one process: num_workers must be 1", "num_workers", "invalid_scale"
+        )
     config["scale"] = scale.model_dump()
     config["args"].update(backends.DISTRIBUTED_ARGS[scale.distributed])
 
 
-def _add_evaluation(body: JobRequest, config: dict[str, Any], test: dict[str, Any] | None,
-                    prompts: dict[str, Any] | None) -> None:
+def _add_evaluation(
+    body: JobRequest, config: dict[str, Any], test: dict[str, Any] | None, prompts: dict[str, Any] | None
+) -> None:
     """The before/after evaluation: asked for, or by default for a job with a validation file."""
     if body.evaluation is None and test is None:
         return
     if config["method"] in encoder_config.ENCODER_METHODS:
         if body.evaluation is not None:
-            raise APIError(400, "evaluation compares generations: it is for LLM jobs, not rerank or embedding",
-                           "evaluation", "unsupported")
+            raise APIError(
+                400,
+                "evaluation compares generations: it is for LLM jobs, not rerank or embedding",
+                "evaluation",
+                "unsupported",
+            )
         return
     block = body.evaluation or EvaluationBlock()
-    config["evaluation"] = {"prompts_file": filestore.file_url(prompts["id"]) if prompts else None,
-                            **block.model_dump(include={"max_tokens", "samples"}, exclude_none=True)}
+    config["evaluation"] = {
+        "prompts_file": filestore.file_url(prompts["id"]) if prompts else None,
+        **block.model_dump(include={"max_tokens", "samples"}, exclude_none=True),
+    }
 
 
 def _add_integrations(body: JobRequest, config: dict[str, Any], job_id: str) -> None:
@@ -208,19 +251,35 @@ def _add_integrations(body: JobRequest, config: dict[str, Any], job_id: str) -> 
     if not body.integrations:
         return
     if importlib.util.find_spec("wandb") is None:
-        raise APIError(400, "the wandb integration needs wandb, which is not installed on this server: "
-                            "pip install 'bentoservice[tracking]'", "integrations", "integration_unavailable")
+        raise APIError(
+            400,
+            "the wandb integration needs wandb, which is not installed on this server: "
+            "pip install 'bentoservice[tracking]'",
+            "integrations",
+            "integration_unavailable",
+        )
     wandb = body.integrations[0].wandb
     config["args"].update(report_to=["wandb"], run_name=wandb.name or job_id)
-    config["wandb"] = {**wandb.model_dump(exclude_none=True), "run_id": job_id,
-                       "dir": str(get_settings().jobs_dir / job_id / "wandb")}
+    config["wandb"] = {
+        **wandb.model_dump(exclude_none=True),
+        "run_id": job_id,
+        "dir": str(get_settings().jobs_dir / job_id / "wandb"),
+    }
 
 
-def job_config(body: JobRequest, job_id: str, base_name: str, train: dict[str, Any], test: dict[str, Any] | None,
-               method: str, prompts: dict[str, Any] | None = None) -> dict[str, Any]:
+def job_config(
+    body: JobRequest,
+    job_id: str,
+    base_name: str,
+    train: dict[str, Any],
+    test: dict[str, Any] | None,
+    method: str,
+    prompts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The one place a job body, in any dialect, becomes the config the runner trains from."""
     config = (_encoder_config if method in encoder_config.ENCODER_METHODS else _training_config)(
-        body, job_id, base_name, train, test, method)
+        body, job_id, base_name, train, test, method
+    )
     _add_scale(body, config)
     _check_4bit(body, method, config["scale"]["backend"])
     _add_evaluation(body, config, test, prompts)
@@ -233,8 +292,9 @@ def _check_4bit(body: JobRequest, method: str, backend: str) -> None:
     if not body.load_in_4bit:
         return
     if method in encoder_config.ENCODER_METHODS:
-        raise APIError(400, "load_in_4bit is for LLM jobs (QLoRA), not rerank or embedding jobs", "load_in_4bit",
-                       "unsupported")
+        raise APIError(
+            400, "load_in_4bit is for LLM jobs (QLoRA), not rerank or embedding jobs", "load_in_4bit", "unsupported"
+        )
     if backend == "local":
         try:
             hardware.check_adapter_type("qlora", hardware.detect_device())

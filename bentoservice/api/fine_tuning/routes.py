@@ -29,8 +29,12 @@ def _file(jobs: JobStore, ref: str, param: str, kind: str) -> dict[str, Any]:
     if row is None:
         raise APIError(400, f"invalid {param}: no uploaded file {ref!r}", param, "file_not_found")
     if row["kind"] != kind:
-        raise APIError(400, f"invalid {param}: {ref} holds {row['kind']} data, but this job needs {WANTED[kind]}",
-                       param, "invalid_file_kind")
+        raise APIError(
+            400,
+            f"invalid {param}: {ref} holds {row['kind']} data, but this job needs {WANTED[kind]}",
+            param,
+            "invalid_file_kind",
+        )
     return row
 
 
@@ -55,9 +59,14 @@ def _encoder_base(model: str) -> str:
             return bundled[0]
         if model.count("/") == 1 and not model.startswith((".", "/", "~")) and not hub_constants.HF_HUB_OFFLINE:
             return model
-        raise APIError(404, f"The model `{model}` does not exist: it is not in the model store and the Hugging "
-                            f"Face hub is offline. Fine-tune `minilm`, or import the model first: bentoservice "
-                            f"import NAME --model-id {model} --kind rerank", "model", "model_not_found") from None
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist: it is not in the model store and the Hugging "
+            f"Face hub is offline. Fine-tune `minilm`, or import the model first: bentoservice "
+            f"import NAME --model-id {model} --kind rerank",
+            "model",
+            "model_not_found",
+        ) from None
 
 
 def _fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
@@ -69,28 +78,50 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
     request, config = job["request"], job["config"]
     args = config.get("args", {})
     method = "supervised" if config["method"] == "sft" else config["method"]
-    hyper = {"n_epochs": args.get("num_train_epochs"), "batch_size": args.get("per_device_train_batch_size"),
-             "learning_rate_multiplier": round(args.get("learning_rate", 0) / default_learning_rate(config), 6)}
+    hyper = {
+        "n_epochs": args.get("num_train_epochs"),
+        "batch_size": args.get("per_device_train_batch_size"),
+        "learning_rate_multiplier": round(args.get("learning_rate", 0) / default_learning_rate(config), 6),
+    }
     return {
-        "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"],
-        "finished_at": job["finished_at"], "model": job["model"], "fine_tuned_model": (
-            job["fine_tuned_model"] if job["status"] == "succeeded" else None),
-        "organization_id": "bentoservice", "result_files": job["result_files"] or [], "status": job["status"],
-        "training_file": request["training_file"], "validation_file": request.get("validation_file"),
-        "hyperparameters": hyper, "trained_tokens": job["trained_tokens"], "error": job["error"],
+        "id": job["id"],
+        "object": "fine_tuning.job",
+        "created_at": job["created_at"],
+        "finished_at": job["finished_at"],
+        "model": job["model"],
+        "fine_tuned_model": (job["fine_tuned_model"] if job["status"] == "succeeded" else None),
+        "organization_id": "bentoservice",
+        "result_files": job["result_files"] or [],
+        "status": job["status"],
+        "training_file": request["training_file"],
+        "validation_file": request.get("validation_file"),
+        "hyperparameters": hyper,
+        "trained_tokens": job["trained_tokens"],
+        "error": job["error"],
         "seed": args.get("seed"),
         "integrations": [{"type": "wandb", "wandb": config["wandb"]}] if config.get("wandb") else [],
         "estimated_finish": job["estimated_finish"] if job["status"] == "running" else None,
-        "metadata": request.get("metadata"), "user_provided_suffix": request.get("suffix"),
-        "method": {"type": method, method: {"hyperparameters": {**hyper, **(
-            {"beta": config.get("beta", 0.1)} if method in ("dpo", "orpo") else {})}}},
+        "metadata": request.get("metadata"),
+        "user_provided_suffix": request.get("suffix"),
+        "method": {
+            "type": method,
+            method: {
+                "hyperparameters": {**hyper, **({"beta": config.get("beta", 0.1)} if method in ("dpo", "orpo") else {})}
+            },
+        },
         # Beyond OpenAI's object: the before/after evaluation (methods.evaluation), once the job has one.
         "evaluation": job["evaluation"],
         # OpenWeights' view of the same job.
-        "params": {"model": job["model"], "loss": config["method"], **config.get("args", {}),
-                   **({"meta": request["meta"]} if request.get("meta") else {})},
-        "outputs": {"model": job["fine_tuned_model"] if job["status"] == "succeeded" else None,
-                    "store_tag": job["store_tag"]},
+        "params": {
+            "model": job["model"],
+            "loss": config["method"],
+            **config.get("args", {}),
+            **({"meta": request["meta"]} if request.get("meta") else {}),
+        },
+        "outputs": {
+            "model": job["fine_tuned_model"] if job["status"] == "succeeded" else None,
+            "store_tag": job["store_tag"],
+        },
     }
 
 
@@ -114,8 +145,13 @@ def create_job(jobs: JobStore, body: JobRequest) -> dict[str, Any]:
     job_id = new_id("ftjob")
     config = job_config(body, job_id, base, train, test, method, prompts)
     request_body = body.model_dump(exclude_none=True)
-    job = jobs.add_job(id=job_id, model=body.model, request=request_body, config=config,
-                       fine_tuned_model=_fine_tuned_name(base.split("/")[-1], body.suffix, job_id))
+    job = jobs.add_job(
+        id=job_id,
+        model=body.model,
+        request=request_body,
+        config=config,
+        fine_tuned_model=_fine_tuned_name(base.split("/")[-1], body.suffix, job_id),
+    )
     jobs.add_event(job_id, f"Created fine-tuning job: {job_id}")
     return job_object(job)
 
@@ -126,11 +162,13 @@ async def create(body: JobRequest, request: Request) -> dict[str, Any]:
 
 
 @router.get("/fine_tuning/jobs")
-async def list_jobs(request: Request, after: str | None = None,
-                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+async def list_jobs(
+    request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> dict[str, Any]:
     """OpenAI's filter `metadata[key]=value` keeps the jobs whose metadata has that pair."""
-    metadata = {m[1]: value for name, value in request.query_params.items()
-                if (m := re.fullmatch(r"metadata\[(.+)\]", name))}
+    metadata = {
+        m[1]: value for name, value in request.query_params.items() if (m := re.fullmatch(r"metadata\[(.+)\]", name))
+    }
     rows, more = job_store(request).list_jobs(after, limit, metadata)
     return {"object": "list", "data": [job_object(r) for r in rows], "has_more": more}
 
@@ -156,8 +194,12 @@ async def pause(job_id: str, request: Request) -> dict[str, Any]:
     jobs = job_store(request)
     job = _job(jobs, job_id)
     if not request_pause(jobs, job_id):
-        raise APIError(400, f"only a running job can be paused; this one is {job['status']}", "fine_tuning_job_id",
-                       "job_not_running")
+        raise APIError(
+            400,
+            f"only a running job can be paused; this one is {job['status']}",
+            "fine_tuning_job_id",
+            "job_not_running",
+        )
     return job_object(_job(jobs, job_id))
 
 
@@ -167,19 +209,31 @@ async def resume(job_id: str, request: Request) -> dict[str, Any]:
     jobs = job_store(request)
     job = _job(jobs, job_id)
     if not request_resume(jobs, job_id):
-        raise APIError(400, f"only a paused job can be resumed; this one is {job['status']}", "fine_tuning_job_id",
-                       "job_not_paused")
+        raise APIError(
+            400,
+            f"only a paused job can be resumed; this one is {job['status']}",
+            "fine_tuning_job_id",
+            "job_not_paused",
+        )
     return job_object(_job(jobs, job_id))
 
 
 def _event_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": f"ftevent-{row['seq']}", "object": "fine_tuning.job.event", "created_at": row["created_at"],
-            "level": row["level"], "message": row["message"], "data": row["data"] or {}, "type": row["type"]}
+    return {
+        "id": f"ftevent-{row['seq']}",
+        "object": "fine_tuning.job.event",
+        "created_at": row["created_at"],
+        "level": row["level"],
+        "message": row["message"],
+        "data": row["data"] or {},
+        "type": row["type"],
+    }
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-async def list_events(job_id: str, request: Request, after: str | None = None,
-                      limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
+async def list_events(
+    job_id: str, request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20
+) -> dict[str, Any]:
     jobs = job_store(request)
     _job(jobs, job_id)
     anchor = int(after.removeprefix("ftevent-")) if after and re.fullmatch(r"ftevent-\d+", after) else None
@@ -188,12 +242,20 @@ async def list_events(job_id: str, request: Request, after: str | None = None,
 
 
 def _checkpoint_object(row: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    metrics = {"step": row["step"], **{k: v for k, v in with_openai_names(row["metrics"] or {}).items()
-                                       if isinstance(v, (int, float))}}
-    return {"id": row["id"], "object": "fine_tuning.job.checkpoint", "created_at": row["created_at"],
-            "fine_tuning_job_id": job["id"], "step_number": row["step"], "metrics": metrics,
-            "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{row['step']}",
-            "path": row["path"]}
+    metrics = {
+        "step": row["step"],
+        **{k: v for k, v in with_openai_names(row["metrics"] or {}).items() if isinstance(v, (int, float))},
+    }
+    return {
+        "id": row["id"],
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": row["created_at"],
+        "fine_tuning_job_id": job["id"],
+        "step_number": row["step"],
+        "metrics": metrics,
+        "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{row['step']}",
+        "path": row["path"],
+    }
 
 
 def _checkpoints(jobs: JobStore, job_id: str) -> list[dict[str, Any]]:
@@ -204,11 +266,17 @@ def _checkpoints(jobs: JobStore, job_id: str) -> list[dict[str, Any]]:
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request) -> dict[str, Any]:
     data = _checkpoints(job_store(request), job_id)
-    return {"object": "list", "data": data, "has_more": False,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 # --- OPEA's calls ----------------------------------------------------------------------------
+
 
 @router.post("/fine_tuning/jobs/retrieve")
 async def opea_retrieve(body: JobRef, request: Request) -> dict[str, Any]:
@@ -232,11 +300,18 @@ def submit_and_wait(jobs: JobStore, body: dict[str, Any]) -> dict[str, Any]:
         created = create_job(jobs, JobRequest.model_validate(body))
     except ValidationError as exc:
         first = exc.errors()[0]
-        return {"error": {"message": first["msg"], "type": "invalid_request_error", "code": "invalid_value",
-                          "param": ".".join(str(p) for p in first["loc"]) or None}}
+        return {
+            "error": {
+                "message": first["msg"],
+                "type": "invalid_request_error",
+                "code": "invalid_value",
+                "param": ".".join(str(p) for p in first["loc"]) or None,
+            }
+        }
     except APIError as exc:
-        return {"error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param,
-                          "code": exc.code}}
+        return {
+            "error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param, "code": exc.code}
+        }
     while (current := jobs.get_job(created["id"])) is not None and current["status"] not in FINAL:
         time.sleep(1)
     assert current is not None  # jobs are never deleted

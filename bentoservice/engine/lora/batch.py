@@ -45,8 +45,12 @@ class Segments:
         for g, tokens in enumerate(members):
             for i, token in enumerate(tokens):
                 place[token] = g * width + i
-        return cls(first - 1, torch.tensor(order, device=device), torch.tensor(valid, dtype=dtype, device=device),
-                   torch.tensor(place, device=device))
+        return cls(
+            first - 1,
+            torch.tensor(order, device=device),
+            torch.tensor(valid, dtype=dtype, device=device),
+            torch.tensor(place, device=device),
+        )
 
 
 def native_pass(slots: list[int]) -> native.Pass:
@@ -54,9 +58,11 @@ def native_pass(slots: list[int]) -> native.Pass:
     kernel."""
     blocks = sorted(tokens_by_slot(slots).items())
     sizes = [len(tokens) for _, tokens in blocks]
-    return native.Pass.of(torch.tensor([0, *itertools.accumulate(sizes)]),
-                          torch.tensor([slot - 1 for slot, _ in blocks], dtype=torch.int64),
-                          torch.tensor([token for _, tokens in blocks for token in tokens], dtype=torch.int64))
+    return native.Pass.of(
+        torch.tensor([0, *itertools.accumulate(sizes)]),
+        torch.tensor([slot - 1 for slot, _ in blocks], dtype=torch.int64),
+        torch.tensor([token for _, tokens in blocks for token in tokens], dtype=torch.int64),
+    )
 
 
 class LoraBatch:

@@ -22,8 +22,13 @@ class LoraGroup:
     that a pass runs one A product for the group; each layer's B product then adds into its own columns.
     """
 
-    def __init__(self, batch: LoraBatch, parent: nn.Module, names: list[str],
-                 kernel: Callable[[int, int, int, int, int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        batch: LoraBatch,
+        parent: nn.Module,
+        names: list[str],
+        kernel: Callable[[int, int, int, int, int, int], None] | None = None,
+    ) -> None:
         self.batch = batch
         self.parent, self.names = parent, names
         self.kernel = kernel  # native.Kernels.lora_add, or None for torch operations
@@ -36,8 +41,11 @@ class LoraGroup:
 
     def refresh(self) -> None:
         """Read the stacks again: the adapter manager wraps layers and grows or rewrites their stacks."""
-        wrapped = [(columns, layer) for columns, name in zip(self._columns, self.names, strict=False)
-                   if isinstance(layer := getattr(self.parent, name), BatchedLoraLinear) and layer.lora_A is not None]
+        wrapped = [
+            (columns, layer)
+            for columns, name in zip(self._columns, self.names, strict=False)
+            if isinstance(layer := getattr(self.parent, name), BatchedLoraLinear) and layer.lora_A is not None
+        ]
         if not wrapped:
             self.a, self.targets = None, []
             return
@@ -60,7 +68,7 @@ class LoraGroup:
             index = batch.single - 1
             t = x @ self.a[index]
             for i, (columns, b) in enumerate(self.targets):
-                y[:, columns].addmm_(t[:, i * rank:(i + 1) * rank], b[index])
+                y[:, columns].addmm_(t[:, i * rank : (i + 1) * rank], b[index])
             return
         segments = batch.segments
         groups, width = segments.valid.shape[:2]
@@ -68,11 +76,17 @@ class LoraGroup:
         t = torch.bmm(x.index_select(0, segments.order).view(groups, width, -1), self.a[stacks])
         t.mul_(segments.valid)
         for i, (columns, b) in enumerate(self.targets):
-            update = torch.bmm(t[:, :, i * rank:(i + 1) * rank], b[stacks])
+            update = torch.bmm(t[:, :, i * rank : (i + 1) * rank], b[stacks])
             y[:, columns] += update.view(groups * width, -1).index_select(0, segments.place)
 
     def _add_native(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """`add` in one call of the CPU kernel (x and y: float32 rows of contiguous columns)."""
         assert self.kernel is not None and self._native is not None  # set together in refresh()
-        self.kernel(ctypes.addressof(self._native), ctypes.addressof(self.batch.native), x.data_ptr(), x.stride(0),
-                    y.data_ptr(), y.stride(0))
+        self.kernel(
+            ctypes.addressof(self._native),
+            ctypes.addressof(self.batch.native),
+            x.data_ptr(),
+            x.stride(0),
+            y.data_ptr(),
+            y.stride(0),
+        )

@@ -56,8 +56,7 @@ class DataFormatError(ValueError):
     with the whole file.
     """
 
-    def __init__(self, problem: str, line: int | None = None, field: str | None = None,
-                 unit: Unit = "line") -> None:
+    def __init__(self, problem: str, line: int | None = None, field: str | None = None, unit: Unit = "line") -> None:
         super().__init__(problem)
         self.problem = problem
         self.line = line
@@ -91,8 +90,9 @@ def parse_bytes(data: bytes, filename: str = "", expect: Kind | None = None) -> 
     """Validate a whole training file and convert it; raises DataFormatError at the first problem."""
     records, unit = _records(_decode(data))
     dataset = _convert(records, unit, expect)
-    log.info("%s: %d %s rows in %s format", filename or "training data", len(dataset.rows), dataset.kind,
-             dataset.format)
+    log.info(
+        "%s: %d %s rows in %s format", filename or "training data", len(dataset.rows), dataset.kind, dataset.format
+    )
     return dataset
 
 
@@ -106,8 +106,12 @@ def check_lengths(ds: Dataset, count_tokens: Callable[[Row], int], max_seq_lengt
     for row, line in zip(ds.rows, ds.lines, strict=True):
         tokens = count_tokens(row)
         if tokens > max_seq_length:
-            raise DataFormatError(f"the example is {tokens} tokens long, more than max_seq_length "
-                                  f"{max_seq_length}; shorten it or raise max_seq_length", line, unit=ds.unit)
+            raise DataFormatError(
+                f"the example is {tokens} tokens long, more than max_seq_length "
+                f"{max_seq_length}; shorten it or raise max_seq_length",
+                line,
+                unit=ds.unit,
+            )
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -118,8 +122,7 @@ def _decode(data: bytes) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise DataFormatError(f"the file is not UTF-8 (byte 0x{data[err.start]:02x}); save it as UTF-8",
-                              line) from None
+        raise DataFormatError(f"the file is not UTF-8 (byte 0x{data[err.start]:02x}); save it as UTF-8", line) from None
 
 
 def _records(text: str) -> tuple[Iterable[tuple[int, Any]], Unit]:
@@ -128,7 +131,7 @@ def _records(text: str) -> tuple[Iterable[tuple[int, Any]], Unit]:
         whole = json.loads(text)
     except json.JSONDecodeError as err:
         # More data after a one-line first value means JSON Lines, whatever that first line holds.
-        one_line_then_more = err.msg == "Extra data" and "\n" not in text[:err.pos].strip()
+        one_line_then_more = err.msg == "Extra data" and "\n" not in text[: err.pos].strip()
         if text.lstrip().startswith("[") and not one_line_then_more:
             raise DataFormatError(f"invalid JSON: {err.msg} (column {err.colno})", err.lineno) from None
         return _json_lines(text), "line"
@@ -157,8 +160,10 @@ def _convert(records: Iterable[tuple[int, Any]], unit: Unit, expect: Kind | None
         with _located(line, unit):
             found = _detect(record)
             if fmt is not None and found is not fmt:
-                raise DataFormatError(f"this record is {found.label} but the file is {fmt.label}, as {unit} "
-                                      f"{lines[0]} shows; use one format per file")
+                raise DataFormatError(
+                    f"this record is {found.label} but the file is {fmt.label}, as {unit} "
+                    f"{lines[0]} shows; use one format per file"
+                )
             row = found.convert(record)
         if fmt is None:
             fmt = found
@@ -189,8 +194,9 @@ _KIND_NAMES: dict[str, tuple[str, str]] = {
 def _check_kind(fmt: _Format, expect: Kind | None) -> None:
     if expect is None or fmt.kind == expect:
         return
-    raise DataFormatError(f"this is {_KIND_NAMES[fmt.kind][0]} but the job needs {_KIND_NAMES[expect][1]}; "
-                          f"the file is {fmt.label}")
+    raise DataFormatError(
+        f"this is {_KIND_NAMES[fmt.kind][0]} but the job needs {_KIND_NAMES[expect][1]}; the file is {fmt.label}"
+    )
 
 
 def _detect(record: Any) -> _Format:
@@ -285,8 +291,9 @@ class _Dialect:
 
 
 _OPENAI = _Dialect("role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
-_SHAREGPT = _Dialect("from", "value", {"human": "user", "gpt": "assistant", "system": "system",
-                                       "user": "user", "assistant": "assistant"})
+_SHAREGPT = _Dialect(
+    "from", "value", {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+)
 
 
 def _messages(value: Any, path: str, dialect: _Dialect, *, after: Role | None, last: Role) -> list[Message]:
@@ -312,8 +319,11 @@ def _messages(value: Any, path: str, dialect: _Dialect, *, after: Role | None, l
         if role != "system":
             previous = role
     if messages[-1]["role"] != last:
-        raise _invalid(path, f"must end with {'an' if last == 'assistant' else 'a'} {last!r} message, "
-                             f"but the last one is {messages[-1]['role']!r}")
+        raise _invalid(
+            path,
+            f"must end with {'an' if last == 'assistant' else 'a'} {last!r} message, "
+            f"but the last one is {messages[-1]['role']!r}",
+        )
     return messages
 
 
@@ -355,8 +365,7 @@ def _openai_chat(record: dict[str, Any]) -> Row:
 
 
 def _sharegpt(record: dict[str, Any]) -> Row:
-    conversation = _messages(_get(record, "conversations"), "conversations", _SHAREGPT, after=None,
-                             last="assistant")
+    conversation = _messages(_get(record, "conversations"), "conversations", _SHAREGPT, after=None, last="assistant")
     return {"messages": conversation}
 
 
@@ -365,29 +374,37 @@ def _alpaca(record: dict[str, Any]) -> Row:
     # null means no input: datasets exported with pandas or HF datasets often write it that way.
     extra = "" if record.get("input") is None else _str(record["input"], "input")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": _text(_get(record, "output"), "output")}]}
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(_get(record, "output"), "output")},
+        ]
+    }
 
 
 def _prompt_completion(record: dict[str, Any]) -> Row:
-    return {"messages": _prompt(_get(record, "prompt"), "prompt")
-            + _reply(_get(record, "completion"), "completion")}
+    return {"messages": _prompt(_get(record, "prompt"), "prompt") + _reply(_get(record, "completion"), "completion")}
 
 
 def _preference(record: dict[str, Any]) -> Row:
-    return {"prompt": _prompt(_get(record, "prompt"), "prompt"),
-            "chosen": _reply(_get(record, "chosen"), "chosen"),
-            "rejected": _reply(_get(record, "rejected"), "rejected")}
+    return {
+        "prompt": _prompt(_get(record, "prompt"), "prompt"),
+        "chosen": _reply(_get(record, "chosen"), "chosen"),
+        "rejected": _reply(_get(record, "rejected"), "rejected"),
+    }
 
 
 def _openai_preference(record: dict[str, Any]) -> Row:
     prompt = _object(_get(record, "input"), "input")
-    return {"prompt": _messages(_get(prompt, "input.messages"), "input.messages", _OPENAI, after=None,
-                                last="user"),
-            "chosen": _messages(_get(record, "preferred_output"), "preferred_output", _OPENAI, after="user",
-                                last="assistant"),
-            "rejected": _messages(_get(record, "non_preferred_output"), "non_preferred_output", _OPENAI,
-                                  after="user", last="assistant")}
+    return {
+        "prompt": _messages(_get(prompt, "input.messages"), "input.messages", _OPENAI, after=None, last="user"),
+        "chosen": _messages(
+            _get(record, "preferred_output"), "preferred_output", _OPENAI, after="user", last="assistant"
+        ),
+        "rejected": _messages(
+            _get(record, "non_preferred_output"), "non_preferred_output", _OPENAI, after="user", last="assistant"
+        ),
+    }
 
 
 def _passages(value: Any, path: str, *, required: bool) -> list[str]:
@@ -401,8 +418,11 @@ def _passages(value: Any, path: str, *, required: bool) -> list[str]:
 def _flag_embedding(record: dict[str, Any]) -> Row:
     query = _text(_get(record, "query"), "query")
     instruction = "" if record.get("prompt") is None else _str(record["prompt"], "prompt")
-    return {"query": instruction + query, "pos": _passages(_get(record, "pos"), "pos", required=True),
-            "neg": _passages(record.get("neg", []), "neg", required=False)}
+    return {
+        "query": instruction + query,
+        "pos": _passages(_get(record, "pos"), "pos", required=True),
+        "neg": _passages(record.get("neg", []), "neg", required=False),
+    }
 
 
 @dataclass(frozen=True)
@@ -420,10 +440,13 @@ _FORMATS = (
     _Format("sharegpt", "sft", "ShareGPT (conversations)", ("conversations",), _sharegpt),
     _Format("alpaca", "sft", "Alpaca (instruction, input, output)", ("instruction", "output"), _alpaca),
     _Format("prompt_completion", "sft", "prompt/completion", ("completion",), _prompt_completion),
-    _Format("preference", "preference", "preference (prompt, chosen, rejected)", ("chosen", "rejected"),
-            _preference),
-    _Format("openai_preference", "preference",
-            "OpenAI preference (input, preferred_output, non_preferred_output)",
-            ("preferred_output", "non_preferred_output"), _openai_preference),
+    _Format("preference", "preference", "preference (prompt, chosen, rejected)", ("chosen", "rejected"), _preference),
+    _Format(
+        "openai_preference",
+        "preference",
+        "OpenAI preference (input, preferred_output, non_preferred_output)",
+        ("preferred_output", "non_preferred_output"),
+        _openai_preference,
+    ),
     _Format("flag_embedding", "rerank", "FlagEmbedding (query, pos, neg)", ("query", "pos"), _flag_embedding),
 )

@@ -50,10 +50,17 @@ HOST = socket.gethostname()
 DISTRIBUTED_ARGS: dict[str, dict[str, Any]] = {
     "ddp": {"ddp_find_unused_parameters": False},  # every LoRA weight takes part: skip DDP's search for unused ones
     "fsdp": {"fsdp": True, "fsdp_config": {"version": 2}},  # full shard, wrapped by decoder layer
-    "deepspeed": {"deepspeed": {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                                "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-                                "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-                                "fp16": {"enabled": "auto"}}},
+    "deepspeed": {
+        "deepspeed": {
+            "zero_optimization": {"stage": 2},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+        }
+    },
 }
 
 
@@ -79,18 +86,22 @@ def check(scale: Scale) -> Scale:
     """Refuse at once what cannot run (raises BackendError)."""
     settings = get_settings()
     if scale.distributed != "ddp" and scale.gpus_per_worker == 0:
-        raise BackendError(f"distributed={scale.distributed} shards the model over GPUs; CPU workers train with ddp",
-                           "distributed")
+        raise BackendError(
+            f"distributed={scale.distributed} shards the model over GPUs; CPU workers train with ddp", "distributed"
+        )
     if scale.backend == "ray":
         if not settings.ray_address:
-            raise BackendError("no Ray cluster is configured: set BENTOSERVICE_RAY_ADDRESS to its dashboard "
-                               "address (e.g. http://head:8265)", "backend")
+            raise BackendError(
+                "no Ray cluster is configured: set BENTOSERVICE_RAY_ADDRESS to its dashboard "
+                "address (e.g. http://head:8265)",
+                "backend",
+            )
         if importlib.util.find_spec("ray") is None:
-            raise BackendError("the ray backend needs Ray on this server: pip install 'bentoservice[ray]'",
-                               "backend")
+            raise BackendError("the ray backend needs Ray on this server: pip install 'bentoservice[ray]'", "backend")
     elif scale.gpus_per_worker not in (None, 0, 1):
-        raise BackendError("a local worker process trains on at most one GPU; use num_workers for more GPUs",
-                           "gpus_per_worker")
+        raise BackendError(
+            "a local worker process trains on at most one GPU; use num_workers for more GPUs", "gpus_per_worker"
+        )
     elif scale.distributed == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise BackendError("distributed=deepspeed needs the deepspeed package on this server", "distributed")
     return scale
@@ -107,6 +118,7 @@ def rank() -> int:
 
 
 # --- handles ---------------------------------------------------------------------------------
+
 
 class Handle(Protocol):
     @property
@@ -202,6 +214,7 @@ class RayRun:
 
 # --- launching and adopting ------------------------------------------------------------------
 
+
 def launch(job: dict[str, Any]) -> tuple[Handle, dict[str, Any]]:
     """Start a job's training; returns its handle and the fields to record on the job (pid, host)."""
     scale = scale_of(job["config"])
@@ -238,17 +251,38 @@ def _free_port() -> int:
 def _spawn(job_id: str, scale: Scale) -> LocalRun:
     folder = get_settings().jobs_dir / job_id
     folder.mkdir(parents=True, exist_ok=True)
-    launcher = [] if scale.num_workers == 1 else [
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(scale.num_workers),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port())]
+    launcher = (
+        []
+        if scale.num_workers == 1
+        else [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(scale.num_workers),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ]
+    )
     command = [sys.executable, *launcher, "-m", "bentoservice.training.jobs.runner", job_id]
     env = dict(os.environ)
     if scale.gpus_per_worker == 0:
         env["CUDA_VISIBLE_DEVICES"] = ""
     with open(folder / "runner.log", "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     return LocalRun(job_id, process.pid, process)
 
 
@@ -265,14 +299,19 @@ def _submit(job: dict[str, Any]) -> RayRun:
     settings = get_settings()
     address = _ray_address()
     runtime_env = dict(settings.ray_runtime_env)
-    runtime_env["env_vars"] = {"BENTOSERVICE_DATABASE_URL": database().url.render_as_string(hide_password=False),
-                               "BENTOSERVICE_FILES_URL": filestore.root(), **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = {
+        "BENTOSERVICE_DATABASE_URL": database().url.render_as_string(hide_password=False),
+        "BENTOSERVICE_FILES_URL": filestore.root(),
+        **runtime_env.get("env_vars", {}),
+    }
     submission_id = f"bentoservice-{job['id']}-{job['attempts']}"
     for attempt in range(SUBMIT_TRIES):
         try:
             ray_client(address).submit_job(
                 entrypoint=f"python -m bentoservice.training.distributed.ray_train {job['id']}",
-                submission_id=submission_id, runtime_env=runtime_env)
+                submission_id=submission_id,
+                runtime_env=runtime_env,
+            )
             break
         except RuntimeError as exc:
             # A head that has just started answers "No available agent to submit job, please try again later".

@@ -37,12 +37,20 @@ def main(job_id: str) -> int:
     scale = scale_of(job["config"])
     gpus = scale.gpus_per_worker or 0
     trainer = TorchTrainer(
-        _worker, train_loop_config={"job_id": job_id},
-        scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})}),
+        _worker,
+        train_loop_config={"job_id": job_id},
+        scaling_config=ScalingConfig(
+            num_workers=scale.num_workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})},
+        ),
         # The job store's attempts (and resuming from checkpoints) handle retries, not Ray.
-        run_config=RunConfig(name=job_id, storage_path=str(get_settings().jobs_dir / job_id / "ray"),
-                             failure_config=FailureConfig(max_failures=0)))
+        run_config=RunConfig(
+            name=job_id,
+            storage_path=str(get_settings().jobs_dir / job_id / "ray"),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
     trainer.fit()
     return 0
 

@@ -22,8 +22,17 @@ class Flag(Protocol):
 Sink = Callable[[dict[str, Any]], None]
 StopFlag = Flag | Callable[[], bool]
 # Trainer log keys passed on as they are; tokens_per_second and eta_seconds are derived here.
-LOG_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "eval_accuracy", "train_loss",
-            "mean_token_accuracy", "eval_mean_token_accuracy")
+LOG_KEYS = (
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "epoch",
+    "eval_loss",
+    "eval_accuracy",
+    "train_loss",
+    "mean_token_accuracy",
+    "eval_mean_token_accuracy",
+)
 
 
 def log_sink(event: dict[str, Any]) -> None:
@@ -55,21 +64,27 @@ class ProgressCallback(TrainerCallback):
         self._start = self._mark = time.monotonic()
         self._first_step = self._mark_tokens = self._metrics_step = 0
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._start = self._mark = time.monotonic()
         self._first_step = state.global_step
         self._mark_tokens = state.num_input_tokens_seen
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.stop is not None and _is_set(self.stop):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True  # a checkpoint to resume from
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         logs = logs or {}
         event: dict[str, Any] = {"type": "metrics", "step": state.global_step}
         event.update({k: logs[k] for k in LOG_KEYS if k in logs})
@@ -86,8 +101,6 @@ class ProgressCallback(TrainerCallback):
         self.last_metrics.update({k: v for k, v in event.items() if k not in ("type", "step")})
         self.sink(event)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.sink({"type": "checkpoint", "step": state.global_step, "path": str(path),
-                   "metrics": self.last_metrics})
+        self.sink({"type": "checkpoint", "step": state.global_step, "path": str(path), "metrics": self.last_metrics})

@@ -35,8 +35,11 @@ def serve_fine_tune(jobs: JobStore, served: ServedModel, encoders: EncoderRegist
 def restore_fine_tunes(jobs: JobStore, served: ServedModel) -> None:
     """After a restart, serve earlier fine-tunes again under their names, each loaded on its first request."""
     for job in jobs.jobs_in("succeeded"):
-        if (job["config"]["model"] == served.name and job["fine_tuned_model"] not in served.catalog
-                and not job["config"].get("merge_before_push")):
+        if (
+            job["config"]["model"] == served.name
+            and job["fine_tuned_model"] not in served.catalog
+            and not job["config"].get("merge_before_push")
+        ):
             try:
                 backends.fetch_result(job)  # trained by another replica or a Ray node: from the file store
                 served.register(job["fine_tuned_model"], job["store_tag"])

@@ -24,8 +24,13 @@ MAX_ATTEMPTS = 3
 
 
 class JobQueue:
-    def __init__(self, jobs: JobStore, on_success: Callable[[dict[str, Any]], None],
-                 concurrency: int | None = None, poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        on_success: Callable[[dict[str, Any]], None],
+        concurrency: int | None = None,
+        poll_seconds: float = 0.5,
+    ) -> None:
         self.jobs = jobs
         self.on_success = on_success
         self.concurrency = concurrency or get_settings().job_concurrency
@@ -73,8 +78,7 @@ class JobQueue:
         if job["cancel_requested"]:
             self._cancelled(job["id"])
         elif job["pause_requested"] and not job["store_tag"]:  # it died before it could say so itself
-            if self.jobs.update_job(job["id"], only_if=("running",), status="paused", pid=None,
-                                    estimated_finish=None):
+            if self.jobs.update_job(job["id"], only_if=("running",), status="paused", pid=None, estimated_finish=None):
                 self.jobs.add_event(job["id"], "Fine-tuning job paused; it resumes from its newest checkpoint")
         elif job["store_tag"]:
             self._complete(job)
@@ -87,10 +91,12 @@ class JobQueue:
             self.on_success(job)
         except Exception as exc:
             log.exception("serving the result of job %s failed", job["id"])
-            self.jobs.add_event(job["id"], f"The fine-tuned model could not be loaded into the server: {exc}",
-                                level="warn")
-        if self.jobs.update_job(job["id"], only_if=("running",), status="succeeded", finished_at=now(), pid=None,
-                                estimated_finish=None):
+            self.jobs.add_event(
+                job["id"], f"The fine-tuned model could not be loaded into the server: {exc}", level="warn"
+            )
+        if self.jobs.update_job(
+            job["id"], only_if=("running",), status="succeeded", finished_at=now(), pid=None, estimated_finish=None
+        ):
             self.jobs.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
             self.jobs.add_event(job["id"], "The job has successfully completed")
 
@@ -98,26 +104,46 @@ class JobQueue:
         """A runner died without recording an outcome: requeue to resume, or fail after MAX_ATTEMPTS."""
         if job["attempts"] >= MAX_ATTEMPTS:
             message = f"the training process stopped unexpectedly {job['attempts']} times"
-            if self.jobs.update_job(job["id"], only_if=("running",), status="failed", finished_at=now(),
-                                    error={"code": "training_interrupted", "message": message, "param": None}):
+            if self.jobs.update_job(
+                job["id"],
+                only_if=("running",),
+                status="failed",
+                finished_at=now(),
+                error={"code": "training_interrupted", "message": message, "param": None},
+            ):
                 self.jobs.add_event(job["id"], f"Fine-tuning failed: {message}", level="error")
         elif self.jobs.update_job(job["id"], only_if=("running",), status="queued", pid=None):
-            self.jobs.add_event(job["id"], "The training process stopped; the job is queued to resume "
-                                           "from its newest checkpoint", level="warn")
+            self.jobs.add_event(
+                job["id"],
+                "The training process stopped; the job is queued to resume from its newest checkpoint",
+                level="warn",
+            )
 
     def _cancelled(self, job_id: str) -> None:
-        if self.jobs.update_job(job_id, only_if=("running", "queued", "validating_files"), status="cancelled",
-                                finished_at=now(), pid=None):
+        if self.jobs.update_job(
+            job_id, only_if=("running", "queued", "validating_files"), status="cancelled", finished_at=now(), pid=None
+        ):
             self.jobs.add_event(job_id, "The job was cancelled")
 
     def _validate(self) -> None:
         for job in self.jobs.jobs_in("validating_files"):
-            missing = [f for f in (job["config"].get("train_file"), job["config"].get("test_file"))
-                       if f and not filestore.exists(f)]
+            missing = [
+                f
+                for f in (job["config"].get("train_file"), job["config"].get("test_file"))
+                if f and not filestore.exists(f)
+            ]
             if missing:
-                self.jobs.update_job(job["id"], only_if=("validating_files",), status="failed", finished_at=now(),
-                                     error={"code": "invalid_file", "param": "training_file",
-                                            "message": "an uploaded file of the job is gone"})
+                self.jobs.update_job(
+                    job["id"],
+                    only_if=("validating_files",),
+                    status="failed",
+                    finished_at=now(),
+                    error={
+                        "code": "invalid_file",
+                        "param": "training_file",
+                        "message": "an uploaded file of the job is gone",
+                    },
+                )
             elif self.jobs.update_job(job["id"], only_if=("validating_files",), status="queued"):
                 self.jobs.add_event(job["id"], "Files validated; the job is queued")
 
@@ -142,18 +168,32 @@ class JobQueue:
         for job in self.jobs.jobs_in("queued"):
             if len(self.runners) >= self.concurrency:
                 return
-            if not self.jobs.update_job(job["id"], only_if=("queued",), status="running",
-                                        started_at=job["started_at"] or now(), attempts=job["attempts"] + 1):
+            if not self.jobs.update_job(
+                job["id"],
+                only_if=("queued",),
+                status="running",
+                started_at=job["started_at"] or now(),
+                attempts=job["attempts"] + 1,
+            ):
                 continue
             try:
                 handle, where = backends.launch({**job, "attempts": job["attempts"] + 1})
             except Exception as exc:  # e.g. an unreachable Ray cluster: fail the job with the reason
                 log.exception("launching job %s failed", job["id"])
-                if self.jobs.update_job(job["id"], only_if=("running",), status="failed", finished_at=now(),
-                                        error={"code": "backend_unavailable", "param": "backend",
-                                               "message": f"the training could not start: {exc}"}):
-                    self.jobs.add_event(job["id"], f"Fine-tuning failed: the training could not start: {exc}",
-                                        level="error")
+                if self.jobs.update_job(
+                    job["id"],
+                    only_if=("running",),
+                    status="failed",
+                    finished_at=now(),
+                    error={
+                        "code": "backend_unavailable",
+                        "param": "backend",
+                        "message": f"the training could not start: {exc}",
+                    },
+                ):
+                    self.jobs.add_event(
+                        job["id"], f"Fine-tuning failed: the training could not start: {exc}", level="error"
+                    )
                 continue
             self.jobs.update_job(job["id"], **where)
             self.runners[job["id"]] = handle
@@ -161,8 +201,13 @@ class JobQueue:
 
 def request_cancel(jobs: JobStore, job_id: str) -> None:
     """Cancel a job: at once when it is not training; a running one is killed by the queue."""
-    if not jobs.update_job(job_id, only_if=("validating_files", "queued", "paused"), status="cancelled",
-                           finished_at=now(), cancel_requested=1):
+    if not jobs.update_job(
+        job_id,
+        only_if=("validating_files", "queued", "paused"),
+        status="cancelled",
+        finished_at=now(),
+        cancel_requested=1,
+    ):
         if jobs.update_job(job_id, only_if=("running",), cancel_requested=1):
             jobs.add_event(job_id, "Cancellation requested")
         return
@@ -179,8 +224,9 @@ def request_pause(jobs: JobStore, job_id: str) -> bool:
 
 def request_resume(jobs: JobStore, job_id: str) -> bool:
     """Queue a paused job again, to continue from its newest checkpoint. False if it is not paused."""
-    if not jobs.update_job(job_id, only_if=("paused",), status="queued", pause_requested=0,
-                           attempts=0):  # a pause is no failed attempt
+    if not jobs.update_job(
+        job_id, only_if=("paused",), status="queued", pause_requested=0, attempts=0
+    ):  # a pause is no failed attempt
         return False
     jobs.add_event(job_id, "Fine-tuning job resume requested; the job is queued")
     return True

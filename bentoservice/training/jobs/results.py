@@ -9,13 +9,22 @@ from collections.abc import Iterable
 from typing import Any
 
 # The trainer's log keys and OpenAI's names for them (the trainer's stay beside them for older clients).
-OPENAI_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_accuracy",
-                "eval_loss": "valid_loss", "eval_mean_token_accuracy": "valid_mean_token_accuracy"}
+OPENAI_NAMES = {
+    "loss": "train_loss",
+    "mean_token_accuracy": "train_mean_token_accuracy",
+    "eval_loss": "valid_loss",
+    "eval_mean_token_accuracy": "valid_mean_token_accuracy",
+}
 # The final evaluation on the whole validation file.
 FULL_VALID_NAMES = {"eval_loss": "full_valid_loss", "eval_mean_token_accuracy": "full_valid_mean_token_accuracy"}
 # The columns of OpenAI's step_metrics.csv (train_accuracy is the mean token accuracy of the step's batch).
-CSV_COLUMNS = {"step": "step", "train_loss": "train_loss", "train_accuracy": "train_mean_token_accuracy",
-               "valid_loss": "valid_loss", "valid_mean_token_accuracy": "valid_mean_token_accuracy"}
+CSV_COLUMNS = {
+    "step": "step",
+    "train_loss": "train_loss",
+    "train_accuracy": "train_mean_token_accuracy",
+    "valid_loss": "valid_loss",
+    "valid_mean_token_accuracy": "valid_mean_token_accuracy",
+}
 
 
 def with_openai_names(metrics: dict[str, Any]) -> dict[str, Any]:

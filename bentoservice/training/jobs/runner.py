@@ -52,13 +52,18 @@ class JobSink:
         if event["type"] == "checkpoint":
             metrics = {"step": event["step"], **results.with_openai_names(event.get("metrics") or {})}
             self.jobs.add_checkpoint(self.job_id, event["step"], event["path"], metrics)
-            self.jobs.add_event(self.job_id, f"Checkpoint saved at step {event['step']}", type="checkpoint",
-                                data={**data, "metrics": metrics})
+            self.jobs.add_event(
+                self.job_id,
+                f"Checkpoint saved at step {event['step']}",
+                type="checkpoint",
+                data={**data, "metrics": metrics},
+            )
             return
         self.jobs.add_event(self.job_id, _message(event, self.total), type="metrics", data=data)
         if "eta_seconds" in event:
-            self.jobs.update_job(self.job_id, only_if=("running",),
-                                 estimated_finish=now() + round(event["eta_seconds"]))
+            self.jobs.update_job(
+                self.job_id, only_if=("running",), estimated_finish=now() + round(event["eta_seconds"])
+            )
 
 
 class PauseFlag:
@@ -78,9 +83,16 @@ def _store_result(jobs: JobStore, filename: str, data: bytes, rows: int) -> str:
     """A result of the job stored as a file of purpose fine-tune-results; its id."""
     file_id = new_id("file")
     filestore.write(file_id, data)
-    jobs.add_file(id=file_id, filename=filename, purpose="fine-tune-results", bytes=len(data),
-                  sha256=hashlib.sha256(data).hexdigest(), format=filename.rsplit(".", 1)[-1], kind="results",
-                  rows=rows)
+    jobs.add_file(
+        id=file_id,
+        filename=filename,
+        purpose="fine-tune-results",
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        format=filename.rsplit(".", 1)[-1],
+        kind="results",
+        rows=rows,
+    )
     return file_id
 
 
@@ -90,15 +102,20 @@ def _result_files(jobs: JobStore, job_id: str, evaluation: dict[str, Any] | None
     csv, count = results.step_metrics_csv(r["data"] for r in reversed(rows) if r["type"] == "metrics" and r["data"])
     files = [_store_result(jobs, "step_metrics.csv", csv, count)]
     if evaluation is not None:
-        files.append(_store_result(jobs, "evaluation.json", json.dumps(evaluation, indent=1).encode(),
-                                   len(evaluation["samples"])))
+        files.append(
+            _store_result(
+                jobs, "evaluation.json", json.dumps(evaluation, indent=1).encode(), len(evaluation["samples"])
+            )
+        )
     return files
 
 
 def _evaluation_message(evaluation: dict[str, Any]) -> str:
     if "base" in evaluation and "loss" in evaluation["base"] and "loss" in evaluation["adapter"]:
-        return (f"Evaluation: held-out loss {evaluation['base']['loss']:.4f} (base) -> "
-                f"{evaluation['adapter']['loss']:.4f} (fine-tuned); {len(evaluation['samples'])} samples compared")
+        return (
+            f"Evaluation: held-out loss {evaluation['base']['loss']:.4f} (base) -> "
+            f"{evaluation['adapter']['loss']:.4f} (fine-tuned); {len(evaluation['samples'])} samples compared"
+        )
     return f"Evaluation: {len(evaluation['samples'])} samples of the base and the fine-tuned model compared"
 
 
@@ -107,8 +124,9 @@ def _wandb_environment(wandb: dict[str, Any]) -> None:
     unless the server's environment sets WANDB_MODE."""
     Path(wandb["dir"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.update(WANDB_PROJECT=wandb["project"], WANDB_DIR=wandb["dir"], WANDB_RUN_ID=wandb["run_id"],
-                      WANDB_RESUME="allow")
+    os.environ.update(
+        WANDB_PROJECT=wandb["project"], WANDB_DIR=wandb["dir"], WANDB_RUN_ID=wandb["run_id"], WANDB_RESUME="allow"
+    )
     if wandb.get("entity"):
         os.environ["WANDB_ENTITY"] = wandb["entity"]
     if wandb.get("tags"):
@@ -117,16 +135,22 @@ def _wandb_environment(wandb: dict[str, Any]) -> None:
 
 def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> None:
     log.error("job %s failed: %s", job_id, message)
-    if jobs.update_job(job_id, only_if=("running",), status="failed", finished_at=now(),
-                       error={"code": code, "message": message, "param": None}):
+    if jobs.update_job(
+        job_id,
+        only_if=("running",),
+        status="failed",
+        finished_at=now(),
+        error={"code": code, "message": message, "param": None},
+    ):
         jobs.add_event(job_id, f"Fine-tuning failed: {message}", level="error")
 
 
 def _local_files(options: dict[str, Any], job_id: str) -> dict[str, Any]:
     """The job's files from the file store as local paths (copied under the job's folder when remote)."""
     folder = get_settings().jobs_dir / job_id / "files"
-    local = {key: str(filestore.local_path(options[key], folder)) for key in ("train_file", "test_file")
-             if options.get(key)}
+    local: dict[str, Any] = {
+        key: str(filestore.local_path(options[key], folder)) for key in ("train_file", "test_file") if options.get(key)
+    }
     if (options.get("evaluation") or {}).get("prompts_file"):
         prompts = filestore.local_path(options["evaluation"]["prompts_file"], folder)
         local["evaluation"] = {**options["evaluation"], "prompts_file": str(prompts)}
@@ -183,8 +207,12 @@ def run(job_id: str) -> int:
             config = TrainingConfig(**options)
         checkpoints = jobs.list_checkpoints(job_id)
         if main:
-            jobs.add_event(job_id, f"Fine-tuning job resumed from step {checkpoints[0]['step']} (attempt "
-                                   f"{job['attempts']})" if checkpoints else "Fine-tuning job started")
+            jobs.add_event(
+                job_id,
+                f"Fine-tuning job resumed from step {checkpoints[0]['step']} (attempt {job['attempts']})"
+                if checkpoints
+                else "Fine-tuning job started",
+            )
         sink = JobSink(jobs, job_id, config.args.get("max_steps")) if main else None
         result = _train(config, sink, PauseFlag(jobs, job_id))
         if not main:
@@ -212,16 +240,23 @@ def run(job_id: str) -> int:
     full = results.full_validation(result.metrics)
     if full:
         step = max((c["step"] for c in jobs.list_checkpoints(job_id)), default=0)
-        jobs.add_event(job_id, f"Full validation loss={full['full_valid_loss']:.4f}", type="metrics",
-                       data={"step": step, **full})
+        jobs.add_event(
+            job_id, f"Full validation loss={full['full_valid_loss']:.4f}", type="metrics", data={"step": step, **full}
+        )
     # The queue in the serving process marks the job succeeded once the model is served.
     if wandb and (runs := sorted(Path(wandb["dir"]).glob(f"wandb/*run-*-{wandb['run_id']}"))):
         jobs.add_event(job_id, f"Weights & Biases run written to {runs[-1]}", data={"wandb_run_dir": str(runs[-1])})
     if result.evaluation is not None:
         jobs.add_event(job_id, _evaluation_message(result.evaluation), data={"evaluation": result.evaluation})
-    if jobs.update_job(job_id, only_if=("running",), fine_tuned_model=model, store_tag=tag,
-                       trained_tokens=int(tokens) if tokens else None, evaluation=result.evaluation,
-                       result_files=_result_files(jobs, job_id, result.evaluation)):
+    if jobs.update_job(
+        job_id,
+        only_if=("running",),
+        fine_tuned_model=model,
+        store_tag=tag,
+        trained_tokens=int(tokens) if tokens else None,
+        evaluation=result.evaluation,
+        result_files=_result_files(jobs, job_id, result.evaluation),
+    ):
         jobs.add_event(job_id, "Training completed", data={"store_tag": tag, "metrics": result.metrics})
     return 0
 

@@ -34,7 +34,8 @@ from bentoservice.config import get_settings
 metadata = MetaData()
 
 files = Table(
-    "files", metadata,
+    "files",
+    metadata,
     Column("id", String(64), primary_key=True),
     Column("filename", Text, nullable=False),
     Column("purpose", String(32), nullable=False),
@@ -48,7 +49,8 @@ files = Table(
 )
 
 jobs = Table(
-    "jobs", metadata,
+    "jobs",
+    metadata,
     Column("id", String(64), primary_key=True),
     Column("created_at", Integer, nullable=False),
     Column("status", String(32), nullable=False),
@@ -72,7 +74,8 @@ jobs = Table(
 )
 
 events = Table(
-    "events", metadata,
+    "events",
+    metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("job_id", String(64), nullable=False, index=True),
     Column("created_at", Integer, nullable=False),
@@ -83,7 +86,8 @@ events = Table(
 )
 
 checkpoints = Table(
-    "checkpoints", metadata,
+    "checkpoints",
+    metadata,
     Column("id", String(64), primary_key=True),
     Column("job_id", String(64), nullable=False, index=True),
     Column("created_at", Integer, nullable=False),
@@ -159,8 +163,11 @@ class JobStore:
         by_id = self.get_file(ref)
         if by_id is not None:
             return by_id
-        query = (select(files).where(files.c.filename == ref, files.c.deleted == 0)
-                 .order_by(files.c.created_at.desc(), files.c.id.desc()))
+        query = (
+            select(files)
+            .where(files.c.filename == ref, files.c.deleted == 0)
+            .order_by(files.c.created_at.desc(), files.c.id.desc())
+        )
         with self.db.connect() as conn:
             found = conn.execute(query).mappings().first()
         return dict(found) if found else None
@@ -179,8 +186,14 @@ class JobStore:
     # -- jobs ---------------------------------------------------------------------------------
 
     def add_job(self, **row: Any) -> dict[str, Any]:
-        row = {"id": new_id("ftjob"), "created_at": now(), "status": "validating_files", "attempts": 0,
-               "cancel_requested": 0, **row}
+        row = {
+            "id": new_id("ftjob"),
+            "created_at": now(),
+            "status": "validating_files",
+            "attempts": 0,
+            "cancel_requested": 0,
+            **row,
+        }
         with self.db.begin() as conn:
             conn.execute(insert(jobs).values(**row))
         added = self.get_job(row["id"])
@@ -192,8 +205,9 @@ class JobStore:
             found = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return dict(found) if found else None
 
-    def list_jobs(self, after: str | None = None, limit: int = 20,
-                  metadata: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], bool]:
+    def list_jobs(
+        self, after: str | None = None, limit: int = 20, metadata: dict[str, str] | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
         """Newest first; `after` is the id of the last job of the previous page; `metadata` keeps the jobs whose
         metadata has each of those key-value pairs."""
         query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
@@ -202,8 +216,10 @@ class JobStore:
         if after:
             anchor = self.get_job(after)
             if anchor is not None:
-                query = query.where((jobs.c.created_at < anchor["created_at"]) |
-                                    ((jobs.c.created_at == anchor["created_at"]) & (jobs.c.id < after)))
+                query = query.where(
+                    (jobs.c.created_at < anchor["created_at"])
+                    | ((jobs.c.created_at == anchor["created_at"]) & (jobs.c.id < after))
+                )
         with self.db.connect() as conn:
             rows = [dict(r) for r in conn.execute(query.limit(limit + 1)).mappings()]
         return rows[:limit], len(rows) > limit
@@ -223,11 +239,21 @@ class JobStore:
 
     # -- events and checkpoints ---------------------------------------------------------------
 
-    def add_event(self, job_id: str, message: str, *, type: str = "message", level: str = "info",
-                  data: dict[str, Any] | None = None) -> None:
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        type: str = "message",
+        level: str = "info",
+        data: dict[str, Any] | None = None,
+    ) -> None:
         with self.db.begin() as conn:
-            conn.execute(insert(events).values(job_id=job_id, created_at=now(), level=level, type=type,
-                                               message=message, data=data))
+            conn.execute(
+                insert(events).values(
+                    job_id=job_id, created_at=now(), level=level, type=type, message=message, data=data
+                )
+            )
 
     def list_events(self, job_id: str, after: int | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
         """Newest first, as OpenAI lists them; `after` is the sequence number of the last event seen."""
@@ -240,8 +266,11 @@ class JobStore:
 
     def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict[str, Any]) -> None:
         with self.db.begin() as conn:
-            conn.execute(insert(checkpoints).values(id=new_id("ftckpt"), job_id=job_id, created_at=now(),
-                                                    step=step, path=path, metrics=metrics))
+            conn.execute(
+                insert(checkpoints).values(
+                    id=new_id("ftckpt"), job_id=job_id, created_at=now(), step=step, path=path, metrics=metrics
+                )
+            )
 
     def list_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         query = select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.step.desc())

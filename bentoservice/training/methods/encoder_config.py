@@ -58,7 +58,6 @@ class EncoderConfig(FineTuneChecks):
     """Embedding: the softmax temperature of the cosine similarities."""
     args: dict[str, Any] = {}
 
-
     @property
     def default_learning_rate(self) -> float:
         return FULL_LEARNING_RATE if self.lora is None else LORA_LEARNING_RATE

@@ -72,27 +72,37 @@ class Groups(Dataset):
         row = self.rows[i]
         positive = random.choice(row["pos"]) if self.sample else row["pos"][0]
         passages = [positive, *self._negatives(i, self.size - 1)]
-        return {"query": self.query_instruction + row["query"],
-                "passages": [self.passage_instruction + p for p in passages]}
+        return {
+            "query": self.query_instruction + row["query"],
+            "passages": [self.passage_instruction + p for p in passages],
+        }
 
 
 def rerank_collator(tokenizer: PreTrainedTokenizerBase, config: EncoderConfig) -> Callable[[list[dict]], Batch]:
     """Every (query, passage) pair of the batch's groups, group after group, cut to max_seq_length."""
+
     def collate(items: list[dict[str, Any]]) -> Batch:
         queries = [item["query"] for item in items for _ in item["passages"]]
         passages = [passage for item in items for passage in item["passages"]]
-        return dict(tokenizer(queries, passages, truncation=True, max_length=config.max_seq_length, padding=True,
-                              return_tensors="pt"))
+        return dict(
+            tokenizer(
+                queries, passages, truncation=True, max_length=config.max_seq_length, padding=True, return_tensors="pt"
+            )
+        )
+
     return collate
 
 
 def embedding_collator(tokenizer: PreTrainedTokenizerBase, config: EncoderConfig) -> Callable[[list[dict]], Batch]:
     """The batch's queries, then every passage of their groups, as one batch (one forward pass)."""
+
     def collate(items: list[dict[str, Any]]) -> Batch:
         queries = tokenizer([item["query"] for item in items], truncation=True, max_length=config.query_max_len)
-        passages = tokenizer([p for item in items for p in item["passages"]], truncation=True,
-                             max_length=config.passage_max_len)
+        passages = tokenizer(
+            [p for item in items for p in item["passages"]], truncation=True, max_length=config.passage_max_len
+        )
         return dict(tokenizer.pad(as_features(queries) + as_features(passages), return_tensors="pt"))
+
     return collate
 
 
@@ -119,13 +129,15 @@ class EncoderTrainer(Trainer):
         loss = torch.nn.functional.cross_entropy(similarities, rows * size)
         return loss, similarities.view(n, n, size)[rows, rows]
 
-    def compute_loss(self, model: PreTrainedModel, inputs: Batch, return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(
+        self, model: PreTrainedModel, inputs: Batch, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, scores = self._loss_and_scores(model, inputs)
         return (loss, {"scores": scores}) if return_outputs else loss
 
-    def prediction_step(self, model: PreTrainedModel, inputs: Batch, prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def prediction_step(
+        self, model: PreTrainedModel, inputs: Batch, prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss, scores = self._loss_and_scores(model, inputs)
@@ -139,8 +151,10 @@ def group_accuracy(prediction: EvalPrediction) -> dict[str, float]:
 
 # --- running ---------------------------------------------------------------------------------
 
-def run_encoder_training(config: EncoderConfig, sink: Sink | None = None, stop: StopFlag | None = None,
-                         resume: bool = False) -> TrainingResult:
+
+def run_encoder_training(
+    config: EncoderConfig, sink: Sink | None = None, stop: StopFlag | None = None, resume: bool = False
+) -> TrainingResult:
     """Train on `config.train_file` (evaluating on `config.test_file`); see `train_encoder`."""
     if config.train_file is None:
         raise TrainingError("train_file is required")
@@ -168,8 +182,14 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, list) else value
 
 
-def train_encoder(config: EncoderConfig, train: formats.Dataset, test: formats.Dataset | None = None,
-                  sink: Sink | None = None, stop: StopFlag | None = None, resume: bool = False) -> TrainingResult:
+def train_encoder(
+    config: EncoderConfig,
+    train: formats.Dataset,
+    test: formats.Dataset | None = None,
+    sink: Sink | None = None,
+    stop: StopFlag | None = None,
+    resume: bool = False,
+) -> TrainingResult:
     """Fine-tune and store the model (kind=rerank or kind=embedding, labelled with its base).
 
     `sink` receives progress events (with a validation set: its loss and accuracy before training too); training
@@ -180,17 +200,26 @@ def train_encoder(config: EncoderConfig, train: formats.Dataset, test: formats.D
 
     for data in [train] if test is None else [train, test]:
         if data.kind != "rerank":
-            raise formats.DataFormatError(f"this is {data.kind} data but a {config.method} fine-tune needs rerank "
-                                          f"data (query, pos, neg)")
+            raise formats.DataFormatError(
+                f"this is {data.kind} data but a {config.method} fine-tune needs rerank data (query, pos, neg)"
+            )
     base = store.ensure_encoder(config.model, import_as=config.method)
     device = hardware.detect_device()
     if device == "hpu":
         raise TrainingError("rerank and embedding fine-tunes run on the CPU or a CUDA GPU, not on Gaudi")
     output_dir = Path(config.args.get("output_dir") or store.new_fine_tune_path(base.name, base.model_id))
     evaluation = {"eval_strategy": "epoch", "eval_on_start": True} if test is not None else {}
-    args = {"learning_rate": config.default_learning_rate, "report_to": "none", "save_total_limit": 2,
-            "include_num_input_tokens_seen": "non_padding", **evaluation, **config.args,
-            **hardware.precision(device, config.args), "output_dir": str(output_dir), "remove_unused_columns": False}
+    args = {
+        "learning_rate": config.default_learning_rate,
+        "report_to": "none",
+        "save_total_limit": 2,
+        "include_num_input_tokens_seen": "non_padding",
+        **evaluation,
+        **config.args,
+        **hardware.precision(device, config.args),
+        "output_dir": str(output_dir),
+        "remove_unused_columns": False,
+    }
     checkpoint = args.pop("resume_from_checkpoint", None)
     if checkpoint is None and resume:
         checkpoint = _last_checkpoint(output_dir)
@@ -199,13 +228,26 @@ def train_encoder(config: EncoderConfig, train: formats.Dataset, test: formats.D
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     collator = rerank_collator if config.method == "rerank" else embedding_collator
     progress = ProgressCallback(sink, stop)
-    log.info("fine-tuning %s as a %s model (%s) on %s into %s", base.name, config.method,
-             "full" if config.lora is None else "LoRA", device, output_dir)
-    trainer = EncoderTrainer(model=_load(config, base), args=training_args, train_dataset=Groups(train, config, True),
-                             eval_dataset=Groups(test, config, False) if test is not None else None,
-                             data_collator=collator(tokenizer, config), processing_class=tokenizer,
-                             callbacks=[progress], compute_metrics=group_accuracy, config=config,
-                             pooling=read_pooling(base.path))
+    log.info(
+        "fine-tuning %s as a %s model (%s) on %s into %s",
+        base.name,
+        config.method,
+        "full" if config.lora is None else "LoRA",
+        device,
+        output_dir,
+    )
+    trainer = EncoderTrainer(
+        model=_load(config, base),
+        args=training_args,
+        train_dataset=Groups(train, config, True),
+        eval_dataset=Groups(test, config, False) if test is not None else None,
+        data_collator=collator(tokenizer, config),
+        processing_class=tokenizer,
+        callbacks=[progress],
+        compute_metrics=group_accuracy,
+        config=config,
+        pooling=read_pooling(base.path),
+    )
     metrics = train_and_evaluate(trainer, checkpoint, progress, evaluate=test is not None)
     if progress.stopped:
         return TrainingResult(None, None, metrics, output_dir, stopped=True)
@@ -217,9 +259,18 @@ def train_encoder(config: EncoderConfig, train: formats.Dataset, test: formats.D
             if (base.path / name).is_file():
                 (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(base.path / name, output_dir / name)
-    metadata = {"method": config.method, "lora": config.lora.model_dump() if config.lora else "none (full)",
-                "training": args, "metrics": metrics}
-    stored = store.save_encoder(config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
-                                output_dir, config.method, base, _plain(metadata))
+    metadata = {
+        "method": config.method,
+        "lora": config.lora.model_dump() if config.lora else "none (full)",
+        "training": args,
+        "metrics": metrics,
+    }
+    stored = store.save_encoder(
+        config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
+        output_dir,
+        config.method,
+        base,
+        _plain(metadata),
+    )
     log.info("saved %s model %s (%s)", config.method, stored.tag, output_dir)
     return TrainingResult(output_dir, stored.tag, metrics, output_dir)

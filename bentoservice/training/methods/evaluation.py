@@ -39,29 +39,45 @@ def _prompt_and_reference(row: dict[str, Any]) -> tuple[list[dict[str, str]], st
     return row["prompt"], row["chosen"][-1]["content"]
 
 
-def _generate(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict[str, str]]],
-              max_tokens: int) -> list[str]:
+def _generate(
+    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict[str, str]]], max_tokens: int
+) -> list[str]:
     import torch
 
     model, replies = trainer.model, []
     for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"].to(model.device)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"].to(model.device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return replies
 
 
 def _held_out(metrics: dict[str, Any]) -> dict[str, float]:
-    figures = {"loss": metrics.get("eval_loss"), "mean_token_accuracy": metrics.get("eval_mean_token_accuracy"),
-               "preference_accuracy": metrics.get("eval_rewards/accuracies")}
+    figures = {
+        "loss": metrics.get("eval_loss"),
+        "mean_token_accuracy": metrics.get("eval_mean_token_accuracy"),
+        "preference_accuracy": metrics.get("eval_rewards/accuracies"),
+    }
     return {k: float(v) for k, v in figures.items() if v is not None}
 
 
-def before_after(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, test: formats.Dataset | None,
-                 prompts: formats.Dataset | None, settings: Evaluation, after: dict[str, Any]) -> dict[str, Any]:
+def before_after(
+    trainer: Trainer,
+    tokenizer: PreTrainedTokenizerBase,
+    test: formats.Dataset | None,
+    prompts: formats.Dataset | None,
+    settings: Evaluation,
+    after: dict[str, Any],
+) -> dict[str, Any]:
     """The summary: held-out figures of the base and the adapter (`after`: the trainer's final evaluation) and
     the sample table."""
     model = trainer.model
@@ -73,14 +89,16 @@ def before_after(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, test: for
         with model.disable_adapter():
             base = _held_out(trainer.evaluate(metric_key_prefix="eval"))
         summary.update(base=base, adapter=_held_out(after))
-    rows = (prompts or test).rows[: settings.samples] if (prompts or test) is not None else []
+    source = prompts or test
+    rows = source.rows[: settings.samples] if source is not None else []
     pairs = [_prompt_and_reference(row) for row in rows]
     chats = [messages for messages, _ in pairs]
     with model.disable_adapter():
         base_replies = _generate(trainer, tokenizer, chats, settings.max_tokens)
     adapter_replies = _generate(trainer, tokenizer, chats, settings.max_tokens)
-    summary["samples"] = [{"prompt": messages[-1]["content"] if messages else "", "base": b, "adapter": a,
-                           "reference": reference}
-                          for (messages, reference), b, a in zip(pairs, base_replies, adapter_replies, strict=True)]
+    summary["samples"] = [
+        {"prompt": messages[-1]["content"] if messages else "", "base": b, "adapter": a, "reference": reference}
+        for (messages, reference), b, a in zip(pairs, base_replies, adapter_replies, strict=True)
+    ]
     log.info("evaluation: %s", {k: v for k, v in summary.items() if k != "samples"})
     return summary

@@ -48,6 +48,7 @@ class TrainingResult:
 
 # --- inputs ----------------------------------------------------------------------------------
 
+
 def resolve_base(model: str, model_id: str | None = None) -> store.StoredModel:
     """The stored base model; `model_id`, when given, must name the same model as `model`."""
     # Imported here, not at the top: the trainer itself runs without BentoML (bench/training.py on a GPU machine).
@@ -81,10 +82,12 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-           add_generation_prompt: bool = False) -> list[int]:
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                         add_generation_prompt=add_generation_prompt)
+def render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> list[int]:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def token_counter(tokenizer: PreTrainedTokenizerBase, kind: formats.Kind) -> Callable[[dict[str, Any]], int]:
@@ -130,11 +133,18 @@ def hf_dataset(tokenizer: PreTrainedTokenizerBase, data: formats.Dataset) -> dat
 
 # --- trainers --------------------------------------------------------------------------------
 
+
 def lora_config(config: TrainingConfig) -> LoraConfig:
     from peft import LoraConfig
 
-    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, bias=config.bias, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        bias=config.bias,
+        task_type="CAUSAL_LM",
+    )
 
 
 def training_args(config: TrainingConfig, device: hardware.Device, output_dir: Path) -> dict[str, Any]:
@@ -144,18 +154,31 @@ def training_args(config: TrainingConfig, device: hardware.Device, output_dir: P
     return {**config.trainer_args(), **hardware.precision(device, config.args), **cpu, "output_dir": str(output_dir)}
 
 
-def build_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                  args: dict[str, Any], train: datasets.Dataset, test: datasets.Dataset | None,
-                  progress: ProgressCallback, device: hardware.Device,
-                  speedups: speed.Speedups | None = None) -> Trainer:
+def build_trainer(
+    config: TrainingConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    args: dict[str, Any],
+    train: datasets.Dataset,
+    test: datasets.Dataset | None,
+    progress: ProgressCallback,
+    device: hardware.Device,
+    speedups: speed.Speedups | None = None,
+) -> Trainer:
     """The trainer for `config.method`; SFT takes `speedups` (by default, all that pay on `device`)."""
     if device == "hpu":
         return _gaudi_sft_trainer(config, model, tokenizer, args, train, test, progress)
     if config.method == "sft":
         return _sft_trainer(config, model, tokenizer, args, train, test, progress, device, speedups)
-    common = dict(model=model, args=trl_config_class(config.method)(**args), train_dataset=train,
-                  eval_dataset=test, processing_class=tokenizer, peft_config=lora_config(config),
-                  callbacks=[progress])
+    common = dict(
+        model=model,
+        args=trl_config_class(config.method)(**args),
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=[progress],
+    )
     if config.method == "dpo":
         from trl import DPOTrainer
 
@@ -165,9 +188,17 @@ def build_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: Pre
     return ORPOTrainer(**common)
 
 
-def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 args: dict[str, Any], train: datasets.Dataset, test: datasets.Dataset | None,
-                 progress: ProgressCallback, device: hardware.Device, speedups: speed.Speedups | None) -> Trainer:
+def _sft_trainer(
+    config: TrainingConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    args: dict[str, Any],
+    train: datasets.Dataset,
+    test: datasets.Dataset | None,
+    progress: ProgressCallback,
+    device: hardware.Device,
+    speedups: speed.Speedups | None,
+) -> Trainer:
     from trl import SFTConfig
 
     from bentoservice.training.speed.graphs import ReleaseAtTheEnd, graph_decoder, graphable
@@ -178,9 +209,15 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     args = speed.sft_args(args, speedups, config.packing)
     padding_free = bool(args.get("padding_free") or config.packing)
     speed.prepare(model, padding_free)
-    trainer = sft_trainer_class()(model=model, args=SFTConfig(**args), train_dataset=train, eval_dataset=test,
-                                        processing_class=tokenizer, peft_config=lora_config(config),
-                                        callbacks=[progress])
+    trainer = sft_trainer_class()(
+        model=model,
+        args=SFTConfig(**args),
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=[progress],
+    )
     trainer.labelled_logits = speedups.labelled_logits and padding_free
     checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
     sharded = bool(args.get("fsdp") or args.get("deepspeed"))
@@ -190,14 +227,26 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
         trainer.head = plain_head(trainer.model.get_base_model())
     # Graphed passes take fused LoRA layers (no dropout) on one GPU, decided before the memory plan sizes the passes
     # for them. They replace compiling, which gave them nothing (docs/benchmarks.md) for minutes of compilation.
-    graphs = (speedups.graphs and device == "cuda" and padding_free and config.lora_dropout == 0
-              and speedups.fused_lora and not sharded and trainer.accelerator.num_processes == 1
-              and graphable(trainer.model))
+    graphs = (
+        speedups.graphs
+        and device == "cuda"
+        and padding_free
+        and config.lora_dropout == 0
+        and speedups.fused_lora
+        and not sharded
+        and trainer.accelerator.num_processes == 1
+        and graphable(trainer.model)
+    )
     largest = speed.largest_batch(lengths, args)
     if not checkpointing_chosen:
-        plan = speed.memory_plan(trainer.model, config.lora_dropout, speedups.liger or speedups.compile, device,
-                                 longest=max(lengths) if speedups.passes else None,
-                                 most=speed.graphed_pass_tokens(model) if graphs and speedups.passes else None)
+        plan = speed.memory_plan(
+            trainer.model,
+            config.lora_dropout,
+            speedups.liger or speedups.compile,
+            device,
+            longest=max(lengths) if speedups.passes else None,
+            most=speed.graphed_pass_tokens(model) if graphs and speedups.passes else None,
+        )
         checkpointing = bool(trainer.fit_memory(plan, largest))
         largest = plan.largest_pass(largest)
     if checkpointing:  # Inductor fails on checkpointed layers, and graphs are not captured over them
@@ -214,16 +263,21 @@ def _sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreT
     return trainer
 
 
-def _gaudi_sft_trainer(config: TrainingConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       args: dict[str, Any], train: datasets.Dataset, test: datasets.Dataset | None,
-                       progress: ProgressCallback) -> Trainer:
+def _gaudi_sft_trainer(
+    config: TrainingConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    args: dict[str, Any],
+    train: datasets.Dataset,
+    test: datasets.Dataset | None,
+    progress: ProgressCallback,
+) -> Trainer:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     plain = {k: v for k, v in args.items() if k in TrainingArguments.__dataclass_fields__}
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
-    return hardware.gaudi_trainer(get_peft_model(model, lora_config(config)), plain, train, test, collator,
-                                  [progress])
+    return hardware.gaudi_trainer(get_peft_model(model, lora_config(config)), plain, train, test, collator, [progress])
 
 
 def check_supported(config: TrainingConfig, device: hardware.Device) -> None:
@@ -234,8 +288,10 @@ def check_supported(config: TrainingConfig, device: hardware.Device) -> None:
 
 # --- running ---------------------------------------------------------------------------------
 
-def run_training(config: TrainingConfig, sink: Sink | None = None, stop: StopFlag | None = None,
-                 resume: bool = False) -> TrainingResult:
+
+def run_training(
+    config: TrainingConfig, sink: Sink | None = None, stop: StopFlag | None = None, resume: bool = False
+) -> TrainingResult:
     """Train `config.train_file` (evaluating on `config.test_file`); see `train_on`."""
     if config.train_file is None:
         raise TrainingError("train_file is required")
@@ -245,8 +301,14 @@ def run_training(config: TrainingConfig, sink: Sink | None = None, stop: StopFla
     return train_on(config, train, test, sink=sink, stop=stop, resume=resume)
 
 
-def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Dataset | None = None,
-             sink: Sink | None = None, stop: StopFlag | None = None, resume: bool = False) -> TrainingResult:
+def train_on(
+    config: TrainingConfig,
+    train: formats.Dataset,
+    test: formats.Dataset | None = None,
+    sink: Sink | None = None,
+    stop: StopFlag | None = None,
+    resume: bool = False,
+) -> TrainingResult:
     """Fine-tune and store the adapter.
 
     The data is checked against max_seq_length before the model loads. `sink` receives progress events;
@@ -268,11 +330,18 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
     if checkpoint is None and resume:
         checkpoint = _last_checkpoint(output_dir)
     progress = ProgressCallback(sink, stop)
-    log.info("fine-tuning %s (%s, %s) on %s into %s", base.name, config.method, config.adapter_type, device,
-             output_dir)
+    log.info("fine-tuning %s (%s, %s) on %s into %s", base.name, config.method, config.adapter_type, device, output_dir)
     model = hardware.load_model(base.path, device, config.adapter_type)
-    trainer = build_trainer(config, model, tokenizer, args, hf_dataset(tokenizer, train),
-                            hf_dataset(tokenizer, test) if test is not None else None, progress, device)
+    trainer = build_trainer(
+        config,
+        model,
+        tokenizer,
+        args,
+        hf_dataset(tokenizer, train),
+        hf_dataset(tokenizer, test) if test is not None else None,
+        progress,
+        device,
+    )
     metrics = train_and_evaluate(trainer, checkpoint, progress, evaluate=test is not None)
     if progress.stopped:
         return TrainingResult(None, None, metrics, output_dir, stopped=True)
@@ -284,24 +353,34 @@ def train_on(config: TrainingConfig, train: formats.Dataset, test: formats.Datas
     if config.evaluation is not None:
         if trainer.accelerator.num_processes == 1:
             trainer.remove_callback(progress)  # the base's evaluation is no step of this run
-            prompts = (formats.load_file(config.evaluation.prompts_file, expect=train.kind)
-                       if config.evaluation.prompts_file else None)
+            prompts = (
+                formats.load_file(config.evaluation.prompts_file, expect=train.kind)
+                if config.evaluation.prompts_file
+                else None
+            )
             compared = evaluation.before_after(trainer, tokenizer, test, prompts, config.evaluation, metrics)
         else:
             log.warning("the before/after evaluation runs in single-process trainings only; skipped")
-    stored = store.save_adapter(config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
-                                output_dir, base.name, adapter_metadata(config, args, metrics))
+    stored = store.save_adapter(
+        config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
+        output_dir,
+        base.name,
+        adapter_metadata(config, args, metrics),
+    )
     log.info("saved adapter %s (%s)", stored.tag, output_dir)
     return TrainingResult(output_dir, stored.tag, metrics, output_dir, evaluation=compared)
 
 
-def train_and_evaluate(trainer: Trainer, checkpoint: str | None, progress: ProgressCallback,
-                       evaluate: bool) -> dict[str, float]:
+def train_and_evaluate(
+    trainer: Trainer, checkpoint: str | None, progress: ProgressCallback, evaluate: bool
+) -> dict[str, float]:
     """Train (from `checkpoint` when given), then evaluate unless a stop request ended training early."""
     metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
     if trainer.state.global_step == 0 and not progress.stopped:  # an untrained adapter is never published
-        raise TrainingError("training ran 0 optimizer steps: the data is smaller than one step (batch size x "
-                            "gradient accumulation) or max_steps/epochs allow none")
+        raise TrainingError(
+            "training ran 0 optimizer steps: the data is smaller than one step (batch size x "
+            "gradient accumulation) or max_steps/epochs allow none"
+        )
     if progress.stopped:
         log.info("stopped at step %d; resume from %s", trainer.state.global_step, trainer.args.output_dir)
     elif evaluate:
@@ -316,8 +395,11 @@ def _last_checkpoint(output_dir: Path) -> str | None:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     prefix = f"{PREFIX_CHECKPOINT_DIR}-"
-    steps = [int(path.name.removeprefix(prefix)) for path in output_dir.glob(f"{prefix}*")
-             if path.name.removeprefix(prefix).isdigit() and (path / TRAINER_STATE_NAME).is_file()]
+    steps = [
+        int(path.name.removeprefix(prefix))
+        for path in output_dir.glob(f"{prefix}*")
+        if path.name.removeprefix(prefix).isdigit() and (path / TRAINER_STATE_NAME).is_file()
+    ]
     return str(output_dir / f"{prefix}{max(steps)}") if steps else None
 
 

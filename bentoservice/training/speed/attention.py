@@ -39,8 +39,9 @@ def _flash_options() -> dict[str, Any]:
     return {"causal": causal, "gqa": "enable_gqa" in takes}
 
 
-def _mask(*args: Any, attention_mask: torch.Tensor | None = None, q_length: int = 0, kv_length: int = 0,
-          **kwargs: Any) -> torch.Tensor | None:
+def _mask(
+    *args: Any, attention_mask: torch.Tensor | None = None, q_length: int = 0, kv_length: int = 0, **kwargs: Any
+) -> torch.Tensor | None:
     """No mask where VARLEN needs none (no padding, no cache); SDPA's mask otherwise."""
     if attention_mask is None and q_length == kv_length:
         return None
@@ -49,11 +50,20 @@ def _mask(*args: Any, attention_mask: torch.Tensor | None = None, q_length: int 
     return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, **kwargs)
 
 
-def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                     position_ids: torch.Tensor | None = None, flash_options: dict[str, Any] | None = None,
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    flash_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Causal attention within each example of padding-free rows.
 
     query/key/value: (batch, heads, tokens, dim); the output is (batch, tokens, heads, dim), as transformers'
@@ -71,8 +81,17 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_ids=position_ids, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            position_ids=position_ids,
+            **kwargs,
+        )
     q, k, v = (x.transpose(1, 2).reshape(batch * tokens, x.shape[1], dim) for x in (query, key, value))
     if q.is_cuda:
         assert max_length_q is not None  # the collator's, or computed above, with cu_seq_lens_q
@@ -82,27 +101,43 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.view(batch, tokens, heads, dim), None
 
 
-def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
-                  max_length: int, scaling: float | None, options: dict[str, Any]) -> torch.Tensor:
+def _flash_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    scaling: float | None,
+    options: dict[str, Any],
+) -> torch.Tensor:
     """(tokens, heads, dim) in and out."""
     from torch.nn.attention.varlen import varlen_attn
 
     gqa = {"enable_gqa": True} if options["gqa"] and key.shape[1] != query.shape[1] else {}
-    return varlen_attn(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
-                       **options["causal"], **gqa)
+    return varlen_attn(
+        query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling, **options["causal"], **gqa
+    )
 
 
-def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
-                 scaling: float | None) -> torch.Tensor:
+def _per_example(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], scaling: float | None
+) -> torch.Tensor:
     """One causal SDPA call per example; (tokens, heads, dim) in and out."""
     import torch
     import torch.nn.functional as F
 
     gqa = key.shape[1] != query.shape[1]
     # 4D inputs: SDPA's CPU flash kernel takes no others (3D ones fall back to the slower math path).
-    parts = [F.scaled_dot_product_attention(query[None, start:end].transpose(1, 2),
-                                            key[None, start:end].transpose(1, 2),
-                                            value[None, start:end].transpose(1, 2), is_causal=True, scale=scaling,
-                                            enable_gqa=gqa)[0].transpose(0, 1)
-             for start, end in zip(bounds[:-1], bounds[1:], strict=False) if end > start]
+    parts = [
+        F.scaled_dot_product_attention(
+            query[None, start:end].transpose(1, 2),
+            key[None, start:end].transpose(1, 2),
+            value[None, start:end].transpose(1, 2),
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )[0].transpose(0, 1)
+        for start, end in zip(bounds[:-1], bounds[1:], strict=False)
+        if end > start
+    ]
     return torch.cat(parts)

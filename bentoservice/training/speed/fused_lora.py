@@ -32,8 +32,15 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
@@ -77,8 +84,9 @@ class SharedInputFunction(torch.autograd.Function):
     input read once, forward and backward), and the input's gradient summed by the products that compute it."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...],
-                *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], *params: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         weights, lora_a, lora_b = params[0::3], params[1::3], params[2::3]
@@ -88,8 +96,10 @@ class SharedInputFunction(torch.autograd.Function):
             a = torch.cat(lora_a).to(dtype)
             h = rows @ a.t()
             ranks = [b.shape[1] for b in bs]
-            ys = [h.new_empty(rows.shape[0], w.shape[0]).addmm_(part, b.t(), beta=0, alpha=scaling).addmm_(rows, w.t())
-                  for part, w, b, scaling in zip(h.split(ranks, dim=1), ws, bs, scalings, strict=True)]
+            ys = [
+                h.new_empty(rows.shape[0], w.shape[0]).addmm_(part, b.t(), beta=0, alpha=scaling).addmm_(rows, w.t())
+                for part, w, b, scaling in zip(h.split(ranks, dim=1), ws, bs, scalings, strict=True)
+            ]
         ctx.save_for_backward(rows, h, a, *ws, *bs)
         ctx.scalings, ctx.ranks, ctx.input_shape, ctx.input_dtype = scalings, ranks, x.shape, x.dtype
         ctx.lora_dtypes = (lora_a[0].dtype, lora_b[0].dtype)
@@ -98,7 +108,7 @@ class SharedInputFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, h, a, *rest = ctx.saved_tensors
-        ws, bs = rest[:len(ctx.ranks)], rest[len(ctx.ranks):]
+        ws, bs = rest[: len(ctx.ranks)], rest[len(ctx.ranks) :]
         with torch.autocast(grads[0].device.type, enabled=False):
             gs = [g.reshape(-1, g.shape[-1]).to(rows.dtype) for g in grads]
             gh = torch.cat([(g @ b).mul_(scaling) for g, b, scaling in zip(gs, bs, ctx.scalings, strict=True)], dim=1)
@@ -109,8 +119,10 @@ class SharedInputFunction(torch.autograd.Function):
                     grad_x.addmm_(g, w)
                 grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
             grads_a = _product(gh.t(), rows, ctx.lora_dtypes[0]).split(ctx.ranks)
-            grads_b = [_product(g.t(), part, ctx.lora_dtypes[1]).mul_(scaling)
-                       for g, part, scaling in zip(gs, h.split(ctx.ranks, dim=1), ctx.scalings, strict=True)]
+            grads_b = [
+                _product(g.t(), part, ctx.lora_dtypes[1]).mul_(scaling)
+                for g, part, scaling in zip(gs, h.split(ctx.ranks, dim=1), ctx.scalings, strict=True)
+            ]
         return grad_x, None, *(grad for pair in zip(grads_a, grads_b, strict=True) for grad in (None, *pair))
 
 
@@ -129,8 +141,9 @@ class SharedInput:
             if not self.outputs:
                 self.source = None
             return output
-        params = [p for m in self.layers for p in (m.base_layer.weight, m.lora_A[adapter].weight,
-                                                   m.lora_B[adapter].weight)]
+        params = [
+            p for m in self.layers for p in (m.base_layer.weight, m.lora_A[adapter].weight, m.lora_B[adapter].weight)
+        ]
         outputs = SharedInputFunction.apply(x, tuple(m.scaling[adapter] for m in self.layers), *params)
         self.outputs = {m: out for m, out in zip(self.layers, outputs, strict=True) if m is not layer}
         self.source = x
@@ -148,8 +161,14 @@ SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def _fused_adapter(module: Any) -> str | None:
     """The adapter a PEFT `lora.Linear` can run fused (plain LoRA, one active adapter, no dropout), if any."""
     adapter = module.active_adapters[0] if len(module.active_adapters) == 1 else None
-    if (adapter is None or module.disable_adapters or module.merged or adapter not in module.lora_A
-            or adapter in module.lora_variant or not isinstance(module.lora_dropout[adapter], nn.Identity)):
+    if (
+        adapter is None
+        or module.disable_adapters
+        or module.merged
+        or adapter not in module.lora_A
+        or adapter in module.lora_variant
+        or not isinstance(module.lora_dropout[adapter], nn.Identity)
+    ):
         return None
     return adapter
 
@@ -164,8 +183,9 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if shared is not None and shared.takes(adapter):
         return shared(self, x, adapter)
     base = self.base_layer
-    return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[adapter].weight,
-                                    self.lora_B[adapter].weight, self.scaling[adapter])
+    return LoraLinearFunction.apply(
+        x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+    )
 
 
 def fusable(module: nn.Module) -> bool:
@@ -173,8 +193,12 @@ def fusable(module: nn.Module) -> bool:
     (not a quantized one, for one)."""
     from peft.tuners.lora.layer import Linear
 
-    return (type(module) is Linear and type(module.base_layer) is nn.Linear and not module.fan_in_fan_out
-            and not module.base_layer.weight.requires_grad)
+    return (
+        type(module) is Linear
+        and type(module.base_layer) is nn.Linear
+        and not module.fan_in_fan_out
+        and not module.base_layer.weight.requires_grad
+    )
 
 
 def fuse_lora_layers(model: nn.Module) -> int:

@@ -34,8 +34,13 @@ from bentoservice.training.data.labels import IGNORE
 TILE = 4096 * 32768
 # Config attributes by which some models scale or cap the logits (TRL's fused LM head reads them): such heads are
 # left to TRL.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                    "logits_scaling")
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 # Arguments of TRL's kernels that a plain LM head fixes: no scale, no cap, temperature 1.
 PLAIN = {"logit_scale": 1.0, "softcap": 1.0, "inv_t": 1.0, "HAS_SOFTCAP": False}
 
@@ -46,8 +51,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                divisor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = hidden.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
         rows, vocab = hidden.shape[0], weight.shape[0]
@@ -63,19 +69,47 @@ class LinearCrossEntropy(torch.autograd.Function):
         triton_kernels = _use_triton(device)
         for start in range(0, rows, chunk):
             end = min(start + chunk, rows)
-            tile, part = tile_buffer[:end - start], slice(start, end)
+            tile, part = tile_buffer[: end - start], slice(start, end)
             torch.mm(hidden[part].to(dtype), weight.t(), out=tile)
             fold = _forward_kernel[(end - start,)] if triton_kernels else _forward_tile
-            fold(tile, tile.stride(0), targets[part], running_max[part], sum_exp[part], x_sum_exp[part],
-                 unused[part], unused[part], max_before_target[part], target_logit[part], 0, vocab,
-                 HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False, HAS_IS_TOP1=True,
-                 BLOCK_SIZE=_BLOCK_SIZE, **PLAIN)
+            fold(
+                tile,
+                tile.stride(0),
+                targets[part],
+                running_max[part],
+                sum_exp[part],
+                x_sum_exp[part],
+                unused[part],
+                unused[part],
+                max_before_target[part],
+                target_logit[part],
+                0,
+                vocab,
+                HAS_ENTROPY=True,
+                HAS_LOG_SUM_SQ_PROBS=False,
+                HAS_MEAN_LOGITS=False,
+                HAS_IS_TOP1=True,
+                BLOCK_SIZE=_BLOCK_SIZE,
+                **PLAIN,
+            )
             torch.add(running_max[part], sum_exp[part].log(), out=log_z[part])
             # The tile becomes the gradient of the loss with respect to its logits, in place.
             unfold = _backward_kernel[(end - start, -(-vocab // _BLOCK_SIZE))] if triton_kernels else _backward_tile
-            unfold(tile, tile.stride(0), targets[part], log_z[part], log_z[part], grad_log_p[:end - start],
-                   grad_log_p[:end - start], 0, vocab,
-                   HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=False, BLOCK_SIZE=_BLOCK_SIZE, **PLAIN)
+            unfold(
+                tile,
+                tile.stride(0),
+                targets[part],
+                log_z[part],
+                log_z[part],
+                grad_log_p[: end - start],
+                grad_log_p[: end - start],
+                0,
+                vocab,
+                HAS_LOGPROB_GRAD=True,
+                HAS_ENTROPY_GRAD=False,
+                BLOCK_SIZE=_BLOCK_SIZE,
+                **PLAIN,
+            )
             torch.mm(tile, weight, out=grad[start:end])
         loss = (log_z - target_logit).sum() / divisor
         entropy = (log_z - x_sum_exp / sum_exp).sum()
@@ -98,14 +132,19 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     caps; None otherwise."""
     head = model.get_output_embeddings()
     text = model.config.get_text_config()
-    if (type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad
-            or any(getattr(text, name, None) is not None for name in LOGIT_TRANSFORMS)):
+    if (
+        type(head) is not nn.Linear
+        or head.bias is not None
+        or head.weight.requires_grad
+        or any(getattr(text, name, None) is not None for name in LOGIT_TRANSFORMS)
+    ):
         return None
     return head
 
 
-def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, labelled: int, head: nn.Linear,
-                  divisor: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def labelled_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, labelled: int, head: nn.Linear, divisor: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of one padding-free row: `hidden` [tokens, hidden] predicts `labels` [tokens] shifted by one, of which
     `labelled` are not IGNORE (-100); the summed cross-entropy over `divisor`, the entropy summed over the labelled
     positions, and how many of them the model predicts as its top token."""
@@ -117,5 +156,6 @@ def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, labelled: int, hea
         total = divisor.clamp(min=1)
     else:
         total = torch.full((), max(divisor, 1), device=hidden.device)
-    return LinearCrossEntropy.apply(hidden[:-1].index_select(0, keep), head.weight, targets.index_select(0, keep),
-                                    total)
+    return LinearCrossEntropy.apply(
+        hidden[:-1].index_select(0, keep), head.weight, targets.index_select(0, keep), total
+    )

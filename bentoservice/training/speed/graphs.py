@@ -41,8 +41,15 @@ GRANULARITY = 128
 # Outputs a graphed pass does not give: a call that asks for them runs eagerly.
 EXTRA_OUTPUTS = ("output_attentions", "output_hidden_states")
 # The decoder's keyword arguments a graphed pass takes (TRL's padding-free collator's); others run eagerly.
-PASS_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "return_dict",
-               *EXTRA_OUTPUTS}
+PASS_KWARGS = {
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "seq_idx",
+    "return_dict",
+    *EXTRA_OUTPUTS,
+}
 
 
 @dataclass
@@ -91,8 +98,9 @@ class GraphedDecoder:
     """Replaces a decoder's forward: padding-free training passes replay captured graphs, anything else runs
     the decoder's own forward."""
 
-    def __init__(self, decoder: nn.Module, params: list[nn.Parameter], sequences: int, max_tokens: int,
-                 longest: int) -> None:
+    def __init__(
+        self, decoder: nn.Module, params: list[nn.Parameter], sequences: int, max_tokens: int, longest: int
+    ) -> None:
         self.decoder, self.eager = decoder, decoder.forward
         self.params = params
         self.sequences = sequences  # the most examples a pass may hold
@@ -115,20 +123,43 @@ class GraphedDecoder:
         log.info("training passes of up to %d tokens and %d examples replay CUDA graphs", max_tokens, sequences)
         decoder.forward = MethodType(GraphedDecoder.forward, self)
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                **kwargs: Any) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
         bounds, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q", 0)
-        if not (self.decoder.training and torch.is_grad_enabled() and input_ids is not None and input_ids.shape[0] == 1
-                and position_ids is not None and bounds is not None and attention_mask is None
-                and past_key_values is None and inputs_embeds is None and not use_cache
-                and set(kwargs) <= PASS_KWARGS and not any(kwargs.get(name) for name in EXTRA_OUTPUTS)
-                and bounds.numel() <= self.sequences + 1
-                and input_ids.shape[1] <= self.max_tokens and max_length <= self.longest):
-            return self.eager(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                              **kwargs)
+        if not (
+            self.decoder.training
+            and torch.is_grad_enabled()
+            and input_ids is not None
+            and input_ids.shape[0] == 1
+            and position_ids is not None
+            and bounds is not None
+            and attention_mask is None
+            and past_key_values is None
+            and inputs_embeds is None
+            and not use_cache
+            and set(kwargs) <= PASS_KWARGS
+            and not any(kwargs.get(name) for name in EXTRA_OUTPUTS)
+            and bounds.numel() <= self.sequences + 1
+            and input_ids.shape[1] <= self.max_tokens
+            and max_length <= self.longest
+        ):
+            return self.eager(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
         tokens = input_ids.shape[1]
         bucket = self._bucket(self.step * math.ceil(tokens / self.step))
         bucket.fill(input_ids, position_ids, bounds)
@@ -168,8 +199,12 @@ class GraphedDecoder:
         start = time.perf_counter()
         for tokens in range(self.ids.shape[1], 0, -self.step):
             self.buckets[tokens] = self._capture(tokens)
-        log.info("captured the training pass for %d to %d tokens in %.0f s", self.step, self.ids.shape[1],
-                 time.perf_counter() - start)
+        log.info(
+            "captured the training pass for %d to %d tokens in %.0f s",
+            self.step,
+            self.ids.shape[1],
+            time.perf_counter() - start,
+        )
 
     def _capture(self, tokens: int) -> Bucket:
         device = self.params[0].device
@@ -179,15 +214,21 @@ class GraphedDecoder:
         positions.copy_(torch.arange(tokens, device=device) % self.longest)
         starts = torch.arange(0, tokens, self.longest, dtype=torch.int32)
         self.bounds.fill_(tokens)
-        self.bounds[:starts.numel()] = starts
+        self.bounds[: starts.numel()] = starts
         autocast = {"enabled": torch.is_autocast_enabled("cuda"), "dtype": torch.get_autocast_dtype("cuda")}
 
         def run() -> torch.Tensor:
             # The autocast cache would keep casts made during capture outside the graph's memory.
             with torch.autocast("cuda", **autocast, cache_enabled=False):
-                return self.eager(input_ids=ids, position_ids=positions, cu_seq_lens_q=self.bounds,
-                                  cu_seq_lens_k=self.bounds, max_length_q=self.longest, max_length_k=self.longest,
-                                  use_cache=False).last_hidden_state
+                return self.eager(
+                    input_ids=ids,
+                    position_ids=positions,
+                    cu_seq_lens_q=self.bounds,
+                    cu_seq_lens_k=self.bounds,
+                    max_length_q=self.longest,
+                    max_length_k=self.longest,
+                    use_cache=False,
+                ).last_hidden_state
 
         # Warm-up on a side stream, as capture requires (lazy initialisation, Triton's autotuning).
         stream = torch.cuda.Stream()

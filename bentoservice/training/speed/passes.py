@@ -19,7 +19,7 @@ def with_labelled_counts(inputs: dict[str, Any], passes: list[dict[str, Any]]) -
     counted, start = [], 0
     for part in passes:
         end = start + part["labels"].shape[1]
-        counted.append({**part, LABELLED: int(labelled[start + 1:end].sum())})
+        counted.append({**part, LABELLED: int(labelled[start + 1 : end].sum())})
         start = end
     return counted
 
@@ -36,10 +36,12 @@ def split_passes(inputs: dict[str, Any], tokens: int, granularity: int = 1) -> l
     passes = []
     for first, last in itertools.pairwise(cuts):
         start, end = bounds[first], bounds[last]
-        part = {key: value[:, start:end] if getattr(value, "ndim", 0) == 2 and value.shape[1] == row else value
-                for key, value in inputs.items()}
-        cu = inputs["cu_seq_lens_q"][first:last + 1] - start
-        longest = max(b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1], strict=False))
+        part = {
+            key: value[:, start:end] if getattr(value, "ndim", 0) == 2 and value.shape[1] == row else value
+            for key, value in inputs.items()
+        }
+        cu = inputs["cu_seq_lens_q"][first : last + 1] - start
+        longest = max(b - a for a, b in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=False))
         part.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         if "seq_idx" in part:
             part["seq_idx"] = part["seq_idx"] - first

@@ -70,9 +70,13 @@ def defaults(device: Device, planned_tokens: int) -> Speedups:
     if device != "cuda":
         # Liger and Inductor's kernels are Triton (GPU) kernels.
         return Speedups(labelled_logits=True)
-    return Speedups(liger=importlib.util.find_spec("liger_kernel") is not None,
-                    compile=planned_tokens >= COMPILE_FROM_TOKENS, graphs=True, fused_loss=True,
-                    loader_workers=2)
+    return Speedups(
+        liger=importlib.util.find_spec("liger_kernel") is not None,
+        compile=planned_tokens >= COMPILE_FROM_TOKENS,
+        graphs=True,
+        fused_loss=True,
+        loader_workers=2,
+    )
 
 
 def planned_tokens(lengths: list[int], args: dict[str, Any]) -> int:
@@ -139,8 +143,14 @@ class MemoryPlan:
         return min(self.layers, math.ceil(excess / ((self.keep_per_token - self.input_per_token) * tokens)))
 
 
-def memory_plan(model: PreTrainedModel, lora_dropout: float, fused: bool, device: Device,
-                longest: int | None, most: int | None = None) -> MemoryPlan:
+def memory_plan(
+    model: PreTrainedModel,
+    lora_dropout: float,
+    fused: bool,
+    device: Device,
+    longest: int | None,
+    most: int | None = None,
+) -> MemoryPlan:
     """The plan for `model` (the trainer's, on its device), LoRA on all linear layers, for examples of up to
     `longest` tokens (None: each batch in one pass); `fused`: Liger's RMSNorm and SwiGLU kernels, which keep less.
 

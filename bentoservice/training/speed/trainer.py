@@ -55,8 +55,15 @@ def sft_trainer_class() -> type[SFTTrainer]:
             layers a pass will checkpoint."""
             largest = plan.largest_pass(largest_batch)
             most = plan.checkpointed(largest)
-            log.info("passes of up to %d tokens, checkpointing at most %d of %d layers (batches of up to %d "
-                     "tokens, %.1f GiB free)", largest, most, plan.layers, largest_batch, plan.budget / 0.75 / 2**30)
+            log.info(
+                "passes of up to %d tokens, checkpointing at most %d of %d layers (batches of up to %d "
+                "tokens, %.1f GiB free)",
+                largest,
+                most,
+                plan.layers,
+                largest_batch,
+                plan.budget / 0.75 / 2**30,
+            )
             if largest < largest_batch:
                 self.pass_tokens = plan.pass_tokens
             if most:
@@ -65,8 +72,9 @@ def sft_trainer_class() -> type[SFTTrainer]:
                 checkpoint_layers(self.layers, 0)
             return most
 
-        def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                          num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        def training_step(
+            self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+        ) -> torch.Tensor:
             passes = [inputs]
             if self.pass_tokens and num_items_in_batch is not None and "cu_seq_lens_q" in inputs:
                 passes = split_passes(inputs, self.pass_tokens, self.pass_granularity)
@@ -106,8 +114,11 @@ def sft_trainer_class() -> type[SFTTrainer]:
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             # Trainer counts the non-padding tokens on the device and reads the count back, waiting for the GPU every
             # step; a padding-free batch has no padding.
-            if (self.args.include_num_input_tokens_seen != "no" and "cu_seq_lens_q" in inputs
-                    and self.accelerator.num_processes == 1):
+            if (
+                self.args.include_num_input_tokens_seen != "no"
+                and "cu_seq_lens_q" in inputs
+                and self.accelerator.num_processes == 1
+            ):
                 self.state.num_input_tokens_seen += inputs["input_ids"].numel()
             else:
                 super()._track_num_input_tokens(inputs)
@@ -117,15 +128,25 @@ def sft_trainer_class() -> type[SFTTrainer]:
                 read_back(values)
             super().log(logs, start_time)
 
-        def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        def compute_loss(
+            self,
+            model: torch.nn.Module,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: torch.Tensor | int | None = None,
+        ) -> Any:
             labelled = inputs.pop(LABELLED, None)
             if self.memory is not None and model.training:
                 checkpoint_layers(self.layers, self.memory.checkpointed(inputs["input_ids"].numel()))
             labels = inputs.get("labels")
             plain = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
-            if not (plain and not self.aux_loss_enabled and not return_outputs and labels is not None
-                    and labels.shape[0] == 1):
+            if not (
+                plain
+                and not self.aux_loss_enabled
+                and not return_outputs
+                and labels is not None
+                and labels.shape[0] == 1
+            ):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if labelled is not None and model.training:
                 return self.fused_loss(inputs, labelled, num_items_in_batch)
@@ -139,7 +160,8 @@ def sft_trainer_class() -> type[SFTTrainer]:
             # TRL's token accuracy (OpenAI's train/valid_mean_token_accuracy); a training step's stays on the device.
             accuracy = (logits.argmax(-1) == targets[keep]).sum().detach() / max(keep.numel(), 1)
             self._metrics["train" if model.training else "eval"]["mean_token_accuracy"].append(
-                accuracy if model.training else accuracy.item())
+                accuracy if model.training else accuracy.item()
+            )
             count = keep.numel() if num_items_in_batch is None else num_items_in_batch
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -147,8 +169,9 @@ def sft_trainer_class() -> type[SFTTrainer]:
                 loss = loss * self.accelerator.num_processes
             return loss
 
-        def fused_loss(self, inputs: dict[str, Any], labelled: int,
-                       num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        def fused_loss(
+            self, inputs: dict[str, Any], labelled: int, num_items_in_batch: torch.Tensor | int | None
+        ) -> torch.Tensor:
             """TRL's loss and metrics for one process's padding-free training pass, of which `labelled` positions
             predict a labelled token, through fused_loss.py."""
             from bentoservice.training.speed.fused_loss import labelled_loss
@@ -156,8 +179,9 @@ def sft_trainer_class() -> type[SFTTrainer]:
             decoder = self.model.get_base_model().base_model
             hidden = decoder(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
             divisor = labelled if num_items_in_batch is None else num_items_in_batch
-            loss, entropy, top1 = labelled_loss(hidden.last_hidden_state[0], inputs["labels"][0], labelled, self.head,
-                                                divisor)
+            loss, entropy, top1 = labelled_loss(
+                hidden.last_hidden_state[0], inputs["labels"][0], labelled, self.head, divisor
+            )
             # TRL's metrics, kept on the device until they are logged.
             metrics, count = self._metrics["train"], max(labelled, 1)
             metrics["entropy"].append(entropy / count)

@@ -37,8 +37,17 @@ def test_openai_dpo_method_block() -> None:
 
 
 def test_openweights_flat_fields() -> None:
-    made = config(loss="orpo", epochs=1, learning_rate=1e-4, r=8, lora_alpha=16, lora_dropout=0.0,
-                  target_modules=["q_proj"], max_seq_length=256, max_steps=5)
+    made = config(
+        loss="orpo",
+        epochs=1,
+        learning_rate=1e-4,
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj"],
+        max_seq_length=256,
+        max_steps=5,
+    )
     assert made["method"] == "orpo"
     assert (made["r"], made["lora_alpha"], made["lora_dropout"], made["target_modules"]) == (8, 16, 0.0, ["q_proj"])
     assert made["max_seq_length"] == 256
@@ -46,8 +55,11 @@ def test_openweights_flat_fields() -> None:
 
 
 def test_opea_blocks() -> None:
-    made = config(General={"task": "instruction_tuning", "lora_config": {"r": 4, "lora_alpha": 8}},
-                  Dataset={"max_length": 128}, Training={"epochs": 2, "learning_rate": 3e-4, "max_train_steps": 9})
+    made = config(
+        General={"task": "instruction_tuning", "lora_config": {"r": 4, "lora_alpha": 8}},
+        Dataset={"max_length": 128},
+        Training={"epochs": 2, "learning_rate": 3e-4, "max_train_steps": 9},
+    )
     assert made["method"] == "sft" and (made["r"], made["lora_alpha"]) == (4, 8)
     assert made["max_seq_length"] == 128
     assert (made["args"]["num_train_epochs"], made["args"]["learning_rate"], made["args"]["max_steps"]) == (2, 3e-4, 9)

@@ -11,8 +11,9 @@ from bentoservice.api.guard import Guard
 from bentoservice.config import Settings
 
 
-def refusal(settings: Settings, path: str = "/v1/models", method: str = "POST",
-            **headers: str) -> tuple[int, dict] | None:
+def refusal(
+    settings: Settings, path: str = "/v1/models", method: str = "POST", **headers: str
+) -> tuple[int, dict] | None:
     raw = Headers({name.replace("_", "-"): value for name, value in headers.items()})
     response = Guard(app=None, settings=settings).refusal(method, path, raw)  # type: ignore[arg-type]
     return None if response is None else (response.status_code, json.loads(response.body)["error"])
@@ -34,8 +35,14 @@ def test_an_inference_key_is_a_403_on_admin_routes_only() -> None:
     settings = Settings(api_key="sk-admin", inference_api_keys="sk-inf")
     assert refusal(settings, "/v1/chat/completions", authorization="Bearer sk-inf") is None
     assert refusal(settings, "/v1/chat_templates", "GET", authorization="Bearer sk-inf") is None
-    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/adapters/load", "/fine_tune/submit", "/docs.json",
-                 "/v1/chat_templates"):
+    for path in (
+        "/v1/files",
+        "/v1/fine_tuning/jobs",
+        "/v1/adapters/load",
+        "/fine_tune/submit",
+        "/docs.json",
+        "/v1/chat_templates",
+    ):
         status, error = refusal(settings, path, authorization="Bearer sk-inf")
         assert status == 403 and error["type"] == "permission_error"
         assert refusal(settings, path, authorization="Bearer sk-admin") is None

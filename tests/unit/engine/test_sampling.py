@@ -36,8 +36,11 @@ def test_a_seed_repeats_its_samples_and_rows_do_not_share_rngs() -> None:
     logits = torch.zeros(3, 50)
     first = [next_tokens(logits[:1], [Row(params, make_generator(7))], ())[0][0] for _ in range(5)]
     assert len(set(first)) == 1  # a fresh generator with the same seed: the same token
-    rows = [Row(SamplingParams(max_tokens=1, temperature=0), make_generator(None)), Row(params, make_generator(7)),
-            Row(params, make_generator(7))]
+    rows = [
+        Row(SamplingParams(max_tokens=1, temperature=0), make_generator(None)),
+        Row(params, make_generator(7)),
+        Row(params, make_generator(7)),
+    ]
     (greedy_row, seeded, same_seed), logprobs = next_tokens(logits + torch.arange(50.0), rows, ())
     assert greedy_row == 49 and seeded == same_seed and logprobs == [None, None, None]
 

@@ -14,8 +14,11 @@ from bentoservice.engine.templates import (
     resolve_template,
 )
 
-MESSAGES = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-            {"role": "user", "content": "Bye"}]
+MESSAGES = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+]
 
 
 def render(template: str, messages: list[dict[str, str]] = MESSAGES) -> str:
@@ -26,8 +29,10 @@ def test_the_tokenizers_template_by_default_else_chatml() -> None:
     assert resolve_template(None, "{{ 'x' }}") == ("tokenizer", "{{ 'x' }}")
     name, template = resolve_template(None, None)
     assert name == "chatml"
-    assert render(template) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
-                                "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+    assert render(template) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_vicuna_renders_fastchats_separators_and_default_system() -> None:
@@ -54,12 +59,15 @@ def test_the_registry_refuses_bad_templates_and_silent_overrides() -> None:
     assert render(resolve_template("unit-echo", None)[1]) == "other"
 
 
-@pytest.mark.parametrize(("template", "why"), [
-    ('{{ cycler.__init__.__globals__.os.popen("id").read() }}', "refused"),
-    ("{{ messages.append(1) }}", "refused"),
-    ("x" * 70_000, "characters; the limit"),
-    ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "renders more than"),
-])
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        ('{{ cycler.__init__.__globals__.os.popen("id").read() }}', "refused"),
+        ("{{ messages.append(1) }}", "refused"),
+        ("x" * 70_000, "characters; the limit"),
+        ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "renders more than"),
+    ],
+)
 def test_templates_are_tried_in_a_sandbox_with_limits(template: str, why: str) -> None:
     with pytest.raises(TemplateError, match=why):
         check_template(template)

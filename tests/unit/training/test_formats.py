@@ -40,30 +40,54 @@ def load_error(tmp_path: Path, content: str | bytes, name: str = "train.jsonl", 
 
 
 def test_openai_chat(tmp_path: Path) -> None:
-    parts = {"role": "user", "name": "ann",
-             "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}
+    parts = {
+        "role": "user",
+        "name": "ann",
+        "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}],
+    }
     weighted = {"role": "assistant", "content": "Hi!", "weight": 0}
     ds = load_file(write(tmp_path, jsonl({"messages": [SYSTEM, USER, ASSISTANT, parts, weighted]}, CHAT)))
     assert (ds.format, ds.kind, ds.lines, ds.unit) == ("openai_chat", "sft", [1, 2], "line")
     assert ds.rows == [
-        {"messages": [SYSTEM, USER, ASSISTANT, {"role": "user", "content": "Hello\nthere"},
-                      {"role": "assistant", "content": "Hi!"}]},
+        {
+            "messages": [
+                SYSTEM,
+                USER,
+                ASSISTANT,
+                {"role": "user", "content": "Hello\nthere"},
+                {"role": "assistant", "content": "Hi!"},
+            ]
+        },
         {"messages": [USER, ASSISTANT]},
     ]
 
 
 def test_sharegpt_json_array(tmp_path: Path) -> None:
-    data = [{"id": "a1", "conversations": [
-        {"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "What is 2+2?"},
-        {"from": "gpt", "value": "4"},
-        {"from": "user", "value": "And 3+3?"},
-        {"from": "assistant", "value": "6"},
-    ]}]
+    data = [
+        {
+            "id": "a1",
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "What is 2+2?"},
+                {"from": "gpt", "value": "4"},
+                {"from": "user", "value": "And 3+3?"},
+                {"from": "assistant", "value": "6"},
+            ],
+        }
+    ]
     ds = load_file(write(tmp_path, json.dumps(data, indent=2), "sharegpt.json"))
     assert (ds.format, ds.kind, ds.lines, ds.unit) == ("sharegpt", "sft", [1], "record")
-    assert ds.rows == [{"messages": [SYSTEM, USER, ASSISTANT, {"role": "user", "content": "And 3+3?"},
-                                     {"role": "assistant", "content": "6"}]}]
+    assert ds.rows == [
+        {
+            "messages": [
+                SYSTEM,
+                USER,
+                ASSISTANT,
+                {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6"},
+            ]
+        }
+    ]
 
 
 def test_sharegpt_jsonl(tmp_path: Path) -> None:
@@ -83,8 +107,7 @@ def test_alpaca_json_array(tmp_path: Path) -> None:
     assert (ds.format, ds.kind, ds.lines, ds.unit) == ("alpaca", "sft", [1, 2, 3, 4], "record")
     assert [row["messages"] for row in ds.rows] == [
         [{"role": "user", "content": "Give three tips."}, {"role": "assistant", "content": "Eat, sleep, move."}],
-        [{"role": "user", "content": "Translate to French.\n\ncheese"},
-         {"role": "assistant", "content": "fromage"}],
+        [{"role": "user", "content": "Translate to French.\n\ncheese"}, {"role": "assistant", "content": "fromage"}],
         [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}],
         [{"role": "user", "content": "Say bye."}, {"role": "assistant", "content": "Bye."}],
     ]
@@ -96,45 +119,71 @@ def test_alpaca_jsonl(tmp_path: Path) -> None:
 
 
 def test_prompt_completion(tmp_path: Path) -> None:
-    ds = load_file(write(tmp_path, jsonl({"prompt": "What is 2+2?", "completion": "4"},
-                                         {"prompt": [SYSTEM, USER], "completion": [ASSISTANT]})))
+    ds = load_file(
+        write(
+            tmp_path,
+            jsonl({"prompt": "What is 2+2?", "completion": "4"}, {"prompt": [SYSTEM, USER], "completion": [ASSISTANT]}),
+        )
+    )
     assert (ds.format, ds.kind) == ("prompt_completion", "sft")
     assert ds.rows == [CHAT, {"messages": [SYSTEM, USER, ASSISTANT]}]
 
 
 def test_preference(tmp_path: Path) -> None:
     wrong = {"role": "assistant", "content": "5"}
-    ds = load_file(write(tmp_path, jsonl(
-        {"prompt": [SYSTEM, USER], "chosen": [ASSISTANT], "rejected": [wrong]},
-        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
-    )), expect="preference")
+    ds = load_file(
+        write(
+            tmp_path,
+            jsonl(
+                {"prompt": [SYSTEM, USER], "chosen": [ASSISTANT], "rejected": [wrong]},
+                {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+            ),
+        ),
+        expect="preference",
+    )
     assert (ds.format, ds.kind) == ("preference", "preference")
-    assert ds.rows == [{"prompt": [SYSTEM, USER], "chosen": [ASSISTANT], "rejected": [wrong]},
-                       {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [wrong]}]
+    assert ds.rows == [
+        {"prompt": [SYSTEM, USER], "chosen": [ASSISTANT], "rejected": [wrong]},
+        {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [wrong]},
+    ]
 
 
 def test_openai_preference(tmp_path: Path) -> None:
-    record = {"input": {"messages": [USER], "tools": []},
-              "preferred_output": [ASSISTANT],
-              "non_preferred_output": [{"role": "assistant", "content": "5"}]}
+    record = {
+        "input": {"messages": [USER], "tools": []},
+        "preferred_output": [ASSISTANT],
+        "non_preferred_output": [{"role": "assistant", "content": "5"}],
+    }
     ds = load_file(write(tmp_path, jsonl(record)))
     assert (ds.format, ds.kind) == ("openai_preference", "preference")
-    assert ds.rows == [{"prompt": [USER], "chosen": [ASSISTANT],
-                        "rejected": [{"role": "assistant", "content": "5"}]}]
+    assert ds.rows == [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "5"}]}]
 
 
 def test_flag_embedding(tmp_path: Path) -> None:
     """FlagEmbedding's toy_finetune_data.jsonl lines; neg may be empty or absent, a prompt goes before the query."""
-    ds = load_file(write(tmp_path, jsonl(
-        {"query": "Five women walk along a beach.", "pos": ["Women walk on a beach."],
-         "neg": ["The women are sitting.", "A man swims."], "pos_scores": [1.0]},
-        {"query": "a cat", "pos": ["A cat sleeps.", "Cats purr."], "neg": []},
-        {"query": "a dog", "pos": ["A dog barks."], "prompt": "Represent this query: "},
-    )), expect="rerank")
+    ds = load_file(
+        write(
+            tmp_path,
+            jsonl(
+                {
+                    "query": "Five women walk along a beach.",
+                    "pos": ["Women walk on a beach."],
+                    "neg": ["The women are sitting.", "A man swims."],
+                    "pos_scores": [1.0],
+                },
+                {"query": "a cat", "pos": ["A cat sleeps.", "Cats purr."], "neg": []},
+                {"query": "a dog", "pos": ["A dog barks."], "prompt": "Represent this query: "},
+            ),
+        ),
+        expect="rerank",
+    )
     assert (ds.format, ds.kind, ds.lines) == ("flag_embedding", "rerank", [1, 2, 3])
     assert ds.rows == [
-        {"query": "Five women walk along a beach.", "pos": ["Women walk on a beach."],
-         "neg": ["The women are sitting.", "A man swims."]},
+        {
+            "query": "Five women walk along a beach.",
+            "pos": ["Women walk on a beach."],
+            "neg": ["The women are sitting.", "A man swims."],
+        },
         {"query": "a cat", "pos": ["A cat sleeps.", "Cats purr."], "neg": []},
         {"query": "Represent this query: a dog", "pos": ["A dog barks."], "neg": []},
     ]
@@ -172,89 +221,184 @@ SHAREGPT = {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from
 ALPACA = {"instruction": "What is 2+2?", "input": "", "output": "4"}
 PROMPT_COMPLETION = {"prompt": "What is 2+2?", "completion": "4"}
 PAIR = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
-OPENAI_PAIR = {"input": {"messages": [USER]}, "preferred_output": [ASSISTANT],
-               "non_preferred_output": [{"role": "assistant", "content": "5"}]}
+OPENAI_PAIR = {
+    "input": {"messages": [USER]},
+    "preferred_output": [ASSISTANT],
+    "non_preferred_output": [{"role": "assistant", "content": "5"}],
+}
 RERANK = {"query": "What is 2+2?", "pos": ["2+2 is 4."], "neg": ["2+2 is 5."]}
 
 # (a good record of the format, a bad record, the problem, the field)
 BAD_RECORDS = [
     pytest.param(CHAT, [CHAT], "expected a JSON object, got an array", None, id="array"),
     pytest.param(CHAT, "just text", "expected a JSON object, got a string", None, id="string"),
-    pytest.param(CHAT, {"text": "hi"}, "no known fields (keys: 'text'); expected one of OpenAI chat", None,
-                 id="unknown"),
+    pytest.param(
+        CHAT, {"text": "hi"}, "no known fields (keys: 'text'); expected one of OpenAI chat", None, id="unknown"
+    ),
     pytest.param(PROMPT_COMPLETION, {"prompt": "hi"}, "completion is missing", "completion", id="prompt-only"),
-    pytest.param(CHAT, {"messages": "hi"}, "messages must be a list, got a string", "messages",
-                 id="messages-type"),
+    pytest.param(CHAT, {"messages": "hi"}, "messages must be a list, got a string", "messages", id="messages-type"),
     pytest.param(CHAT, {"messages": []}, "messages is empty", "messages", id="messages-empty"),
-    pytest.param(CHAT, chat(USER, "hi"), "messages[1] must be an object, got a string", "messages[1]",
-                 id="message-type"),
-    pytest.param(CHAT, chat(USER, {"role": "assistant"}), "messages[1].content is missing",
-                 "messages[1].content", id="content-missing"),
-    pytest.param(CHAT, chat(USER, {"content": "4"}), "messages[1].role is missing", "messages[1].role",
-                 id="role-missing"),
-    pytest.param(CHAT, chat(USER, {"role": "assistant", "content": 4}),
-                 "messages[1].content must be a string, got a number", "messages[1].content", id="content-type"),
-    pytest.param(CHAT, chat(USER, {"role": "assistant", "content": None}),
-                 "messages[1].content must be a string, got null", "messages[1].content", id="content-null"),
-    pytest.param(CHAT, chat(USER, {"role": "assistant", "content": "  "}), "messages[1].content is empty",
-                 "messages[1].content", id="content-empty"),
-    pytest.param(CHAT, chat({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-                            ASSISTANT),
-                 "messages[0].content[0].type must be 'text' (only text is supported), got 'image_url'",
-                 "messages[0].content[0].type", id="image-part"),
-    pytest.param(CHAT, chat(USER, {"role": "tool", "content": "4"}),
-                 "messages[1].role must be one of 'system', 'user', 'assistant', got 'tool'", "messages[1].role",
-                 id="unknown-role"),
-    pytest.param(CHAT, chat(USER, USER, ASSISTANT),
-                 "messages[1].role must be 'assistant' after 'user', got 'user'",
-                 "messages[1].role", id="two-users"),
-    pytest.param(CHAT, chat(ASSISTANT),
-                 "messages[0].role must be 'user' to start the conversation, got 'assistant'", "messages[0].role",
-                 id="starts-with-assistant"),
-    pytest.param(CHAT, chat(USER, SYSTEM, ASSISTANT),
-                 "messages[1].role is 'system', but only a conversation's first message may be a system one",
-                 "messages[1].role", id="late-system"),
-    pytest.param(CHAT, chat(SYSTEM, USER),
-                 "messages must end with an 'assistant' message, but the last one is 'user'", "messages",
-                 id="ends-with-user"),
-    pytest.param(CHAT, chat(SYSTEM),
-                 "messages must end with an 'assistant' message, but the last one is 'system'", "messages",
-                 id="system-only"),
-    pytest.param(SHAREGPT, {"conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "hi"}]},
-                 "conversations[1].from must be 'assistant' after 'user', got 'human' (user)",
-                 "conversations[1].from", id="sharegpt-order"),
-    pytest.param(SHAREGPT, {"conversations": [{"from": "bot", "value": "hi"}]},
-                 "conversations[0].from must be one of 'human', 'gpt', 'system', 'user', 'assistant', got 'bot'",
-                 "conversations[0].from", id="sharegpt-role"),
-    pytest.param(ALPACA, {"instruction": "Say hi.", "input": ""}, "output is missing", "output",
-                 id="alpaca-output"),
-    pytest.param(ALPACA, {"instruction": "Say hi.", "input": 3, "output": "hi"},
-                 "input must be a string, got a number", "input", id="alpaca-input-type"),
-    pytest.param(ALPACA, {"instruction": "", "output": "hi"}, "instruction is empty", "instruction",
-                 id="alpaca-empty"),
-    pytest.param(PROMPT_COMPLETION, {"prompt": "hi", "completion": 1},
-                 "completion must be a string or a list of messages, got a number", "completion",
-                 id="completion-type"),
-    pytest.param(PAIR, {"prompt": [USER, ASSISTANT], "chosen": "a", "rejected": "b"},
-                 "prompt must end with a 'user' message, but the last one is 'assistant'", "prompt",
-                 id="prompt-ends-with-assistant"),
-    pytest.param(PAIR, {"prompt": "hi", "chosen": [USER], "rejected": "b"},
-                 "chosen[0].role must be 'assistant' after 'user', got 'user'", "chosen[0].role",
-                 id="chosen-user"),
+    pytest.param(
+        CHAT, chat(USER, "hi"), "messages[1] must be an object, got a string", "messages[1]", id="message-type"
+    ),
+    pytest.param(
+        CHAT,
+        chat(USER, {"role": "assistant"}),
+        "messages[1].content is missing",
+        "messages[1].content",
+        id="content-missing",
+    ),
+    pytest.param(
+        CHAT, chat(USER, {"content": "4"}), "messages[1].role is missing", "messages[1].role", id="role-missing"
+    ),
+    pytest.param(
+        CHAT,
+        chat(USER, {"role": "assistant", "content": 4}),
+        "messages[1].content must be a string, got a number",
+        "messages[1].content",
+        id="content-type",
+    ),
+    pytest.param(
+        CHAT,
+        chat(USER, {"role": "assistant", "content": None}),
+        "messages[1].content must be a string, got null",
+        "messages[1].content",
+        id="content-null",
+    ),
+    pytest.param(
+        CHAT,
+        chat(USER, {"role": "assistant", "content": "  "}),
+        "messages[1].content is empty",
+        "messages[1].content",
+        id="content-empty",
+    ),
+    pytest.param(
+        CHAT,
+        chat({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, ASSISTANT),
+        "messages[0].content[0].type must be 'text' (only text is supported), got 'image_url'",
+        "messages[0].content[0].type",
+        id="image-part",
+    ),
+    pytest.param(
+        CHAT,
+        chat(USER, {"role": "tool", "content": "4"}),
+        "messages[1].role must be one of 'system', 'user', 'assistant', got 'tool'",
+        "messages[1].role",
+        id="unknown-role",
+    ),
+    pytest.param(
+        CHAT,
+        chat(USER, USER, ASSISTANT),
+        "messages[1].role must be 'assistant' after 'user', got 'user'",
+        "messages[1].role",
+        id="two-users",
+    ),
+    pytest.param(
+        CHAT,
+        chat(ASSISTANT),
+        "messages[0].role must be 'user' to start the conversation, got 'assistant'",
+        "messages[0].role",
+        id="starts-with-assistant",
+    ),
+    pytest.param(
+        CHAT,
+        chat(USER, SYSTEM, ASSISTANT),
+        "messages[1].role is 'system', but only a conversation's first message may be a system one",
+        "messages[1].role",
+        id="late-system",
+    ),
+    pytest.param(
+        CHAT,
+        chat(SYSTEM, USER),
+        "messages must end with an 'assistant' message, but the last one is 'user'",
+        "messages",
+        id="ends-with-user",
+    ),
+    pytest.param(
+        CHAT,
+        chat(SYSTEM),
+        "messages must end with an 'assistant' message, but the last one is 'system'",
+        "messages",
+        id="system-only",
+    ),
+    pytest.param(
+        SHAREGPT,
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "hi"}]},
+        "conversations[1].from must be 'assistant' after 'user', got 'human' (user)",
+        "conversations[1].from",
+        id="sharegpt-order",
+    ),
+    pytest.param(
+        SHAREGPT,
+        {"conversations": [{"from": "bot", "value": "hi"}]},
+        "conversations[0].from must be one of 'human', 'gpt', 'system', 'user', 'assistant', got 'bot'",
+        "conversations[0].from",
+        id="sharegpt-role",
+    ),
+    pytest.param(ALPACA, {"instruction": "Say hi.", "input": ""}, "output is missing", "output", id="alpaca-output"),
+    pytest.param(
+        ALPACA,
+        {"instruction": "Say hi.", "input": 3, "output": "hi"},
+        "input must be a string, got a number",
+        "input",
+        id="alpaca-input-type",
+    ),
+    pytest.param(ALPACA, {"instruction": "", "output": "hi"}, "instruction is empty", "instruction", id="alpaca-empty"),
+    pytest.param(
+        PROMPT_COMPLETION,
+        {"prompt": "hi", "completion": 1},
+        "completion must be a string or a list of messages, got a number",
+        "completion",
+        id="completion-type",
+    ),
+    pytest.param(
+        PAIR,
+        {"prompt": [USER, ASSISTANT], "chosen": "a", "rejected": "b"},
+        "prompt must end with a 'user' message, but the last one is 'assistant'",
+        "prompt",
+        id="prompt-ends-with-assistant",
+    ),
+    pytest.param(
+        PAIR,
+        {"prompt": "hi", "chosen": [USER], "rejected": "b"},
+        "chosen[0].role must be 'assistant' after 'user', got 'user'",
+        "chosen[0].role",
+        id="chosen-user",
+    ),
     pytest.param(PAIR, {"prompt": "hi", "chosen": "a"}, "rejected is missing", "rejected", id="rejected-missing"),
-    pytest.param(OPENAI_PAIR, {**OPENAI_PAIR, "input": [USER]}, "input must be an object, got an array", "input",
-                 id="openai-preference-input"),
-    pytest.param(OPENAI_PAIR, {**OPENAI_PAIR, "input": {"tools": []}}, "input.messages is missing",
-                 "input.messages", id="openai-preference-messages"),
-    pytest.param(OPENAI_PAIR, {**OPENAI_PAIR, "non_preferred_output": "no"},
-                 "non_preferred_output must be a list, got a string", "non_preferred_output",
-                 id="openai-preference-output"),
+    pytest.param(
+        OPENAI_PAIR,
+        {**OPENAI_PAIR, "input": [USER]},
+        "input must be an object, got an array",
+        "input",
+        id="openai-preference-input",
+    ),
+    pytest.param(
+        OPENAI_PAIR,
+        {**OPENAI_PAIR, "input": {"tools": []}},
+        "input.messages is missing",
+        "input.messages",
+        id="openai-preference-messages",
+    ),
+    pytest.param(
+        OPENAI_PAIR,
+        {**OPENAI_PAIR, "non_preferred_output": "no"},
+        "non_preferred_output must be a list, got a string",
+        "non_preferred_output",
+        id="openai-preference-output",
+    ),
     pytest.param(RERANK, {"query": "hi", "neg": ["x"]}, "pos is missing", "pos", id="rerank-pos-missing"),
     pytest.param(RERANK, {"query": "hi", "pos": []}, "pos is empty", "pos", id="rerank-pos-empty"),
-    pytest.param(RERANK, {"query": "hi", "pos": "x"}, "pos must be a list of passages, got a string", "pos",
-                 id="rerank-pos-type"),
-    pytest.param(RERANK, {"query": "hi", "pos": ["x"], "neg": ["y", 3]}, "neg[1] must be a string, got a number",
-                 "neg[1]", id="rerank-neg-item"),
+    pytest.param(
+        RERANK, {"query": "hi", "pos": "x"}, "pos must be a list of passages, got a string", "pos", id="rerank-pos-type"
+    ),
+    pytest.param(
+        RERANK,
+        {"query": "hi", "pos": ["x"], "neg": ["y", 3]},
+        "neg[1] must be a string, got a number",
+        "neg[1]",
+        id="rerank-neg-item",
+    ),
     pytest.param(RERANK, {"query": "", "pos": ["x"]}, "query is empty", "query", id="rerank-query-empty"),
     pytest.param(RERANK, {"pos": ["x"], "neg": []}, "query is missing", "query", id="rerank-query-missing"),
 ]
@@ -316,8 +460,10 @@ def test_not_utf8(tmp_path: Path) -> None:
 def test_mixed_formats(tmp_path: Path) -> None:
     err = load_error(tmp_path, jsonl(CHAT, CHAT, {"instruction": "Say hi.", "output": "hi"}))
     assert err.line == 3
-    assert str(err) == ("line 3: this record is Alpaca (instruction, input, output) but the file is OpenAI chat "
-                        "(messages), as line 1 shows; use one format per file")
+    assert str(err) == (
+        "line 3: this record is Alpaca (instruction, input, output) but the file is OpenAI chat "
+        "(messages), as line 1 shows; use one format per file"
+    )
 
 
 def test_mixed_formats_in_json_array(tmp_path: Path) -> None:
@@ -363,8 +509,9 @@ def test_check_lengths_names_the_first_long_line(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError) as info:
         check_lengths(ds, word_count, 10)
     assert info.value.line == 3
-    assert str(info.value) == ("line 3: the example is 23 tokens long, more than max_seq_length 10; "
-                               "shorten it or raise max_seq_length")
+    assert str(info.value) == (
+        "line 3: the example is 23 tokens long, more than max_seq_length 10; shorten it or raise max_seq_length"
+    )
 
 
 def test_check_lengths_names_the_record_of_a_json_array(tmp_path: Path) -> None:

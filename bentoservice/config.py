@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     rerank_models: Annotated[list[str], NoDecode] = []
     max_encoders: int = 8
 
+    # Python graders (reinforcement fine-tuning): each grade's sandboxed process may use this much.
+    grader_cpu_seconds: int = 10
+    grader_memory_mb: int = 1024
+    grader_timeout_s: float = 30.0
+
     @field_validator("adapter_dirs", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:

@@ -14,6 +14,7 @@ from bentoservice.api.embeddings import routes as embeddings
 from bentoservice.api.errors import envelope, install_error_handlers
 from bentoservice.api.files import routes as files
 from bentoservice.api.fine_tuning import routes as fine_tuning
+from bentoservice.api.graders import routes as graders
 from bentoservice.api.openapi import install_openapi
 
 
@@ -25,7 +26,7 @@ def create_app() -> FastAPI:
     app.state.jobs = None
     app.state.encoders = None
     install_error_handlers(app)
-    routers = [openai.router, adapters.router, files.router, fine_tuning.router, embeddings.router]
+    routers = [openai.router, adapters.router, files.router, fine_tuning.router, graders.router, embeddings.router]
     for router in routers:
         app.include_router(router)
     _add_catch_all(app, [route for router in routers for route in router.routes])

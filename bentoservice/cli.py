@@ -194,7 +194,11 @@ def start(
         }
     except (store.StoreError, OSError) as exc:
         fail(str(exc))
-    env = {"BENTOSERVICE_MODEL": served.name}
+    env = {
+        "BENTOSERVICE_MODEL": served.name,
+        # where the jobs' graders reach this service (training.graders.ServiceModels.from_settings)
+        "BENTOSERVICE_SERVICE_URL": os.environ.get("BENTOSERVICE_SERVICE_URL") or f"{_local_url(host, port)}/v1",
+    }
     if api_key:
         env["BENTOSERVICE_API_KEY"] = api_key
     if chat_template:
@@ -214,9 +218,14 @@ def start(
     raise typer.Exit(code if code >= 0 else 128 - code)  # killed by a signal: the shell's convention
 
 
+def _local_url(host: str, port: int) -> str:
+    """The server's URL from this machine (a wildcard address is reached at 127.0.0.1)."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
 def _announce(server: subprocess.Popen, host: str, port: int, model: str, api_key: bool) -> None:
     """Once the server answers /readyz: the URLs a person needs and a request to try."""
-    probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+    probe = _local_url(host, port)
     while server.poll() is None:
         try:
             if httpx.get(f"{probe}/readyz", timeout=2).status_code == 200:

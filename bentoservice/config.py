@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     rerank_models: Annotated[list[str], NoDecode] = []
     max_encoders: int = 8
 
+    service_url: str | None = None
+    """This service's /v1 as job runners reach it (graders that call served models); `bentoservice start` sets it
+    to its own port on 127.0.0.1 unless given, e.g. for runners on a Ray cluster."""
     # Python graders (reinforcement fine-tuning): each grade's sandboxed process may use this much.
     grader_cpu_seconds: int = 10
     grader_memory_mb: int = 1024

@@ -10,6 +10,8 @@ import pytest
 from conftest import Server
 
 from bentoservice import store
+from bentoservice.config import get_settings
+from bentoservice.training.graders import GraderError, GradingFailed, ServiceModels, build_grader, sample_of
 from bentoservice.training.graders.sandbox import unavailable
 
 ADMIN, INFERENCE = "sk-graders-admin", "sk-graders-inference"
@@ -147,3 +149,43 @@ def test_python_graders_run_sandboxed_and_fail_clearly(server: Server) -> None:
     result = client.fine_tuning.alpha.graders.run(grader=failing, model_sample="x", item={})  # type: ignore[arg-type]
     assert result.metadata.errors.python_grader_runtime_error
     assert "bad item" in (result.metadata.errors.python_grader_runtime_error_details or "")
+
+
+def test_a_job_runner_reaches_the_service_from_its_settings(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner inherits the server's environment: `bentoservice start` put its own /v1 there."""
+    children = [child.environ() for child in server._tree()]
+    assert any(env.get("BENTOSERVICE_SERVICE_URL") == f"{server.url}/v1" for env in children)
+    monkeypatch.setenv("BENTOSERVICE_SERVICE_URL", f"{server.url}/v1")
+    monkeypatch.setenv("BENTOSERVICE_INFERENCE_API_KEYS", INFERENCE)
+    get_settings.cache_clear()
+    try:
+        models = ServiceModels.from_settings()
+        assert models is not None
+        judge = {
+            "type": "score_model",
+            "name": "judge",
+            "model": "tiny",
+            "range": [0, 5],
+            "input": [{"role": "user", "content": "Rate {{sample.output_text}} against {{item.answer}}."}],
+            "sampling_params": {"max_completions_tokens": 4},
+        }
+        cosine = {
+            "type": "text_similarity",
+            "name": "cos",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.answer}}",
+            "evaluation_metric": "cosine",
+        }
+        same = build_grader(cosine, models).grade(sample_of("a cat sat"), {"answer": "a cat sat"})
+        assert same.score == pytest.approx(1.0, abs=1e-4)
+        try:
+            score = build_grader(judge, models).grade(sample_of("4"), {"answer": "4"}).score
+            assert 0.0 <= score <= 5.0
+        except GradingFailed as failed:  # the tiny model's random reply may hold no number
+            assert failed.error == "model_grader_parse_error"
+        assert models.usage["tiny"]["completion_tokens"] >= 1
+        with pytest.raises(GraderError) as caught:
+            build_grader({**judge, "model": "ft:tiny:nothing:12345678"}, models)
+        assert caught.value.param == "grader.model"
+    finally:
+        get_settings.cache_clear()

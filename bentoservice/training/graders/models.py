@@ -24,6 +24,19 @@ class ServiceModels:
     """A ModelClient over the official openai SDK; `usage` adds up each model's tokens (OpenAI's
     `model_grader_token_usage_per_model`)."""
 
+    @classmethod
+    def from_settings(cls) -> ServiceModels | None:
+        """This service as its settings say (a job runner inherits the server's): BENTOSERVICE_SERVICE_URL, with an
+        inference key when there is one (the least that may call models, chat and embeddings), else an admin key.
+        None when no URL is set: graders that call models are then refused."""
+        from bentoservice.config import get_settings
+
+        settings = get_settings()
+        if not settings.service_url:
+            return None
+        keys = settings.inference_keys() or settings.admin_keys()
+        return cls(settings.service_url, keys[0] if keys else None)
+
     def __init__(self, base_url: str, api_key: str | None, timeout: float = 120.0) -> None:
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=1, timeout=timeout)
         self.usage: dict[str, dict[str, int]] = {}

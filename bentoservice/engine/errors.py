@@ -23,3 +23,7 @@ class ContextOverflow(EngineError, ValueError):
 
 class Overloaded(EngineError, RuntimeError):
     """More requests than max_running + max_queued."""
+
+
+class GrammarError(EngineError, ValueError):
+    """A grammar (JSON schema, regex, EBNF) the grammar engine cannot compile; the message says why."""

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any, Literal
+
+GrammarKind = Literal["json", "json_schema", "regex", "ebnf", "structural_tag"]
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What a constrained row's output must match (compiled once per tokenizer by engine/grammar.py).
+
+    `json`: any JSON object (`source` unused); `json_schema`: `source` is the schema as compact JSON (`strict`:
+    no properties beyond those the schema names, unless it says otherwise); `regex`; `ebnf` (root rule `root`);
+    `structural_tag`: xgrammar's structural tag as JSON (free text with constrained segments, e.g. tool calls).
+    """
+
+    kind: GrammarKind
+    source: str = ""
+    strict: bool = True
+
+    @classmethod
+    def of_schema(cls, schema: dict[str, Any], strict: bool = True) -> Grammar:
+        """A JSON schema's grammar; the source keeps the schema's key order (the order the output writes them in)."""
+        return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False), strict)
 
 
 @dataclass(frozen=True)
@@ -21,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """Return the chosen token's log-probability and this many of the most likely alternatives."""
+    grammar: Grammar | None = None
+    """The output must match it: the row's logits are masked to the tokens it allows, and it ends when complete."""
 
     @property
     def adjusts(self) -> bool:
@@ -36,7 +61,7 @@ class SamplingParams:
     @property
     def per_row(self) -> bool:
         """Whether this row needs its logits read on the host every step (no chained greedy passes)."""
-        return self.adjusts or self.logprobs is not None
+        return self.adjusts or self.logprobs is not None or self.grammar is not None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Per-request sampling: greedy at temperature 0, else temperature + top-p with the request's own RNG.
 
 Rows that ask for penalties, a logit bias, a minimum length or log-probabilities get their own logits
-adjusted on the device where the pass left them; the other rows keep the batched argmax.
+adjusted on the device where the pass left them; the other rows keep the batched argmax. A row under a grammar
+has had its logits masked in place (grammar.py) before it gets here.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def next_tokens(
         own = adjust(logits[i], row, end_ids) if params.adjusts else logits[i]
         if params.temperature > 0:
             ids[i] = sample(own.float().cpu(), params, row.generator)
-        elif params.adjusts:
+        elif params.adjusts or params.grammar is not None:  # `greedy` is the argmax before adjusting or masking
             ids[i] = int(own.argmax())
         if params.logprobs is not None:
             logprobs[i] = token_logprob(own, ids[i], params.logprobs)

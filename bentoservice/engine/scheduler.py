@@ -9,6 +9,9 @@ While nothing is waiting and every running request decodes greedily, the next de
 on the device, fed by the device-side tokens of the pass before, before that pass's tokens are read
 and handled: the host's work on one step (detokenising, stop strings, streaming) overlaps the
 device's work on the next. A request that finished meanwhile costs its row one wasted token.
+
+A request under a grammar (structured outputs, see grammar.py) has its rows' logits masked after each pass, before
+sampling; those rows read every pass on the host, so a batch holding one is never chained.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bentoservice.engine import metrics
 from bentoservice.engine.adapters import AdapterManager, NoFreeSlot, PreparedAdapter
 from bentoservice.engine.errors import Overloaded
 from bentoservice.engine.forward import Chained, Forward, Step
+from bentoservice.engine.grammar import Grammars, Matcher
 from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams, TokenLogprob
 from bentoservice.engine.sampling import make_generator, next_tokens
 from bentoservice.engine.text import TextTracker
@@ -81,6 +85,7 @@ class Sequence:
     stream: Stream
     text: TextTracker
     generator: torch.Generator
+    matcher: Matcher | None = None  # the grammar's state, for a constrained row
     slot: int = 0
     generated: list[int] = field(default_factory=list)
     done: bool = False
@@ -142,6 +147,7 @@ class Engine:
             sys.setswitchinterval(0.001)
         self.max_length = int(model.config.max_position_embeddings)
         self.eos_ids = self._eos_ids()
+        self.grammars = Grammars(tokenizer, int(model.config.vocab_size), self.eos_ids, max_running)
         self._waiting: collections.deque[list[Sequence]] = collections.deque()  # groups: n choices of a prompt
         self._running: list[Sequence] = []
         self._admitted = 0  # taken from the queue, in the prefill pass under way
@@ -182,6 +188,7 @@ class Engine:
                 Stream(loop),
                 TextTracker(self._decode, params.stop),
                 make_generator(params.seed),
+                None if params.grammar is None else self.grammars.matcher(params.grammar),
             )
             for params in choices
         ]
@@ -431,6 +438,7 @@ class Engine:
             with self._cv:
                 self._running.extend(new)
                 self._admitted = 0
+        self.grammars.constrain(logits, new)
         tokens, logprobs = next_tokens(logits, new, self.eos_ids)
         for seq, token, logprob in zip(new, tokens, logprobs, strict=False):
             self._accept(seq, token, logprob)
@@ -453,6 +461,7 @@ class Engine:
         """Wait for a pass, then handle its tokens (a sequence that finished since it was queued ignores its own)."""
         seqs = launched.seqs
         step = launched.step
+        self.grammars.constrain(step.logits, seqs)
         tokens, logprobs = next_tokens(step.logits, seqs, self.eos_ids, step.greedy_tokens())
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=False):
             seq.pending -= 1
@@ -463,7 +472,8 @@ class Engine:
     def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.generated.append(token)
         params = seq.params
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        matched = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
+        if matched or (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             if logprob is not None:
                 self._emit(seq, Delta("", (logprob,)))
             return self._finish(seq, "stop")

@@ -15,7 +15,7 @@ from bentoservice import store
 from bentoservice.config import Settings
 from bentoservice.engine.adapters import LoadedAdapter, NoFreeSlot, PreparedAdapter
 from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownAdapter, UnknownModel
-from bentoservice.engine.params import SamplingParams
+from bentoservice.engine.params import Grammar, SamplingParams
 from bentoservice.engine.scheduler import Engine, Stream
 from bentoservice.engine.templates import TemplateError, resolve_template
 
@@ -184,6 +184,11 @@ class ServedModel:
                 f"{requested} for the completion)"
             )
         return requested
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """Compile a grammar for this tokenizer (cached; a GrammarError if it cannot be compiled), off the event loop:
+        a request under it is then queued without compiling on the engine thread."""
+        self.engine.grammars.compile(grammar)
 
     def generate(self, prompt: list[int], params: SamplingParams, choice: Choice) -> Stream:
         return self.engine.submit(prompt, params, choice.adapter)

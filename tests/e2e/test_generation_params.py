@@ -31,7 +31,6 @@ TEXT = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
     [
         ("chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ("chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
-        ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
         ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
         ("chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),

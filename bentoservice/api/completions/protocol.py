@@ -3,7 +3,8 @@
 No field is silently ignored. A body field is one of: implemented; harmless metadata that changes nothing
 here (`METADATA`, kept as declared fields so a typo is still refused); an OpenAI feature this server does
 not have, refused with a 400 whose `param` names it unless its value asks for nothing (`REFUSED`); or a
-vLLM extra that is implemented (`repetition_penalty`, `min_tokens`, `stop_token_ids`, `ignore_eos`).
+vLLM extra that is implemented (`repetition_penalty`, `min_tokens`, `stop_token_ids`, `ignore_eos`, and the
+structured outputs' `structured_outputs`, `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`).
 Anything else is a 400 naming the field (`extra="forbid"`).
 """
 
@@ -51,7 +52,6 @@ METADATA = (
 
 HARMLESS: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "functions": ([],),
     "tool_choice": ("none",),
@@ -77,7 +77,6 @@ Refused = Annotated[Any, AfterValidator(_refuse)]
 CHAT_REFUSED = (
     "audio",
     "modalities",
-    "response_format",
     "tools",
     "tool_choice",
     "functions",
@@ -137,6 +136,38 @@ class Message(Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class JsonSchema(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """None: any JSON object."""
+    strict: bool | None = None
+    """True: no properties beyond those the schema names, unless it allows them (OpenAI's default is False)."""
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_asked(self) -> ResponseFormat:
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError("`json_schema` comes with, and only with, type json_schema")
+        return self
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[Text] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    """EBNF (GBNF), root rule `root`."""
+    json_object: bool | None = None
+    structural_tag: str | None = None
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None
@@ -166,6 +197,13 @@ class SamplingFields(Strict):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # Structured outputs (api/completions/structured.py): OpenAI's, then vLLM's extras; at most one of them.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Text] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +21,10 @@ from bentoservice.api.completions.protocol import (
     TemplateQuery,
     TemplateRegistration,
 )
+from bentoservice.api.completions.sampling import choices_of, request_params
 from bentoservice.api.errors import APIError, error_type, unknown_model
 from bentoservice.engine.errors import AdapterError, UnknownModel
-from bentoservice.engine.params import Delta, Event, Failed, Finished, SamplingParams, TokenLogprob
+from bentoservice.engine.params import Delta, Event, Failed, Finished, TokenLogprob
 from bentoservice.engine.templates import chat_templates, register_chat_template
 
 if TYPE_CHECKING:
@@ -82,41 +83,6 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         if model_id in (card["id"], card["root"]):
             return card
     raise unknown_model(model_id)
-
-
-def _params(body: ChatCompletionRequest | CompletionRequest, served: ServedModel, max_tokens: int) -> SamplingParams:
-    for param, ids in (("logit_bias", body.logit_bias or {}), ("stop_token_ids", body.stop_token_ids or ())):
-        if any(not 0 <= i < served.vocab_size for i in ids):
-            raise APIError(
-                400,
-                f"{param} names a token id outside the vocabulary (0..{served.vocab_size - 1})",
-                param,
-                "invalid_value",
-            )
-    if body.n > served.max_choices:
-        raise APIError(400, f"n is at most {served.max_choices} here", "n", "invalid_value")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stops,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logit_bias=tuple(sorted((body.logit_bias or {}).items())),
-        min_tokens=body.min_tokens,
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=body.ignore_eos,
-        logprobs=body.top_alternatives,
-    )
-
-
-def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n completions; with a seed, choice i samples from seed + i (distinct, and repeatable)."""
-    if params.seed is None or n == 1:
-        return [params] * n
-    return [replace(params, seed=params.seed + i) for i in range(n)]
 
 
 def _usage(done: list[Finished]) -> dict[str, int]:
@@ -323,8 +289,8 @@ async def _respond(
     choice: Choice,
     echo: str = "",
 ) -> Any:
-    params = _params(body, served, served.max_tokens(len(prompt), budget))
-    streams = served.generate_choices(prompt, _choices(params, body.n), choice)
+    params = await request_params(body, served, served.max_tokens(len(prompt), budget))
+    streams = served.generate_choices(prompt, choices_of(params, body.n), choice)
     meta = {
         "id": f"{shape.id_prefix}-{uuid.uuid4().hex}",
         "created": int(time.time()),

@@ -1,0 +1,102 @@
+"""Grammars for the served tokenizer (SmolLM2's): compiled once and cached, errors that say why, and masks applied
+only to the constrained rows of a batch, before the row's token is chosen (also when the pass brought its own
+greedy tokens, as the chained decode passes do)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from bentoservice import store
+from bentoservice.engine.errors import GrammarError
+from bentoservice.engine.grammar import Grammars, Matcher
+from bentoservice.engine.params import Grammar, SamplingParams
+from bentoservice.engine.sampling import make_generator, next_tokens
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2: store.StoredModel):
+    return AutoTokenizer.from_pretrained(smollm2.path)
+
+
+@pytest.fixture
+def grammars(tokenizer) -> Grammars:
+    return Grammars(tokenizer, len(tokenizer), {tokenizer.eos_token_id}, max_rows=4, cache_size=2)
+
+
+@dataclass
+class Row:
+    params: SamplingParams
+    matcher: Matcher | None = None
+    generator: torch.Generator = field(default_factory=lambda: make_generator(0))
+    prompt: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+
+
+def test_a_schema_is_compiled_once_and_the_cache_is_bounded(grammars: Grammars) -> None:
+    first = grammars.compile(Grammar.of_schema(SCHEMA))
+    assert grammars.compile(Grammar.of_schema(dict(SCHEMA))) is first  # an equal schema: the same compiled grammar
+    assert grammars.compile.cache_info().misses == 1 and grammars.compile.cache_info().hits == 1
+    grammars.compile(Grammar("regex", "a+"))
+    grammars.compile(Grammar("json"))  # a third grammar evicts the least recently used (the schema)
+    assert grammars.compile(Grammar.of_schema(SCHEMA)) is not first
+    assert grammars.compile.cache_info().currsize == 2
+
+
+def test_the_source_keeps_the_schemas_key_order() -> None:
+    reordered = {"required": ["ok"], "properties": SCHEMA["properties"], "type": "object"}
+    assert (
+        Grammar.of_schema(SCHEMA).source == '{"type":"object","properties":{"ok":{"type":"boolean"}},"required":["ok"]}'
+    )
+    assert Grammar.of_schema(reordered) != Grammar.of_schema(SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "grammar,reason",
+    [
+        (Grammar("json_schema", '{"type": "nonsense"}'), 'Unsupported type "nonsense"'),
+        (Grammar("json_schema", "{oops"), ""),
+        (Grammar("regex", "(a"), "parenthesis is not closed"),
+        (Grammar("ebnf", "root ::= missing"), 'Rule "missing" is not defined'),
+    ],
+)
+def test_what_cannot_compile_says_why(grammars: Grammars, grammar: Grammar, reason: str) -> None:
+    with pytest.raises(GrammarError) as raised:
+        grammars.compile(grammar)
+    assert reason in str(raised.value) and not str(raised.value).startswith("[")
+
+
+def test_only_constrained_rows_are_masked_and_they_pick_an_allowed_token(grammars: Grammars, tokenizer) -> None:
+    yes = Grammar("ebnf", 'root ::= "yes"')
+    greedy, constrained = (
+        SamplingParams(max_tokens=4, temperature=0),
+        SamplingParams(max_tokens=4, temperature=0, grammar=yes),
+    )
+    rows = [Row(greedy), Row(constrained, grammars.matcher(yes)), Row(greedy)]
+    logits = torch.randn(3, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    before = logits.clone()
+    grammars.constrain(logits, rows)
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed and all("yes".startswith(tokenizer.decode([t])) for t in allowed)
+    unmasked = before.argmax(-1).tolist()  # what a chained pass hands over: the argmax before masking
+    tokens, _ = next_tokens(logits, rows, (), greedy=unmasked)
+    assert tokens[0] == unmasked[0] and tokens[2] == unmasked[2] and tokens[1] in allowed
+
+
+def test_a_complete_grammar_allows_only_the_end_token(grammars: Grammars, tokenizer) -> None:
+    matcher = grammars.matcher(Grammar("regex", "ab"))
+    for token in tokenizer("ab", add_special_tokens=False)["input_ids"]:
+        assert matcher.accept_token(token)
+    logits = torch.zeros(1, len(tokenizer))
+    grammars.constrain(logits, [Row(SamplingParams(max_tokens=4), matcher)])
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [tokenizer.eos_token_id]
+    assert matcher.accept_token(tokenizer.eos_token_id) and matcher.is_terminated()
+    untouched = torch.zeros(1, len(tokenizer))
+    grammars.constrain(untouched, [Row(SamplingParams(max_tokens=4), matcher)])  # a terminated row: no mask
+    assert torch.isfinite(untouched).all()

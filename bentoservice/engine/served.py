@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import torch
@@ -13,11 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bentoservice import store
 from bentoservice.config import Settings
+from bentoservice.engine import tool_parsers
 from bentoservice.engine.adapters import LoadedAdapter, NoFreeSlot, PreparedAdapter
 from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownAdapter, UnknownModel
 from bentoservice.engine.params import Grammar, SamplingParams
 from bentoservice.engine.scheduler import Engine, Stream
-from bentoservice.engine.templates import TemplateError, resolve_template
+from bentoservice.engine.templates import TemplateError, renders_tools, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,13 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 class ServedModel:
     def __init__(
-        self, name: str, model_id: str, path: Path, settings: Settings, card_template: str | None = None
+        self,
+        name: str,
+        model_id: str,
+        path: Path,
+        settings: Settings,
+        card_template: str | None = None,
+        tool_format: str | None = tool_parsers.DEFAULT,
     ) -> None:
         self.name, self.model_id = name, model_id
         device = pick_device(settings.device)
@@ -73,6 +81,7 @@ class ServedModel:
         model.to(device).eval()
         self.template_choice = settings.chat_template or card_template
         resolve_template(self.template_choice, self.tokenizer.chat_template)  # fail at start, not per request
+        self.tool_format = tool_parsers.tool_format(tool_format) if tool_format else None
         self.default_max_tokens = settings.default_max_tokens
         self.max_choices = min(settings.max_choices, settings.max_running)
         self.vocab_size = int(model.config.vocab_size)
@@ -153,16 +162,20 @@ class ServedModel:
         """Looked up on each use, so a template re-registered at runtime takes effect at once."""
         return resolve_template(self.template_choice, self.tokenizer.chat_template)[1]
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt; a chat with tools or calls needs a `tool_format` (the API refuses them without one)."""
+        template = self.template
+        if self.tool_format and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
+            messages, tools = self.tool_format.chat(messages, tools, renders_tools(template))
         try:
             return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
+                messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=True
             )
         except jinja2.TemplateError as exc:  # the template itself raised (e.g. on a role order it refuses)
             raise TemplateError(f"the chat template {self.template_name!r} failed: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer(self.render_chat(messages), add_special_tokens=False)["input_ids"]
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.tokenizer(self.render_chat(messages, tools), add_special_tokens=False)["input_ids"]
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]

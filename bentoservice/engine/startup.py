@@ -8,6 +8,7 @@ import os
 
 from bentoservice import store
 from bentoservice.config import AdapterSpec, Settings, fine_tune_path_var
+from bentoservice.engine import tool_parsers
 from bentoservice.engine.embeddings import EncoderRegistry
 from bentoservice.engine.served import ServedModel
 
@@ -18,7 +19,8 @@ def served_model(settings: Settings) -> ServedModel:
     """The base model (imported first when a card says where from) with its adapters loaded."""
     stored = store.ensure_base(settings.model)
     card = store.card_for(stored.name)
-    served = ServedModel(stored.name, stored.model_id, stored.path, settings, card.chat_template if card else None)
+    template, tools = (card.chat_template, card.tool_format) if card else (None, tool_parsers.DEFAULT)
+    served = ServedModel(stored.name, stored.model_id, stored.path, settings, template, tools)
     fine_tune = os.environ.get(fine_tune_path_var(served.name))
     specs = ([AdapterSpec(id=fine_tune)] if fine_tune else []) + settings.adapters
     for spec in specs:

@@ -10,6 +10,7 @@ import threading
 import time
 
 import jinja2
+from jinja2 import meta
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -114,6 +115,12 @@ def check_template(template: str) -> None:
         raise TemplateError(f"the chat template is refused: {exc}") from None
     except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
         raise TemplateError(f"the chat template fails on a sample chat: {exc}") from None
+
+
+def renders_tools(template: str) -> bool:
+    """Whether a chat template reads `tools` itself (as Qwen2.5's and Llama 3.1's do), so a chat's tools and calls
+    go to it as they are; otherwise the model card's tool format writes them into plain messages."""
+    return "tools" in meta.find_undeclared_variables(_sandbox().parse(template))
 
 
 def chat_templates() -> dict[str, str]:

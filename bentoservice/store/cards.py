@@ -20,6 +20,8 @@ class Card:
     lora_target_modules: list[str]
     chat_template: str | None = None
     source: dict[str, str] | None = None
+    tool_format: str | None = None
+    """How tool calls read in the model's text (engine/tool_parsers.py: `hermes`); None: no tool calling."""
 
 
 def cards() -> dict[str, Card]:

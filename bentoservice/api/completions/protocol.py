@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from bentoservice.api.completions.tools import Tool, ToolCall, ToolChoice
+
 
 def _encodable(text: str) -> str:
     """A lone surrogate ("\\ud800" in JSON) is valid JSON but no text a tokenizer can take."""
@@ -52,9 +54,7 @@ METADATA = (
 
 HARMLESS: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
-    "tools": ([],),
     "functions": ([],),
-    "tool_choice": ("none",),
     "suffix": ("",),
     "best_of": (1,),
 }
@@ -77,8 +77,6 @@ Refused = Annotated[Any, AfterValidator(_refuse)]
 CHAT_REFUSED = (
     "audio",
     "modalities",
-    "tools",
-    "tool_choice",
     "functions",
     "function_call",
     "prediction",
@@ -114,26 +112,38 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant's calls (its content may then be null)."""
+    tool_call_id: str | None = None
+    """A tool message: the call it answers."""
     # An assistant message sent back as the SDK dumped it carries these, empty.
     refusal: str | None = None
-    tool_calls: Refused = None
     function_call: Refused = None
     audio: Refused = None
     annotations: list[Any] | None = None
 
     @model_validator(mode="after")
     def _has_content(self) -> Message:
-        if self.content is None:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has `tool_calls`")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message, and only a tool message, has `tool_call_id`")
+        if self.content is None and not self.tool_calls:
             raise ValueError("a message needs `content`")
         return self
 
-    def plain(self) -> dict[str, str]:
+    def plain(self) -> dict[str, Any]:
         content = self.content or ""
         text = content if isinstance(content, str) else "".join(p.text for p in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        plain: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            plain["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            plain["tool_call_id"] = self.tool_call_id
+        return plain
 
 
 class JsonSchema(Strict):
@@ -234,8 +244,11 @@ class _Chat(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice = None
+    """None: "auto" with tools, "none" without (api/completions/tools.py checks that they fit)."""
     parallel_tool_calls: bool | None = None
-    """Only means something with `tools` (refused), as in OpenAI's API."""
+    """False: at most one call; only means something with `tools`, as in OpenAI's API."""
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None

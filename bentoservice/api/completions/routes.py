@@ -6,15 +6,15 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from bentoservice.api.completions import tools
 from bentoservice.api.completions.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -22,6 +22,8 @@ from bentoservice.api.completions.protocol import (
     TemplateRegistration,
 )
 from bentoservice.api.completions.sampling import choices_of, request_params
+from bentoservice.api.completions.shapes import CHAT, TEXT, Shape
+from bentoservice.api.completions.tools import ToolReply
 from bentoservice.api.errors import APIError, error_type, unknown_model
 from bentoservice.engine.errors import AdapterError, UnknownModel
 from bentoservice.engine.params import Delta, Event, Failed, Finished, TokenLogprob
@@ -135,61 +137,6 @@ async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
             task.cancel()
 
 
-def chat_logprobs(served: ServedModel, entries: list[TokenLogprob]) -> dict[str, Any]:
-    def entry(token: int, logprob: float) -> dict[str, Any]:
-        text = served.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {
-        "content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]} for e in entries],
-        "refusal": None,
-    }
-
-
-def text_logprobs(served: ServedModel, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    tokens = [served.token_text(e.token) for e in entries]
-    offsets = [offset + n for n in accumulate((len(t) for t in tokens[:-1]), initial=0)] if tokens else []
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "text_offset": offsets,
-        "top_logprobs": [{served.token_text(t): lp for t, lp in e.top} for e in entries],
-    }
-
-
-@dataclass(frozen=True)
-class Shape:
-    """How chat and text completions differ on the wire."""
-
-    id_prefix: str
-    object: str
-    chunk_object: str
-    text_part: Callable[[str | None], dict[str, Any]]
-    """The choice's text: in full, or (None) the empty delta of the last chunk."""
-    full_part: Callable[[str], dict[str, Any]]
-    logprobs: Callable[[ServedModel, list[TokenLogprob], int], dict[str, Any]]
-    first_delta: dict[str, Any] | None = None
-
-
-CHAT = Shape(
-    "chatcmpl",
-    "chat.completion",
-    "chat.completion.chunk",
-    lambda text: {"delta": {} if text is None else {"content": text}},
-    lambda text: {"message": {"role": "assistant", "content": text, "refusal": None}},
-    lambda served, entries, _: chat_logprobs(served, entries),
-    {"delta": {"role": "assistant", "content": ""}},
-)
-TEXT = Shape(
-    "cmpl",
-    "text_completion",
-    "text_completion",
-    lambda text: {"text": text or ""},
-    lambda text: {"text": text},
-    text_logprobs,
-)
-
-
 def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
@@ -204,6 +151,8 @@ class Reply:
     logprobs: bool
     echo: str = ""
     """Text that opens every choice (completions' `echo`: the prompt)."""
+    tools: ToolReply | None = None
+    """How tool calls are read out of the text; None: the text is the reply."""
 
 
 def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIterator[str]:
@@ -212,6 +161,7 @@ def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIt
     library's, which wraps every send in a timeout scope."""
     shape, meta = reply.shape, reply.meta
     offsets = [len(reply.echo)] * len(streams)
+    readers = [reply.tools.reader() if reply.tools else None for _ in streams]
 
     def chunk(index: int, part: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
         return sse(
@@ -238,7 +188,11 @@ def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIt
                     if reply.logprobs:
                         logprobs = shape.logprobs(reply.served, list(event.logprobs), offsets[index])
                         offsets[index] += sum(len(t) for t in logprobs.get("tokens", ()))
-                    yield chunk(index, shape.text_part(event.text), None, logprobs)
+                    reader = readers[index]
+                    parts = reader.feed(event.text) if reader else [shape.text_part(event.text)]
+                    for part in parts or ([{"delta": {}}] if logprobs else []):  # text held back keeps its logprobs
+                        yield chunk(index, part, None, logprobs)
+                        logprobs = None
                 elif isinstance(event, Failed):
                     yield sse(
                         json.dumps(
@@ -255,7 +209,11 @@ def _events(streams: list[Stream], reply: Reply, include_usage: bool) -> AsyncIt
                     break
                 else:
                     done.append(event)
-                    yield chunk(index, shape.text_part(None), event.reason)
+                    reader = readers[index]
+                    parts, reason = reader.finish(event.reason) if reader else ([], event.reason)
+                    for part in parts:
+                        yield chunk(index, part, None)
+                    yield chunk(index, shape.text_part(None), reason)
             if include_usage and len(done) == len(streams):
                 yield sse(json.dumps({**meta, "object": shape.chunk_object, "choices": [], "usage": _usage(done)}))
             yield sse("[DONE]")
@@ -288,6 +246,7 @@ async def _respond(
     shape: Shape,
     choice: Choice,
     echo: str = "",
+    calls: ToolReply | None = None,
 ) -> Any:
     params = await request_params(body, served, served.max_tokens(len(prompt), budget))
     streams = served.generate_choices(prompt, choices_of(params, body.n), choice)
@@ -297,7 +256,7 @@ async def _respond(
         "model": body.model,
         "system_fingerprint": None,
     }
-    reply = Reply(served, shape, meta, params.logprobs is not None, echo)
+    reply = Reply(served, shape, meta, params.logprobs is not None, echo, calls)
     if body.stream:
         return StreamingResponse(_events(streams, reply, body.include_usage), media_type="text/event-stream")
     try:
@@ -305,15 +264,11 @@ async def _respond(
     finally:
         for stream in streams:
             stream.cancel()
-    choices = [
-        {
-            "index": i,
-            **shape.full_part(echo + text),
-            "logprobs": shape.logprobs(served, logprobs, len(echo)) if reply.logprobs else None,
-            "finish_reason": done.reason,
-        }
-        for i, (text, logprobs, done) in enumerate(results)
-    ]
+    choices = []
+    for i, (text, logprobs, done) in enumerate(results):
+        part, reason = (calls and calls.message(text, done.reason)) or (shape.full_part(echo + text), done.reason)
+        lp = shape.logprobs(served, logprobs, len(echo)) if reply.logprobs else None
+        choices.append({"index": i, **part, "logprobs": lp, "finish_reason": reason})
     return {**meta, "object": shape.object, "usage": _usage([done for _, _, done in results]), "choices": choices}
 
 
@@ -321,8 +276,9 @@ async def _respond(
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     served = served_model(request)
     choice = await choose(served, body)
-    prompt = served.encode_chat([m.plain() for m in body.messages])
-    return await _respond(served, body, prompt, body.completion_budget, CHAT, choice)
+    tools.check(body, served)
+    prompt = served.encode_chat([m.plain() for m in body.messages], tools.definitions(body))
+    return await _respond(served, body, prompt, body.completion_budget, CHAT, choice, calls=tools.reply(body, served))
 
 
 @router.post("/completions")

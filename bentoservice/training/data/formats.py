@@ -1,12 +1,12 @@
 """Training files: detect the format, validate every record and convert it to canonical rows.
 
-The HTTP layer imports this to check uploads, so it must stay free of torch and transformers. It is one module
-of a little over 400 lines because every format's converter and the checks that name the bad line and field
-share one set of small validators and one table (`_FORMATS`); apart, each would read only half of it.
+The HTTP layer imports this to check uploads, so it must stay free of torch and transformers. The small
+validators that name the bad field live in fields.py, the checks of tool calls in tool_calls.py.
 
 A file is JSON Lines (one record per line) or a JSON array of records, in one of these formats:
 
-- `openai_chat`: {"messages": [{"role", "content"}, ...]}
+- `openai_chat`: {"messages": [{"role", "content"}, ...]}, with OpenAI's function calling: the line's
+  `tools`, assistant messages with `tool_calls`, `tool` messages with the results
 - `sharegpt`: {"conversations": [{"from": "human"|"gpt"|..., "value"}, ...]}
 - `alpaca`: {"instruction", "input" (optional), "output"}
 - `prompt_completion`: {"prompt", "completion"}
@@ -18,13 +18,15 @@ A file is JSON Lines (one record per line) or a JSON array of records, in one of
 Canonical rows:
 
 - SFT: {"messages": [...]}: an optional system message, then user and assistant turns alternating,
-  ending with the assistant.
+  ending with the assistant; with tools, {"messages", "tools"}, where an assistant turn may be tool calls
+  followed by one or more tool messages.
 - Preference: {"prompt": [... ending with a user turn], "chosen": [assistant ...],
   "rejected": [assistant ...]}.
 - Rerank: {"query": str, "pos": [str, ...], "neg": [str, ...]}: at least one positive passage, any number
   of negatives; a record's `prompt` (an instruction) is put in front of its query.
 
-Every message is {"role": "system"|"user"|"assistant", "content": str}.
+Every message is {"role": "system"|"user"|"assistant", "content": str}, plus `tool_calls` on an assistant's
+calls and role "tool" with an optional `tool_call_id` (tool_calls.py has their shapes).
 """
 
 from __future__ import annotations
@@ -37,38 +39,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from bentoservice.training.data import tool_calls
+from bentoservice.training.data.fields import (
+    DataFormatError,
+    Unit,
+    a_list,
+    a_string,
+    an_object,
+    get,
+    invalid,
+    json_type,
+    message_content,
+    nonempty_text,
+)
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["sft", "preference", "rerank"]
-Role = Literal["system", "user", "assistant"]
-Unit = Literal["line", "record"]
-Message = dict[str, str]
+Role = Literal["system", "user", "assistant", "tool"]
+Turn = Role | Literal["calls"]
+"""What a message was, for the next one's check: "calls" is an assistant's tool calls."""
+Message = dict[str, Any]
 Row = dict[str, Any]
 
 __all__ = ["DataFormatError", "Dataset", "Kind", "check_lengths", "load_file", "parse_bytes"]
-
-
-class DataFormatError(ValueError):
-    """A problem with a training file, for the user.
-
-    `line` is the 1-based line of a JSON Lines file or the 1-based record of a JSON array (`unit` says
-    which), `field` the path of the offending field, e.g. "messages[1].role"; both are None for problems
-    with the whole file.
-    """
-
-    def __init__(self, problem: str, line: int | None = None, field: str | None = None, unit: Unit = "line") -> None:
-        super().__init__(problem)
-        self.problem = problem
-        self.line = line
-        self.field = field
-        self.unit = unit
-
-    def __str__(self) -> str:
-        return self.problem if self.line is None else f"{self.unit} {self.line}: {self.problem}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keeps line and field when the error is pickled, e.g. on its way out of a worker process.
-        return type(self), (self.problem, self.line, self.field, self.unit)
 
 
 @dataclass
@@ -201,82 +195,15 @@ def _check_kind(fmt: _Format, expect: Kind | None) -> None:
 
 def _detect(record: Any) -> _Format:
     if not isinstance(record, dict):
-        raise DataFormatError(f"expected a JSON object, got {_json_type(record)}")
+        raise DataFormatError(f"expected a JSON object, got {json_type(record)}")
     for fmt in _FORMATS:
         if any(key in record for key in fmt.keys):
             return fmt
     if "prompt" in record:
-        raise _invalid("completion", "is missing (or, for a preference pair, chosen and rejected)")
+        raise invalid("completion", "is missing (or, for a preference pair, chosen and rejected)")
     keys = ", ".join(repr(key) for key in record) or "none"
     expected = ", ".join(fmt.label for fmt in _FORMATS)
     raise DataFormatError(f"no known fields (keys: {keys}); expected one of {expected}")
-
-
-# --- fields ------------------------------------------------------------------------------------
-
-
-def _invalid(path: str, problem: str) -> DataFormatError:
-    return DataFormatError(f"{path} {problem}", field=path)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):  # before int: bool is an int subclass
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    names: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
-    return names[type(value)]
-
-
-def _get(obj: dict[str, Any], path: str) -> Any:
-    """The field at `path`, a path ending in the key of `obj` to read (e.g. "messages[0].role")."""
-    key = path.rpartition(".")[2]
-    if key not in obj:
-        raise _invalid(path, "is missing")
-    return obj[key]
-
-
-def _object(value: Any, path: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _invalid(path, f"must be an object, got {_json_type(value)}")
-    return value
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise _invalid(path, f"must be a list, got {_json_type(value)}")
-    if not value:
-        raise _invalid(path, "is empty")
-    return value
-
-
-def _str(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise _invalid(path, f"must be a string, got {_json_type(value)}")
-    return value
-
-
-def _text(value: Any, path: str) -> str:
-    text = _str(value, path)
-    if not text.strip():
-        raise _invalid(path, "is empty")
-    return text
-
-
-def _content(value: Any, path: str) -> str:
-    """A string, or OpenAI content parts: text parts only, joined with newlines as vLLM does."""
-    if isinstance(value, list):
-        value = "\n".join(_text_part(part, f"{path}[{i}]") for i, part in enumerate(_list(value, path)))
-    return _text(value, path)
-
-
-def _text_part(value: Any, path: str) -> str:
-    kind = _get(_object(value, path), f"{path}.type")
-    if kind != "text":
-        raise _invalid(f"{path}.type", f"must be 'text' (only text is supported), got {kind!r}")
-    return _text(_get(value, f"{path}.text"), f"{path}.text")
 
 
 # --- messages ----------------------------------------------------------------------------------
@@ -291,35 +218,51 @@ class _Dialect:
 
 
 _OPENAI = _Dialect("role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
+_OPENAI_CHAT = _Dialect("role", "content", {**_OPENAI.roles, "tool": "tool"})
+"""OpenAI's chat fine-tuning lines, which may hold tool calls and tool results (tool_calls.py)."""
 _SHAREGPT = _Dialect(
     "from", "value", {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 )
 
 
-def _messages(value: Any, path: str, dialect: _Dialect, *, after: Role | None, last: Role) -> list[Message]:
+def _messages(
+    value: Any, path: str, dialect: _Dialect, *, after: Role | None, last: Role, tools: set[str] | None = None
+) -> list[Message]:
     """Validate a list of messages that follows an `after` turn (None: it starts the conversation).
 
     Only a conversation's first message may be a system message; then user and assistant alternate,
-    and the list must end with a `last` turn.
+    and the list must end with a `last` turn. With `tools` (the names of the record's tools), an assistant
+    message may make tool calls instead, answered by tool messages before the assistant speaks again.
     """
     messages: list[Message] = []
-    previous = after
-    for i, item in enumerate(_list(value, path)):
+    previous: Turn | None = after
+    calls: set[str] = set()
+    for i, item in enumerate(a_list(value, path)):
         where = f"{path}[{i}]"
-        message = _object(item, where)
+        message = an_object(item, where)
         role_path = f"{where}.{dialect.role_key}"
-        name = _str(_get(message, role_path), role_path)
+        name = a_string(get(message, role_path), role_path)
         if name not in dialect.roles:
             allowed = ", ".join(repr(role) for role in dialect.roles)
-            raise _invalid(role_path, f"must be one of {allowed}, got {name!r}")
+            raise invalid(role_path, f"must be one of {allowed}, got {name!r}")
         role = dialect.roles[name]
         _check_turn(role, name, previous, role_path, system_allowed=i == 0 and after is None)
         content_path = f"{where}.{dialect.content_key}"
-        messages.append({"role": role, "content": _content(_get(message, content_path), content_path)})
+        if tools is not None and role == "assistant" and message.get("tool_calls"):
+            made = tool_calls.calls(message["tool_calls"], f"{where}.tool_calls", tools)
+            calls.update(call["id"] for call in made)
+            said = message.get(dialect.content_key)
+            text = "" if said in (None, "") else message_content(said, content_path)
+            messages.append({"role": role, "content": text, "tool_calls": made})
+            previous = "calls"
+            continue
+        messages.append({"role": role, "content": message_content(get(message, content_path), content_path)})
+        if role == "tool":
+            messages[-1].update(tool_calls.answer(message, where, calls))
         if role != "system":
             previous = role
     if messages[-1]["role"] != last:
-        raise _invalid(
+        raise invalid(
             path,
             f"must end with {'an' if last == 'assistant' else 'a'} {last!r} message, "
             f"but the last one is {messages[-1]['role']!r}",
@@ -327,25 +270,36 @@ def _messages(value: Any, path: str, dialect: _Dialect, *, after: Role | None, l
     return messages
 
 
-def _check_turn(role: Role, name: str, previous: Role | None, path: str, system_allowed: bool) -> None:
+_NEXT: dict[Turn | None, tuple[Role, ...]] = {
+    None: ("user",),
+    "user": ("assistant",),
+    "assistant": ("user",),
+    "calls": ("tool",),
+    "tool": ("tool", "assistant"),
+}
+
+
+def _check_turn(role: Role, name: str, previous: Turn | None, path: str, system_allowed: bool) -> None:
     shown = repr(name) if name == role else f"{name!r} ({role})"
     if role == "system":
         if not system_allowed:
-            raise _invalid(path, f"is {shown}, but only a conversation's first message may be a system one")
+            raise invalid(path, f"is {shown}, but only a conversation's first message may be a system one")
         return
-    expected = "assistant" if previous == "user" else "user"
-    if role != expected:
-        context = f"after {previous!r}" if previous else "to start the conversation"
-        raise _invalid(path, f"must be {expected!r} {context}, got {shown}")
+    expected = _NEXT[previous]
+    if role not in expected:
+        context = "to start the conversation" if previous is None else f"after {previous!r}"
+        if previous == "calls":
+            context = "after an assistant's tool_calls"
+        raise invalid(path, f"must be {' or '.join(map(repr, expected))} {context}, got {shown}")
 
 
 def _turns(value: Any, path: str, *, after: Role | None, last: Role) -> list[Message]:
     """A string (one `last` message) or a list of OpenAI messages."""
     if isinstance(value, str):
-        return [{"role": last, "content": _text(value, path)}]
+        return [{"role": last, "content": nonempty_text(value, path)}]
     if isinstance(value, list):
         return _messages(value, path, _OPENAI, after=after, last=last)
-    raise _invalid(path, f"must be a string or a list of messages, got {_json_type(value)}")
+    raise invalid(path, f"must be a string or a list of messages, got {json_type(value)}")
 
 
 def _prompt(value: Any, path: str) -> list[Message]:
@@ -360,67 +314,71 @@ def _reply(value: Any, path: str) -> list[Message]:
 
 
 def _openai_chat(record: dict[str, Any]) -> Row:
-    conversation = _messages(_get(record, "messages"), "messages", _OPENAI, after=None, last="assistant")
-    return {"messages": conversation}
+    tools = tool_calls.tools(record["tools"]) if record.get("tools") is not None else []
+    names = {tool["function"]["name"] for tool in tools}
+    conversation = _messages(
+        get(record, "messages"), "messages", _OPENAI_CHAT, after=None, last="assistant", tools=names
+    )
+    return {"messages": conversation, "tools": tools} if tools else {"messages": conversation}
 
 
 def _sharegpt(record: dict[str, Any]) -> Row:
-    conversation = _messages(_get(record, "conversations"), "conversations", _SHAREGPT, after=None, last="assistant")
+    conversation = _messages(get(record, "conversations"), "conversations", _SHAREGPT, after=None, last="assistant")
     return {"messages": conversation}
 
 
 def _alpaca(record: dict[str, Any]) -> Row:
-    instruction = _text(_get(record, "instruction"), "instruction")
+    instruction = nonempty_text(get(record, "instruction"), "instruction")
     # null means no input: datasets exported with pandas or HF datasets often write it that way.
-    extra = "" if record.get("input") is None else _str(record["input"], "input")
+    extra = "" if record.get("input") is None else a_string(record["input"], "input")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return {
         "messages": [
             {"role": "user", "content": prompt},
-            {"role": "assistant", "content": _text(_get(record, "output"), "output")},
+            {"role": "assistant", "content": nonempty_text(get(record, "output"), "output")},
         ]
     }
 
 
 def _prompt_completion(record: dict[str, Any]) -> Row:
-    return {"messages": _prompt(_get(record, "prompt"), "prompt") + _reply(_get(record, "completion"), "completion")}
+    return {"messages": _prompt(get(record, "prompt"), "prompt") + _reply(get(record, "completion"), "completion")}
 
 
 def _preference(record: dict[str, Any]) -> Row:
     return {
-        "prompt": _prompt(_get(record, "prompt"), "prompt"),
-        "chosen": _reply(_get(record, "chosen"), "chosen"),
-        "rejected": _reply(_get(record, "rejected"), "rejected"),
+        "prompt": _prompt(get(record, "prompt"), "prompt"),
+        "chosen": _reply(get(record, "chosen"), "chosen"),
+        "rejected": _reply(get(record, "rejected"), "rejected"),
     }
 
 
 def _openai_preference(record: dict[str, Any]) -> Row:
-    prompt = _object(_get(record, "input"), "input")
+    prompt = an_object(get(record, "input"), "input")
     return {
-        "prompt": _messages(_get(prompt, "input.messages"), "input.messages", _OPENAI, after=None, last="user"),
+        "prompt": _messages(get(prompt, "input.messages"), "input.messages", _OPENAI, after=None, last="user"),
         "chosen": _messages(
-            _get(record, "preferred_output"), "preferred_output", _OPENAI, after="user", last="assistant"
+            get(record, "preferred_output"), "preferred_output", _OPENAI, after="user", last="assistant"
         ),
         "rejected": _messages(
-            _get(record, "non_preferred_output"), "non_preferred_output", _OPENAI, after="user", last="assistant"
+            get(record, "non_preferred_output"), "non_preferred_output", _OPENAI, after="user", last="assistant"
         ),
     }
 
 
 def _passages(value: Any, path: str, *, required: bool) -> list[str]:
     if not isinstance(value, list):
-        raise _invalid(path, f"must be a list of passages, got {_json_type(value)}")
+        raise invalid(path, f"must be a list of passages, got {json_type(value)}")
     if required and not value:
-        raise _invalid(path, "is empty")
-    return [_text(passage, f"{path}[{i}]") for i, passage in enumerate(value)]
+        raise invalid(path, "is empty")
+    return [nonempty_text(passage, f"{path}[{i}]") for i, passage in enumerate(value)]
 
 
 def _flag_embedding(record: dict[str, Any]) -> Row:
-    query = _text(_get(record, "query"), "query")
-    instruction = "" if record.get("prompt") is None else _str(record["prompt"], "prompt")
+    query = nonempty_text(get(record, "query"), "query")
+    instruction = "" if record.get("prompt") is None else a_string(record["prompt"], "prompt")
     return {
         "query": instruction + query,
-        "pos": _passages(_get(record, "pos"), "pos", required=True),
+        "pos": _passages(get(record, "pos"), "pos", required=True),
         "neg": _passages(record.get("neg", []), "neg", required=False),
     }
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from bentoservice.engine import tool_parsers
+from bentoservice.engine.templates import renders_tools
 from bentoservice.training import hardware
 from bentoservice.training.config import TrainingConfig, TrainingError, trl_config_class
 from bentoservice.training.data import formats
@@ -83,34 +85,56 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 def render(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     return tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
+        messages, tools=tools, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def tool_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A chat with tools or tool calls as the template takes it, in the tool format the server reads calls
+    with (engine/tool_parsers.py), so that an adapter learns the calls the server will parse."""
+    if not tools and not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        return messages, None
+    native = renders_tools(tokenizer.chat_template or "")
+    return tool_parsers.tool_format(tool_parsers.DEFAULT).chat(messages, tools, native)
 
 
 def token_counter(tokenizer: PreTrainedTokenizerBase, kind: formats.Kind) -> Callable[[dict[str, Any]], int]:
     """Tokens of a canonical row as trained: the chat, or the longer of prompt+chosen and prompt+rejected."""
     if kind == "sft":
-        return lambda row: len(render(tokenizer, row["messages"]))
+
+        def chat_tokens(row: dict[str, Any]) -> int:
+            messages, tools = tool_chat(tokenizer, row["messages"], row.get("tools"))
+            return len(render(tokenizer, messages, tools=tools))
+
+        return chat_tokens
     return lambda row: max(len(render(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
 
 
-def assistant_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+def assistant_labels(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> dict[str, list[int]]:
     """Token ids of a chat and labels that train on the assistant turns only, every turn of a multi-turn chat.
 
     Works with any chat template, with or without `{% generation %}` markers: an assistant turn is the span
     between the chat rendered up to its generation prompt and the chat rendered up to the turn's end
     (including the end-of-turn token, so the model learns to stop).
     """
-    ids = render(tokenizer, messages)
+    messages, tools = tool_chat(tokenizer, messages, tools)
+    ids = render(tokenizer, messages, tools=tools)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = _common_prefix(render(tokenizer, messages[:i], add_generation_prompt=True), ids)
-        end = _common_prefix(render(tokenizer, messages[: i + 1]), ids)
+        start = _common_prefix(render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools), ids)
+        end = _common_prefix(render(tokenizer, messages[: i + 1], tools=tools), ids)
         labels[start:end] = ids[start:end]
     if all(label == IGNORE for label in labels):
         raise TrainingError("the chat template renders no assistant tokens to train on")
@@ -127,7 +151,7 @@ def hf_dataset(tokenizer: PreTrainedTokenizerBase, data: formats.Dataset) -> dat
     from datasets import Dataset
 
     if data.kind == "sft":
-        return Dataset.from_list([assistant_labels(tokenizer, row["messages"]) for row in data.rows])
+        return Dataset.from_list([assistant_labels(tokenizer, row["messages"], row.get("tools")) for row in data.rows])
     return Dataset.from_list(data.rows)
 
 

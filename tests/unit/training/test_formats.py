@@ -281,8 +281,8 @@ BAD_RECORDS = [
     ),
     pytest.param(
         CHAT,
-        chat(USER, {"role": "tool", "content": "4"}),
-        "messages[1].role must be one of 'system', 'user', 'assistant', got 'tool'",
+        chat(USER, {"role": "function", "content": "4"}),
+        "messages[1].role must be one of 'system', 'user', 'assistant', 'tool', got 'function'",
         "messages[1].role",
         id="unknown-role",
     ),

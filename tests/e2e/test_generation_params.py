@@ -31,7 +31,7 @@ TEXT = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
     [
         ("chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ("chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
-        ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
         ("chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
         ("chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
@@ -46,11 +46,15 @@ TEXT = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
         ("chat/completions", {"stop_token_ids": [999999]}, "stop_token_ids"),
         ("chat/completions", {"n": 5}, "n"),  # over the bound (BENTOSERVICE_MAX_RUNNING=4 here)
         ("chat/completions", {"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
-        ("chat/completions", {"messages": [{"role": "tool", "content": "4", "tool_call_id": "c"}]}, "messages.0.role"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "tool", "content": "4", "tool_call_id": "c"}]},  # answers no call
+            "messages.0.tool_call_id",
+        ),
         (
             "chat/completions",
             {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}]},
-            "messages.0.tool_calls",
+            "messages.0.tool_calls.0.function",
         ),
         ("completions", {"best_of": 2}, "best_of"),
         ("completions", {"suffix": "end"}, "suffix"),

@@ -109,8 +109,8 @@ def check(body: Any, served: ServedModel) -> None:
     if choice == "required" or isinstance(choice, NamedToolChoice):
         raise APIError(
             400,
-            'tool_choice "required" or a named function needs grammar-constrained decoding, which this server '
-            'does not have yet; use "auto" (the model may call a tool) or "none"',
+            'tool_choice "required" or a named function is not supported yet; use "auto" (the model may call a '
+            'tool) or "none"',
             "tool_choice",
             "unsupported_value",
         )

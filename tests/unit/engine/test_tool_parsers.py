@@ -33,7 +33,13 @@ def test_calls_and_the_text_around_them() -> None:
 
 @pytest.mark.parametrize(
     "block",
-    ["not json", '["a list"]', '{"arguments": {}}', '{"name": "f", "arguments": [1]}', '{"name": "f", "arguments": "x"}'],
+    [
+        "not json",
+        '["a list"]',
+        '{"arguments": {}}',
+        '{"name": "f", "arguments": [1]}',
+        '{"name": "f", "arguments": "x"}',
+    ],
 )
 def test_a_block_without_a_valid_call_stays_text(block: str) -> None:
     text = f"before <tool_call>{block}</tool_call> after"

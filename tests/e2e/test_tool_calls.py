@@ -1,0 +1,130 @@
+"""Tool calling through the real server and the official openai SDK: SmolLM2 with tools in its prompt (the Hermes
+format its card names), its calls read back as `tool_calls`, whole and streamed, a tool result sent back, and
+each bad tools request refused with a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import Server
+
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+# SmolLM2-135M does not decide to call a tool by itself; asked to repeat a call, greedy, it writes one.
+REPEAT: Any = [{"role": "user", "content": f"Repeat this text exactly, with nothing else:\n{CALL}"}]
+GREEDY: Any = {"model": "smollm2", "temperature": 0, "max_tokens": 40}
+
+
+def test_a_tool_round_trip(smollm2_server: Server) -> None:
+    client = smollm2_server.client()
+    reply = client.chat.completions.create(messages=REPEAT, tools=[WEATHER], **GREEDY)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+    # The assistant's message goes back as the SDK gives it, with the tool's result.
+    history = [*REPEAT, choice.message.model_dump(exclude_none=True)]
+    history.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 21})})
+    answer = client.chat.completions.create(messages=history, tools=[WEATHER], **GREEDY)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage is not None and answer.usage.prompt_tokens > reply.usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_streamed_tool_calls_accumulate_to_the_call(smollm2_server: Server) -> None:
+    client = smollm2_server.client()
+    chunks = list(client.chat.completions.create(messages=REPEAT, tools=[WEATHER], stream=True, **GREEDY))
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas[0][0].index == 0 and deltas[0][0].id and deltas[0][0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert all(d[0].id is None and d[0].function.name is None for d in deltas[1:])  # type: ignore[union-attr]
+    assert json.loads("".join(d[0].function.arguments or "" for d in deltas)) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The SDK's stream helper accumulates the same deltas into the message.
+    with client.chat.completions.stream(messages=REPEAT, tools=[WEATHER], **GREEDY) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_and_a_plain_answer_give_text(smollm2_server: Server) -> None:
+    client = smollm2_server.client()
+    none = client.chat.completions.create(messages=REPEAT, tools=[WEATHER], tool_choice="none", **GREEDY)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+    assert "<tool_call>" in (none.choices[0].message.content or "")  # the text, not read as a call
+
+    question: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(messages=question, tools=[WEATHER], **GREEDY)
+    assert plain.choices[0].message.tool_calls is None and "Paris" in (plain.choices[0].message.content or "")
+    streamed = client.chat.completions.create(messages=question, tools=[WEATHER], stream=True, **GREEDY)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == (plain.choices[0].message.content or "").rstrip()
+
+
+def test_parallel_tool_calls_false_keeps_one_call(smollm2_server: Server) -> None:
+    two = f"{CALL}\n{CALL.replace('Paris', 'Rome')}"
+    messages: Any = [{"role": "user", "content": f"Repeat this text exactly, with nothing else:\n{two}"}]
+    client = smollm2_server.client()
+    both = client.chat.completions.create(messages=messages, tools=[WEATHER], **{**GREEDY, "max_tokens": 80})
+    one = client.chat.completions.create(
+        messages=messages, tools=[WEATHER], parallel_tool_calls=False, **{**GREEDY, "max_tokens": 80}
+    )
+    assert len(both.choices[0].message.tool_calls or []) == 2
+    assert len(one.choices[0].message.tool_calls or []) == 1
+
+
+NAMELESS = {"type": "function", "function": {"description": "no name"}}
+STRING_ARGS = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+LIST_ARGS = {"type": "function", "function": {"name": "f", "parameters": ["city"]}}
+ASKED = {
+    "role": "assistant",
+    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [NAMELESS]}, "tools.0.function.name"),
+        ({"tools": [STRING_ARGS]}, "tools.0.function.parameters"),
+        ({"tools": [LIST_ARGS]}, "tools.0.function.parameters"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"messages": [*REPEAT, {"role": "tool", "tool_call_id": "c9", "content": "x"}]}, "messages.1.tool_call_id"),
+        ({"messages": [*REPEAT, ASKED, {"role": "tool", "content": "x"}]}, "messages.2"),
+        (
+            {
+                "messages": [
+                    *REPEAT,
+                    {**ASKED, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "x"}}]},
+                ]
+            },
+            "messages.1.tool_calls.0.function.arguments",
+        ),
+        ({"functions": [WEATHER["function"]]}, "functions"),
+    ],
+)
+def test_bad_tool_requests_are_400s_naming_the_field(smollm2_server: Server, body: dict[str, Any], param: str) -> None:
+    client = smollm2_server.client()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**{"messages": REPEAT, **GREEDY, **body})
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == param, info.value.body  # type: ignore[index]

@@ -204,9 +204,18 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(target: str, args: argparse.Namespace, model_dir: Path, adapters: list[Path], logs: Path) -> Server:
+def start_server(
+    target: str,
+    args: argparse.Namespace,
+    model_dir: Path,
+    adapters: list[Path],
+    logs: Path,
+    env: dict[str, str] | None = None,
+    log_name: str | None = None,
+) -> Server:
+    """`env`: more settings for a bentoservice target; `log_name`: the log's name when one target runs twice."""
     port = free_port()
-    log = logs / f"{target}.log"
+    log = logs / f"{log_name or target}.log"
     if target.startswith("bentoservice"):
         cmd = [
             sys.executable,
@@ -225,6 +234,7 @@ def start_server(target: str, args: argparse.Namespace, model_dir: Path, adapter
             "BENTOSERVICE_MAX_RUNNING": str(max(args.streams, 16)),
             "BENTOML_DO_NOT_TRACK": "True",
             "HF_HUB_OFFLINE": "1",
+            **(env or {}),
         }
         return Server(cmd, port, args.model, log, env)
     if target == "naive":

@@ -128,7 +128,7 @@ class Forward:
         were reallocated (they grow until they hold max_loras slots at the largest rank, then keep their shape)."""
         self.prefixes.drop(slot)
         if self.lean is not None:
-            self.lean.adapters_changed()
+            self.lean.slot_rewritten(slot)
         if self.lora.layout != self._layout:
             self._layout = self.lora.layout
             self._drop_graphs()

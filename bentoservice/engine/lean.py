@@ -113,6 +113,10 @@ class LeanModel:
         for group in self.lora_groups():
             group.refresh()
 
+    def slot_rewritten(self, slot: int) -> None:
+        for group in self.lora_groups():
+            group.slot_rewritten(slot)
+
     def lora_groups(self) -> Iterator[LoraGroup]:
         for layer in self.layers:
             yield from (layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora)

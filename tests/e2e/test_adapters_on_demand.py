@@ -83,11 +83,13 @@ def test_many_store_adapters_each_answer_by_name_under_concurrent_mixed_load(ser
     assert len(set(first.values())) == COUNT, first
     assert complete(server, "tiny") not in first.values()
     first["tiny"] = complete(server, "tiny")
+    read_before = metric(server, "bentoservice_adapter_loads_total", "disk")
     jobs = [stored[(i * 5) % COUNT] if i % 4 else "tiny" for i in range(3 * COUNT)]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda model: complete(server, model), jobs))
-    # Every adapter was evicted and read back at least once: the outputs are those of before, at temperature 0.
+    # Adapters were evicted to host memory and to disk and came back: the outputs are those of before, at temperature 0.
     assert answers == [first[m] for m in jobs]
+    assert metric(server, "bentoservice_adapter_loads_total", "disk") > read_before  # read again after eviction
     listed = tiers(server)
     assert sorted(listed[name] for name in stored).count("gpu") == 2
     assert metric(server, "bentoservice_adapter_evictions_total", "gpu") >= COUNT - 2
@@ -176,6 +178,18 @@ def test_every_adapter_route_accepts_every_name_form(
     assert response.status_code == 400 and "store tag" in response.json()["error"]["message"]
 
 
+def test_prefix_cache_entries_go_with_an_evicted_adapter(server: Server, stored: list[str]) -> None:
+    # A prompt no other test sends, long enough for the prefix cache (on by default on a CPU), whose keys and values
+    # are kept per slot: a reloaded adapter must not reuse what another adapter left in its new slot.
+    prompt = "Zebras vote on seventeen purple moons while the quiet engineer counts every falling leaf twice"
+    idle = [name for name in stored if tiers(server)[name] != "gpu"]
+    y, x, z = idle[:3]
+    reference = complete(server, y, prompt)  # y's own, in slot t: no entry of this prompt anywhere yet
+    assert complete(server, x, prompt) != reference  # x into the other slot u, its keys and values kept under u
+    complete(server, z)  # z evicts y, the least recently used, from slot t
+    assert complete(server, y, prompt) == reference  # y back, evicting x from u: x's entries went with it
+
+
 def test_pinned_adapter_survives_pressure_and_busy_slots_give_429(
     server: Server, stored: list[str], folders: dict[str, Path]
 ) -> None:
@@ -187,10 +201,9 @@ def test_pinned_adapter_survives_pressure_and_busy_slots_give_429(
     listing = httpx.get(f"{server.url}/v1/adapters", timeout=10).json()
     assert [a["pinned"] for a in listing["data"] if a["name"] == "keeper"] == [True]
     # both slots pinned: a request for a third adapter waits its bounded time, then is refused with a 429
-    assert (
-        post(server, "/load_lora_adapter", {"lora_name": "keeper-2", "lora_path": "od-1", "pinned": True}).status_code
-        == 200
-    )
+    # OpenLLM's route pins too
+    body = {"adapter_id": "od-1", "adapter_name": "keeper-2", "pinned": True}
+    assert post(server, "/adapters/load", body).status_code == 200
     try:
         with pytest.raises(openai.RateLimitError):
             complete(server, "od-5")

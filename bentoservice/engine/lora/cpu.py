@@ -37,15 +37,19 @@ class LoraGroup:
         self._columns = [slice(start, start + width) for start, width in zip(starts, widths, strict=False)]
         self.a: torch.Tensor | None = None
         self.targets: list[tuple[slice, torch.Tensor]] = []  # (output columns, B stack) per wrapped layer
+        self._wrapped: list[BatchedLoraLinear] = []
+        self._layout = -1  # the stacks' layout (LoraBatch.layout) that `a` was copied from
         self._native: native.Group | None = None
 
     def refresh(self) -> None:
         """Read the stacks again: the adapter manager wraps layers and grows or rewrites their stacks."""
+        self._layout = self.batch.layout
         wrapped = [
             (columns, layer)
             for columns, name in zip(self._columns, self.names, strict=False)
             if isinstance(layer := getattr(self.parent, name), BatchedLoraLinear) and layer.lora_A is not None
         ]
+        self._wrapped = [layer for _, layer in wrapped]
         if not wrapped:
             self.a, self.targets = None, []
             return
@@ -54,6 +58,14 @@ class LoraGroup:
         self.targets = [(columns, layer.lora_B) for columns, layer in wrapped]
         if self.kernel is not None:
             self._native = native.Group.of(self.a, [(columns.start, b) for columns, b in self.targets])
+
+    def slot_rewritten(self, slot: int) -> None:
+        """Copy one rewritten slot's A stacks in place (B is read from the layers' own stacks), unless the stacks
+        were reallocated or layers wrapped since the last refresh: an adapter swap copies one slot, not all."""
+        if self.batch.layout != self._layout:
+            self.refresh()
+        elif self.a is not None:
+            self.a[slot - 1].copy_(torch.cat([layer.lora_A[:, slot - 1] for layer in self._wrapped], dim=1))
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y[:, layer's columns] += that layer's LoRA update of x, for each token's adapter."""

@@ -25,14 +25,23 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import PROMPTS, make_adapters, prepare, run_load, start_server, summarize, warmup_prompts  # noqa: E402
+from serving import (  # noqa: E402
+    PROMPTS,
+    add_load_args,
+    add_output_args,
+    make_adapters,
+    prepare,
+    run_load,
+    start_server,
+    summarize,
+    warmup_prompts,
+)
 
 
 def make_stored_adapters(args: argparse.Namespace, model_dir: Path) -> dict[str, Path]:
@@ -162,25 +171,15 @@ def run_target(
 def main() -> None:
     parser = argparse.ArgumentParser(description="Adapters on demand (see the module docstring)")
     parser.add_argument("--model", default="smollm2", help="store name of the base model")
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another (at least)")
-    parser.add_argument("--min-seconds", type=float, default=60)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--warmup-tokens", type=int, default=8)
-    parser.add_argument("--ready-timeout", type=float, default=900)
+    add_load_args(parser)
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--ranks", type=lambda s: [int(r) for r in s.split(",")], default=[8, 12, 16])
     parser.add_argument("--slots", type=int, default=8, help="BENTOSERVICE_MAX_LORAS")
     parser.add_argument("--cpu-loras", type=int, default=32, help="BENTOSERVICE_MAX_CPU_LORAS")
     parser.add_argument("--zipf", type=float, default=1.1, help="the Zipf exponent s of the adapters' popularity")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "bentoservice-bench",
-        help="adapters, the benchmark's model store and server logs (kept between runs)",
-    )
-    parser.add_argument("--json", type=Path, help="write the results here")
+    add_output_args(parser)
+    parser.set_defaults(min_seconds=60)
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     os.environ["BENTOML_HOME"] = str(args.work_dir / "bentoml")  # before bentoml is imported, servers inherit it

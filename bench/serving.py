@@ -417,14 +417,8 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Serving benchmark (see the module docstring)")
-    parser.add_argument("--model", default="smollm2", help="store name of the base model")
-    parser.add_argument("--model-dir", type=Path, help="import this HF folder into the store as --model if missing")
-    parser.add_argument(
-        "--random-model", choices=sorted(SHAPES), help="make --model-dir as a random-weight model of this shape first"
-    )
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for --random-model")
+def add_load_args(parser: argparse.ArgumentParser) -> None:
+    """The load's options, shared with bench/adapters.py."""
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another (at least)")
     parser.add_argument(
@@ -438,18 +432,33 @@ def main() -> None:
         "--warmup-tokens", type=int, default=8, help="max_tokens of an untimed round of every stream first (0: none)"
     )
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds a server may take to start")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bentoservice-bench",
+        help="adapters, random models, the model store of bench/adapters.py and server logs (kept between runs)",
+    )
+    parser.add_argument("--json", type=Path, help="write the results here")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serving benchmark (see the module docstring)")
+    parser.add_argument("--model", default="smollm2", help="store name of the base model")
+    parser.add_argument("--model-dir", type=Path, help="import this HF folder into the store as --model if missing")
+    parser.add_argument(
+        "--random-model", choices=sorted(SHAPES), help="make --model-dir as a random-weight model of this shape first"
+    )
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for --random-model")
+    add_load_args(parser)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument(
         "--targets", default="bentoservice,naive,transformers-cb", help=f"comma-separated, from {', '.join(TARGETS)}"
     )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "bentoservice-bench",
-        help="adapters, random models and server logs (kept between runs)",
-    )
-    parser.add_argument("--json", type=Path, help="write the results here")
+    add_output_args(parser)
     args = parser.parse_args()
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

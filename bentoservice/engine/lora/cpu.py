@@ -37,7 +37,7 @@ class LoraGroup:
         self._columns = [slice(start, start + width) for start, width in zip(starts, widths, strict=False)]
         self.a: torch.Tensor | None = None
         self.targets: list[tuple[slice, torch.Tensor]] = []  # (output columns, B stack) per wrapped layer
-        self._wrapped: list[BatchedLoraLinear] = []
+        self._stacks: list[torch.Tensor] = []  # the wrapped layers' A stacks, as of the last refresh
         self._layout = -1  # the stacks' layout (LoraBatch.layout) that `a` was copied from
         self._native: native.Group | None = None
 
@@ -49,11 +49,11 @@ class LoraGroup:
             for columns, name in zip(self._columns, self.names, strict=False)
             if isinstance(layer := getattr(self.parent, name), BatchedLoraLinear) and layer.lora_A is not None
         ]
-        self._wrapped = [layer for _, layer in wrapped]
+        self._stacks = [layer.lora_A for _, layer in wrapped]
         if not wrapped:
             self.a, self.targets = None, []
             return
-        a = torch.stack([layer.lora_A for _, layer in wrapped], dim=2)  # [in, stacked, layers, rank]
+        a = torch.stack(self._stacks, dim=2)  # [in, stacked, layers, rank]
         self.a = a.permute(1, 0, 2, 3).flatten(2).contiguous()
         self.targets = [(columns, layer.lora_B) for columns, layer in wrapped]
         if self.kernel is not None:
@@ -65,7 +65,7 @@ class LoraGroup:
         if self.batch.layout != self._layout:
             self.refresh()
         elif self.a is not None:
-            self.a[slot - 1].copy_(torch.cat([layer.lora_A[:, slot - 1] for layer in self._wrapped], dim=1))
+            self.a[slot - 1].copy_(torch.cat([stack[:, slot - 1] for stack in self._stacks], dim=1))
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y[:, layer's columns] += that layer's LoRA update of x, for each token's adapter."""

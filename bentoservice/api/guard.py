@@ -5,6 +5,7 @@ BaseHTTPMiddleware would relay every chunk through another task)."""
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Literal
 
 from starlette.datastructures import Headers
@@ -31,6 +32,7 @@ _ADMIN_PREFIXES = (
     "/fine_tune/",
     "/docs.json",
 )
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def required_role(method: str, path: str) -> Role:
@@ -61,6 +63,11 @@ class Guard:
         refusal = self.refusal(scope["method"], scope["path"], headers)
         if refusal is not None:
             await refusal(scope, receive, send)
+            return
+        if _CONTROL.search(scope["path"]):
+            # Starlette's mounts match no path with a newline in it: BentoML would answer a bare "Not Found".
+            answer = envelope(404, f"Unknown route: {scope['method']} {scope['path']!r}", None, None)
+            await answer(scope, receive, send)
             return
         limit = self.settings.max_file_bytes if scope["path"].endswith("/files") else self.settings.max_request_bytes
         length = headers.get("content-length")

@@ -9,7 +9,7 @@ export BENTOML_DO_NOT_TRACK := True
 PORT ?= 3000
 HOST ?= 0.0.0.0
 
-.PHONY: install serve test lint screenshots
+.PHONY: install serve test lint screenshots fuzz
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ serve: install
 # missing).
 test: install
 	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 .ci/with-postgres .ci/with-chromium $(VENV)/bin/pytest -q
+
+# The longer schemathesis run (tests/e2e/test_fuzz.py runs 6 examples per operation in `make test`).
+fuzz: install
+	FUZZ_EXAMPLES=25 HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q tests/e2e/test_fuzz.py
 
 # The README's screenshots of the web console, taken by its browser test with the default model.
 screenshots: install

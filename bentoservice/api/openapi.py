@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from bentoservice.api.guard import required_role
+from bentoservice.config import get_settings
 
 _ERROR = {
     "type": "object",
@@ -32,7 +33,7 @@ _WHY = {
     403: "An inference key on an admin route",
     404: "Unknown model, job, file or adapter",
     409: "Conflict with the resource's state",
-    413: "Body over the size limit",
+    413: "Body over the size limit ({limit} bytes)",
     429: "Too many requests in flight",
     503: "Still loading",
 }
@@ -48,6 +49,13 @@ def _errors(method: str, path: str) -> list[int]:
     return sorted(codes)
 
 
+def _body_limit(path: str) -> str:
+    settings = get_settings()
+    if path == "/files":
+        return f"{settings.max_file_bytes}, BENTOSERVICE_MAX_FILE_BYTES"
+    return f"{settings.max_request_bytes}, BENTOSERVICE_MAX_REQUEST_BYTES"
+
+
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -59,7 +67,7 @@ def install_openapi(app: FastAPI) -> None:
                     responses.pop("422", None)
                     for code in _errors(method, path):
                         responses[str(code)] = {
-                            "description": _WHY[code],
+                            "description": _WHY[code].format(limit=_body_limit(path)),
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                         }
             schema["components"]["schemas"].pop("HTTPValidationError", None)

@@ -169,6 +169,19 @@ class LocalRun:
                 pass
             self.kill_sent = self.kill_sent or time.monotonic()
 
+    def stop(self) -> None:
+        """Kill the group and wait for it: SIGTERM, SIGKILL after KILL_GRACE (the server is stopping)."""
+        self.kill()
+        deadline = time.monotonic() + KILL_GRACE
+        while not self.finished() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:  # whatever of the group is left (accelerate's workers outlive their launcher)
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.process is not None:
+            self.process.wait()
+
     def exit_note(self) -> str | None:
         return None
 

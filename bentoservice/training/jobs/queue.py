@@ -44,9 +44,36 @@ class JobQueue:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching; runners go on (a restarted server adopts them)."""
+        """Stop watching, and stop this server's local trainings: no process outlives a stopped server. Each such job
+        is queued again, to resume from its newest checkpoint at the next start. Ray jobs go on (adopted then); a
+        server killed outright leaves its trainings running, and the next start adopts them."""
         self._stop.set()
         self._thread.join(timeout=10)
+        for job_id, runner in list(self.runners.items()):
+            if isinstance(runner, backends.LocalRun):
+                runner.stop()
+                del self.runners[job_id]
+                self._stopped(job_id)
+
+    def _stopped(self, job_id: str) -> None:
+        job = self.jobs.get_job(job_id)
+        if job is None or job["status"] != "running" or job["store_tag"]:
+            return  # a trained job's adapter is served at the next start
+        if job["cancel_requested"] or job["pause_requested"]:
+            self._settle(job)
+        elif self.jobs.update_job(
+            job_id,
+            only_if=("running",),
+            status="queued",
+            pid=None,
+            estimated_finish=None,
+            attempts=max(0, job["attempts"] - 1),  # a server's stop is no failed attempt
+        ):
+            self.jobs.add_event(
+                job_id,
+                "The server stopped; the job is queued to resume from its newest checkpoint at the next start",
+                level="warn",
+            )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):

@@ -33,7 +33,7 @@ _WHY = {
     403: "An inference key on an admin route",
     404: "Unknown model, job, file or adapter",
     409: "Conflict with the resource's state",
-    413: "Body over the size limit ({limit} bytes)",
+    413: "Body over the size limit ({limit})",
     429: "Too many requests in flight",
     503: "Still loading",
 }
@@ -52,8 +52,8 @@ def _errors(method: str, path: str) -> list[int]:
 def _body_limit(path: str) -> str:
     settings = get_settings()
     if path == "/files":
-        return f"{settings.max_file_bytes}, BENTOSERVICE_MAX_FILE_BYTES"
-    return f"{settings.max_request_bytes}, BENTOSERVICE_MAX_REQUEST_BYTES"
+        return f"{settings.max_file_bytes} bytes, BENTOSERVICE_MAX_FILE_BYTES"
+    return f"{settings.max_request_bytes} bytes, BENTOSERVICE_MAX_REQUEST_BYTES"
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -277,8 +277,8 @@ def test_openapi_declares_the_errors(server: Server) -> None:
     assert {"400", "401", "404", "413", "429"} <= set(chat) and "422" not in chat
     files = schema["paths"]["/files"]["post"]["responses"]
     assert {"400", "401", "403", "413"} <= set(files)
-    assert "(100000, BENTOSERVICE_MAX_FILE_BYTES)" in files["413"]["description"]
-    assert "(20000, BENTOSERVICE_MAX_REQUEST_BYTES)" in chat["413"]["description"]
+    assert "(100000 bytes, BENTOSERVICE_MAX_FILE_BYTES)" in files["413"]["description"]
+    assert "(20000 bytes, BENTOSERVICE_MAX_REQUEST_BYTES)" in chat["413"]["description"]
     assert schema["components"]["schemas"]["Error"]["required"] == ["error"]
     seed = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["seed"]["anyOf"][0]
     assert seed["maximum"] >= 2**63 and seed["minimum"] <= -(2**63)

@@ -345,8 +345,10 @@ async def run_load(
     max_tokens: int,
     usage: bool,
     min_seconds: float = 0,
+    extra: dict | None = None,
 ) -> tuple[list[Result], float]:
-    """Each client sends `rounds` requests one after another, and more while fewer than `min_seconds` have passed."""
+    """Each client sends `rounds` requests one after another, and more while fewer than `min_seconds` have passed;
+    `extra` goes into every request's body."""
     import aiohttp
 
     async def client(i: int, session) -> list[Result]:
@@ -361,6 +363,7 @@ async def run_load(
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "stream": True,
+                **(extra or {}),
             }
             if usage:
                 body["stream_options"] = {"include_usage": True}

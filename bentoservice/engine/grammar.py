@@ -11,9 +11,10 @@ The interface, for any caller that wants a row's output to follow a grammar (res
   a schema's property order is the order the output writes them in;
 - the engine gives each row of such a request its own matcher. After every forward pass (prefill or decode, graphed
   or not) `constrain` fills the bitmasks of the constrained rows only and applies them in place to those rows of the
-  logits, with xgrammar's kernel for the logits' device; the row then samples from what is left (greedy or not) and
-  its matcher accepts the token. A row whose matcher has terminated (it took an end token where the grammar was
-  complete: the mask allows end tokens only there) finishes with "stop"; `max_tokens` still ends it with "length".
+  logits, with xgrammar's kernel for the logits' device; the row then samples from what is left (greedy rows: one
+  batched argmax over the masked logits) and its matcher accepts the token. A row whose matcher has terminated (it
+  took an end token where the grammar was complete: the mask allows end tokens only there) finishes with "stop";
+  `max_tokens` still ends it with "length".
   Constrained rows read their logits on the host every step, so they never ride the chained greedy passes.
 
 JSON is generated compact (no free whitespace), so a model cannot pad an answer with endless blanks.
@@ -79,12 +80,12 @@ class Grammars:
     def matcher(self, grammar: Grammar) -> Matcher:
         return xgr.GrammarMatcher(self.compile(grammar))
 
-    def constrain(self, logits: torch.Tensor, rows: Sequence[Constrained]) -> None:
+    def constrain(self, logits: torch.Tensor, rows: Sequence[Constrained]) -> bool:
         """Mask, in place, the logits of the rows with a live matcher to the tokens their grammar allows next;
-        the other rows' logits are not touched."""
+        the other rows' logits are not touched. Whether any row was masked (an argmax taken before is then stale)."""
         indices = [i for i, row in enumerate(rows) if row.matcher is not None and not row.matcher.is_terminated()]
         if not indices:
-            return
+            return False
         bitmask = self._bitmask[: len(rows)]
         for i in indices:
             matcher = rows[i].matcher
@@ -93,3 +94,4 @@ class Grammars:
         xgr.apply_token_bitmask_inplace(
             logits, bitmask.to(logits.device, non_blocking=True), vocab_size=self.vocab_size, indices=indices
         )
+        return True

@@ -82,18 +82,19 @@ def next_tokens(
     logits: torch.Tensor, rows: Sequence[Row], end_ids: Collection[int], greedy: list[int] | None = None
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of `logits`: the argmax where temperature is 0 (one batched op, or `greedy`
-    when already computed), else a sample from the row's own RNG; and the log-probabilities of the
-    rows that asked for them (of the adjusted logits, before temperature and top-p)."""
+    when already computed from these very logits: not when some rows were masked since), else a sample
+    from the row's own RNG; and the log-probabilities of the rows that asked for them (of the adjusted
+    logits, before temperature and top-p)."""
     ids = logits.argmax(-1).tolist() if greedy is None else list(greedy)
     logprobs: list[TokenLogprob | None] = [None] * len(ids)
     for i, row in enumerate(rows):
         params = row.params
-        if not (params.per_row or params.temperature > 0):
+        if not (params.adjusts or params.logprobs is not None or params.temperature > 0):
             continue
         own = adjust(logits[i], row, end_ids) if params.adjusts else logits[i]
         if params.temperature > 0:
             ids[i] = sample(own.float().cpu(), params, row.generator)
-        elif params.adjusts or params.grammar is not None:  # `greedy` is the argmax before adjusting or masking
+        elif params.adjusts:
             ids[i] = int(own.argmax())
         if params.logprobs is not None:
             logprobs[i] = token_logprob(own, ids[i], params.logprobs)

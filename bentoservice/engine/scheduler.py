@@ -461,8 +461,8 @@ class Engine:
         """Wait for a pass, then handle its tokens (a sequence that finished since it was queued ignores its own)."""
         seqs = launched.seqs
         step = launched.step
-        self.grammars.constrain(step.logits, seqs)
-        tokens, logprobs = next_tokens(step.logits, seqs, self.eos_ids, step.greedy_tokens())
+        masked = self.grammars.constrain(step.logits, seqs)  # the pass's own argmax then no longer holds
+        tokens, logprobs = next_tokens(step.logits, seqs, self.eos_ids, None if masked else step.greedy_tokens())
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=False):
             seq.pending -= 1
             if not seq.done:

@@ -103,6 +103,20 @@ def test_guided_extras_on_completions(server: Server) -> None:
     assert re.fullmatch(
         r"(yes|no)!", text(extra_body={"structured_outputs": {"grammar": 'root ::= ("yes" | "no") "!"'}})
     )
+    tag = {
+        "type": "structural_tag",
+        "format": {
+            "type": "sequence",
+            "elements": [
+                {"type": "const_string", "value": "<answer>"},
+                {"type": "regex", "pattern": "[0-9]{2}"},
+                {"type": "const_string", "value": "</answer>"},
+            ],
+        },
+    }
+    assert re.fullmatch(
+        r"<answer>[0-9]{2}</answer>", text(extra_body={"structured_outputs": {"structural_tag": json.dumps(tag)}})
+    )
     Place.model_validate_json(text(extra_body={"guided_json": SCHEMA}))
     Place.model_validate_json(text(extra_body={"response_format": JSON_SCHEMA}))
 

@@ -1,6 +1,5 @@
 """Grammars for the served tokenizer (SmolLM2's): compiled once and cached, errors that say why, and masks applied
-only to the constrained rows of a batch, before the row's token is chosen (also when the pass brought its own
-greedy tokens, as the chained decode passes do)."""
+only to the constrained rows of a batch, before the row's token is chosen."""
 
 from __future__ import annotations
 
@@ -84,9 +83,9 @@ def test_only_constrained_rows_are_masked_and_they_pick_an_allowed_token(grammar
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert allowed and all("yes".startswith(tokenizer.decode([t])) for t in allowed)
-    unmasked = before.argmax(-1).tolist()  # what a chained pass hands over: the argmax before masking
-    tokens, _ = next_tokens(logits, rows, (), greedy=unmasked)
-    assert tokens[0] == unmasked[0] and tokens[2] == unmasked[2] and tokens[1] in allowed
+    tokens, _ = next_tokens(logits, rows, ())
+    unmasked = before.argmax(-1).tolist()
+    assert tokens[0] == unmasked[0] and tokens[2] == unmasked[2] and tokens[1] in allowed and unmasked[1] not in allowed
 
 
 def test_a_complete_grammar_allows_only_the_end_token(grammars: Grammars, tokenizer) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 from conftest import Server
-from test_fine_tuning import CHATS, _job_row, jsonl, wait_for, wait_for_event
+from test_fine_tuning import CHATS, _job_row, jsonl, training_past_a_checkpoint, wait_for
 
 
 def _alive(pids: set[int]) -> set[int]:
@@ -33,11 +33,7 @@ def test_sigterm_stops_every_process_and_the_job_resumes(tiny, tmp_path: Path) -
     server = Server("tiny", env=env)
     try:
         client = server.client()
-        uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model="tiny", training_file=uploaded.id, extra_body={"max_steps": 60, "save_steps": 5}
-        )
-        wait_for_event(client, job.id, "checkpoint")
+        uploaded, job = training_past_a_checkpoint(client)
         runner = psutil.Process(_job_row(tmp_path, job.id)["pid"])
         pids = {p.pid for p in (*server._tree(), runner, *runner.children(recursive=True))}
         server.proc.send_signal(signal.SIGTERM)  # the main process only

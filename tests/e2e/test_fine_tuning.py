@@ -215,16 +215,22 @@ def test_bad_job_bodies(server: Server) -> None:
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
 
 
+def training_past_a_checkpoint(client: openai.OpenAI) -> tuple:
+    """An uploaded file and a 60-step job on it, once the job has saved its first checkpoint."""
+    uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=uploaded.id, extra_body={"max_steps": 60, "save_steps": 5}
+    )
+    wait_for_event(client, job.id, "checkpoint")
+    return uploaded, job
+
+
 def test_restart_mid_job_resumes(tiny, tmp_path: Path) -> None:
     env = {"BENTOSERVICE_DATA_DIR": str(tmp_path)}
     server = Server("tiny", env=env)
     try:
         client = server.client()
-        uploaded = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model="tiny", training_file=uploaded.id, extra_body={"max_steps": 60, "save_steps": 5}
-        )
-        wait_for_event(client, job.id, "checkpoint")
+        uploaded, job = training_past_a_checkpoint(client)
         runner = _job_row(tmp_path, job.id)["pid"]
         os.killpg(runner, signal.SIGKILL)  # the machine goes down: server and runner together
         server.crash()

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from bentoservice.config import get_settings
 from bentoservice.training.methods.evaluation import Evaluation
 
-Method = Literal["sft", "dpo", "orpo"]
+Method = Literal["sft", "dpo", "orpo", "grpo"]
 AdapterType = Literal["lora", "qlora"]
 
 # The TRL config class of each method, imported only when needed (importing trl takes seconds).
@@ -22,9 +22,10 @@ TRL_CONFIGS: dict[str, str] = {
     "sft": "trl:SFTConfig",
     "dpo": "trl:DPOConfig",
     "orpo": "trl.experimental.orpo:ORPOConfig",
+    "grpo": "trl:GRPOConfig",
 }
 # TRL's defaults suit full fine-tunes (DPO/ORPO: 1e-6); a LoRA adapter needs a larger step to learn anything.
-LORA_LEARNING_RATE: dict[str, float] = {"sft": 2e-4, "dpo": 5e-5, "orpo": 5e-5}
+LORA_LEARNING_RATE: dict[str, float] = {"sft": 2e-4, "dpo": 5e-5, "orpo": 5e-5, "grpo": 1e-4}
 # Familiar names: transformers 5 folded warmup_ratio into warmup_steps (below 1 it is a fraction of the steps).
 ARG_ALIASES = {"epochs": "num_train_epochs", "warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
 # Knobs that are fields of TrainingConfig itself and must not be repeated in `args`.
@@ -100,6 +101,9 @@ class TrainingConfig(FineTuneChecks):
     """DPO loss (sigmoid, ipo, hinge, ...) or SFT loss (nll, dft); TRL's default when unset."""
     packing: bool = False
     max_seq_length: int = Field(2048, gt=0)
+    grader: dict[str, Any] | None = None
+    """grpo (reinforcement fine-tuning): the grader that scores each sampled completion, as OpenAI's API has it
+    (training.graders)."""
     evaluation: Evaluation | None = None
     """Compare the base and the adapter at the end (held-out loss, sample generations); `prompts_file` is a path."""
     args: dict[str, Any] = {}
@@ -122,6 +126,8 @@ class TrainingConfig(FineTuneChecks):
                 raise ValueError(f"set {field!r} at the top level, not in args")
         if self.method == "orpo" and self.loss_type is not None:
             raise ValueError("orpo has no loss_type")
+        if (self.method == "grpo") != (self.grader is not None):
+            raise ValueError("a grader is for grpo, and grpo needs one")
         unknown = sorted(set(self.args) - known_args(self.method)) if self.args else []
         if unknown:
             raise ValueError(f"unknown training argument(s) for {self.method}: {', '.join(unknown)}")
@@ -141,6 +147,10 @@ class TrainingConfig(FineTuneChecks):
         own: dict[str, Any] = {"max_length": self.max_seq_length}
         if self.method == "sft":
             own["packing"] = self.packing
+        elif self.method == "grpo":
+            # GRPO's beta is a KL weight against a reference model, 0 (none kept) unless asked for.
+            own = {"beta": self.beta} if "beta" in self.model_fields_set else {}
+            defaults["include_num_input_tokens_seen"] = "no"  # GRPOTrainer counts its prompts and completions
         else:
             own["beta"] = self.beta
         if self.loss_type is not None:

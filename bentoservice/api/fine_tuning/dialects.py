@@ -8,6 +8,7 @@ import secrets
 from typing import Any
 
 from bentoservice.api.errors import APIError
+from bentoservice.api.fine_tuning import reinforcement
 from bentoservice.api.fine_tuning.protocol import (
     DatasetBlock,
     EmbeddingTrainingBlock,
@@ -33,8 +34,22 @@ TASKS = {
     "rerank": "rerank",
     "embedding": "embedding",
 }
-KIND = {"sft": "sft", "dpo": "preference", "orpo": "preference", "rerank": "rerank", "embedding": "rerank"}
-WANTED = {"sft": "SFT conversations", "preference": "preference pairs", "rerank": "rerank data (query, pos, neg)"}
+KIND = {
+    "sft": "sft",
+    "dpo": "preference",
+    "orpo": "preference",
+    "grpo": "prompts",
+    "rerank": "rerank",
+    "embedding": "rerank",
+}
+WANTED = {
+    "sft": "SFT conversations",
+    "preference": "preference pairs",
+    "rerank": "rerank data (query, pos, neg)",
+    "prompts": "chat prompts (messages ending with a user turn)",
+}
+# OpenAI's method types and the method each trains with.
+METHOD_TYPES = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 
 
 def _first(*values: Any) -> Any:
@@ -45,7 +60,7 @@ def training_method(body: JobRequest) -> str:
     if body.loss:
         return body.loss
     if body.method:
-        return "sft" if body.method.type == "supervised" else "dpo"
+        return METHOD_TYPES[body.method.type]
     task = body.General.task if body.General else "instruction_tuning"
     if task not in TASKS:
         raise APIError(
@@ -57,8 +72,11 @@ def training_method(body: JobRequest) -> str:
 def _method_hyperparameters(body: JobRequest) -> Hyperparameters:
     if body.method is None:
         return Hyperparameters()
-    block = body.method.supervised if body.method.type == "supervised" else body.method.dpo
-    return block.hyperparameters if block else Hyperparameters()
+    block = getattr(body.method, body.method.type)
+    if block is None:
+        return Hyperparameters()
+    # The epochs, batch size and learning rate every method shares.
+    return Hyperparameters.model_validate(block.hyperparameters.model_dump(include=set(Hyperparameters.model_fields)))
 
 
 def default_learning_rate(config: dict[str, Any]) -> float:
@@ -230,6 +248,16 @@ def _add_evaluation(
     """The before/after evaluation: asked for, or by default for a job with a validation file."""
     if body.evaluation is None and test is None:
         return
+    if config["method"] == "grpo":
+        if body.evaluation is not None:
+            raise APIError(
+                400,
+                "a reinforcement job is evaluated by its grader: the reward on the validation_file "
+                "(eval_interval, eval_samples), not an evaluation block",
+                "evaluation",
+                "unsupported",
+            )
+        return
     if config["method"] in encoder_config.ENCODER_METHODS:
         if body.evaluation is not None:
             raise APIError(
@@ -280,6 +308,10 @@ def job_config(
     config = (_encoder_config if method in encoder_config.ENCODER_METHODS else _training_config)(
         body, job_id, base_name, train, test, method
     )
+    if method == "grpo":
+        reinforcement.configure(body, config, train, test)
+    elif body.max_completion_tokens is not None:
+        raise APIError(400, "max_completion_tokens is for reinforcement jobs", "max_completion_tokens", "unsupported")
     _add_scale(body, config)
     _check_4bit(body, method, config["scale"]["backend"])
     _add_evaluation(body, config, test, prompts)

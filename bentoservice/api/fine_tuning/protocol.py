@@ -27,10 +27,32 @@ class MethodBlock(BaseModel):
     hyperparameters: Hyperparameters = Hyperparameters()
 
 
+class ReinforcementHyperparameters(BaseModel):
+    """OpenAI's reinforcement hyperparameters (training.methods.rl says what each becomes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Epochs | Auto | None = None
+    batch_size: BatchSize | Auto | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto | None = None
+    compute_multiplier: Annotated[float, Field(gt=0, le=16)] | Auto | None = None
+    eval_interval: Annotated[int, Field(ge=1, le=10_000)] | Auto | None = None
+    eval_samples: Annotated[int, Field(ge=1, le=64)] | Auto | None = None
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = None
+
+
+class ReinforcementBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: dict[str, Any]
+    """Checked by training.graders.build_grader when the job is created."""
+    response_format: dict[str, Any] | None = None
+    hyperparameters: ReinforcementHyperparameters = ReinforcementHyperparameters()
+
+
 class Method(BaseModel):
-    type: Literal["supervised", "dpo"]
+    type: Literal["supervised", "dpo", "reinforcement"]
     supervised: MethodBlock | None = None
     dpo: MethodBlock | None = None
+    reinforcement: ReinforcementBlock | None = None
 
 
 class LoraBlock(BaseModel):
@@ -145,6 +167,7 @@ class JobRequest(BaseModel):
     test_file_eval_steps: int | float | None = None
     test_file_eval_strategy: Literal["no", "steps", "epoch"] | None = None
     packing: bool | None = None
+    max_completion_tokens: int | None = Field(None, gt=0, le=8192)  # reinforcement: a sampled completion's tokens
     is_peft: bool = True
     train_on_responses_only: bool = True
     chat_template: str = "default"

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from bentoservice import store
 from bentoservice.api.errors import APIError, unknown_model
 from bentoservice.api.files.routes import job_store
+from bentoservice.api.fine_tuning import reinforcement
 from bentoservice.api.fine_tuning.dialects import KIND, WANTED, default_learning_rate, job_config, training_method
 from bentoservice.api.fine_tuning.protocol import JobRef, JobRequest
 from bentoservice.training.jobs.queue import request_cancel, request_pause, request_resume
@@ -77,12 +78,14 @@ def _fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
 def job_object(job: dict[str, Any]) -> dict[str, Any]:
     request, config = job["request"], job["config"]
     args = config.get("args", {})
-    method = "supervised" if config["method"] == "sft" else config["method"]
+    method = {"sft": "supervised", "grpo": "reinforcement"}.get(config["method"], config["method"])
     hyper = {
         "n_epochs": args.get("num_train_epochs"),
         "batch_size": args.get("per_device_train_batch_size"),
         "learning_rate_multiplier": round(args.get("learning_rate", 0) / default_learning_rate(config), 6),
     }
+    if method == "reinforcement":  # OpenAI's batch_size counts prompts, TRL's completions
+        hyper["batch_size"] = reinforcement.hyperparameters(config)["batch_size"]
     return {
         "id": job["id"],
         "object": "fine_tuning.job",
@@ -103,12 +106,7 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         "estimated_finish": job["estimated_finish"] if job["status"] == "running" else None,
         "metadata": request.get("metadata"),
         "user_provided_suffix": request.get("suffix"),
-        "method": {
-            "type": method,
-            method: {
-                "hyperparameters": {**hyper, **({"beta": config.get("beta", 0.1)} if method in ("dpo", "orpo") else {})}
-            },
-        },
+        "method": {"type": method, method: _method_block(method, config, hyper)},
         # Beyond OpenAI's object: the before/after evaluation (methods.evaluation), once the job has one.
         "evaluation": job["evaluation"],
         # OpenWeights' view of the same job.
@@ -123,6 +121,16 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
             "store_tag": job["store_tag"],
         },
     }
+
+
+def _method_block(method: str, config: dict[str, Any], hyper: dict[str, Any]) -> dict[str, Any]:
+    if method == "reinforcement":
+        return {
+            "grader": config["grader"],
+            "response_format": None,
+            "hyperparameters": {**hyper, **reinforcement.hyperparameters(config)},
+        }
+    return {"hyperparameters": {**hyper, **({"beta": config.get("beta", 0.1)} if method in ("dpo", "orpo") else {})}}
 
 
 def _job(jobs: JobStore, job_id: str) -> dict[str, Any]:

@@ -14,6 +14,9 @@ A file is JSON Lines (one record per line) or a JSON array of records, in one of
 - `openai_preference`: {"input": {"messages"}, "preferred_output", "non_preferred_output"}
 - `flag_embedding`: {"query", "pos": [passages], "neg": [passages], "prompt" (optional)}, FlagEmbedding's
   format for rerank and embedding models
+- `openai_prompts`: {"messages": [... ending with a user turn], any other fields}, OpenAI's reinforcement
+  fine-tuning lines: a prompt and the fields its grader reads (`{{item.*}}`); chosen when a file's first record
+  ends with a user turn and the job does not expect another kind
 
 Canonical rows:
 
@@ -24,6 +27,7 @@ Canonical rows:
   "rejected": [assistant ...]}.
 - Rerank: {"query": str, "pos": [str, ...], "neg": [str, ...]}: at least one positive passage, any number
   of negatives; a record's `prompt` (an instruction) is put in front of its query.
+- Prompts: {"prompt": [... ending with a user turn], "item": the whole record, as the grader sees it}.
 
 Every message is {"role": "system"|"user"|"assistant", "content": str}, plus `tool_calls` on an assistant's
 calls and role "tool" with an optional `tool_call_id` (tool_calls.py has their shapes).
@@ -55,7 +59,7 @@ from bentoservice.training.data.fields import (
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sft", "preference", "rerank"]
+Kind = Literal["sft", "preference", "rerank", "prompts"]
 Role = Literal["system", "user", "assistant", "tool"]
 Turn = Role | Literal["calls"]
 """What a message was, for the next one's check: "calls" is an assistant's tool calls."""
@@ -68,7 +72,8 @@ __all__ = ["DataFormatError", "Dataset", "Kind", "check_lengths", "load_file", "
 @dataclass
 class Dataset:
     format: str
-    """openai_chat, sharegpt, alpaca, prompt_completion, preference, openai_preference or flag_embedding."""
+    """openai_chat, sharegpt, alpaca, prompt_completion, preference, openai_preference, flag_embedding or
+    openai_prompts."""
     kind: Kind
     rows: list[Row]
     lines: list[int] = field(default_factory=list)
@@ -152,7 +157,7 @@ def _convert(records: Iterable[tuple[int, Any]], unit: Unit, expect: Kind | None
     lines: list[int] = []
     for line, record in records:
         with _located(line, unit):
-            found = _detect(record)
+            found = _detect(record, fmt, expect)
             if fmt is not None and found is not fmt:
                 raise DataFormatError(
                     f"this record is {found.label} but the file is {fmt.label}, as {unit} "
@@ -182,6 +187,7 @@ _KIND_NAMES: dict[str, tuple[str, str]] = {
     "sft": ("SFT data", "SFT data (conversations, instructions or prompt/completion)"),
     "preference": ("preference data", "preference pairs (prompt, chosen, rejected)"),
     "rerank": ("rerank data", "rerank data (query, pos, neg)"),
+    "prompts": ("chat prompts", "chat prompts (messages ending with a user turn, and the fields the grader reads)"),
 }
 
 
@@ -193,12 +199,17 @@ def _check_kind(fmt: _Format, expect: Kind | None) -> None:
     )
 
 
-def _detect(record: Any) -> _Format:
+def _detect(record: Any, previous: _Format | None, expect: Kind | None) -> _Format:
+    """The record's format; once a file's first record chose one of two formats with the same keys (a chat, or a
+    prompt), the rest of the file is held to that one."""
     if not isinstance(record, dict):
         raise DataFormatError(f"expected a JSON object, got {json_type(record)}")
+    if previous is not None and any(key in record for key in previous.keys):
+        return previous
     for fmt in _FORMATS:
-        if any(key in record for key in fmt.keys):
-            return fmt
+        if any(key in record for key in fmt.keys) and (fmt.kind != "prompts" or expect in (None, "prompts")):
+            if fmt.when(record):
+                return fmt
     if "prompt" in record:
         raise invalid("completion", "is missing (or, for a preference pair, chosen and rejected)")
     keys = ", ".join(repr(key) for key in record) or "none"
@@ -383,6 +394,21 @@ def _flag_embedding(record: dict[str, Any]) -> Row:
     }
 
 
+def _openai_prompts(record: dict[str, Any]) -> Row:
+    prompt = _messages(get(record, "messages"), "messages", _OPENAI, after=None, last="user")
+    return {"prompt": prompt, "item": record}
+
+
+def _ends_with_user(record: dict[str, Any]) -> bool:
+    messages = record.get("messages")
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[-1], dict)
+        and (messages[-1].get("role") == "user")
+    )
+
+
 @dataclass(frozen=True)
 class _Format:
     name: str
@@ -391,9 +417,14 @@ class _Format:
     keys: tuple[str, ...]
     """Any of these keys marks a record as this format (the first in _FORMATS wins)."""
     convert: Callable[[dict[str, Any]], Row]
+    when: Callable[[dict[str, Any]], bool] = lambda record: True
+    """A record with those keys is this format only when this holds too."""
 
 
 _FORMATS = (
+    _Format(
+        "openai_prompts", "prompts", "OpenAI chat prompts (messages)", ("messages",), _openai_prompts, _ends_with_user
+    ),
     _Format("openai_chat", "sft", "OpenAI chat (messages)", ("messages",), _openai_chat),
     _Format("sharegpt", "sft", "ShareGPT (conversations)", ("conversations",), _sharegpt),
     _Format("alpaca", "sft", "Alpaca (instruction, input, output)", ("instruction", "output"), _alpaca),

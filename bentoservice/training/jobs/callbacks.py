@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,12 @@ LOG_KEYS = (
     "train_loss",
     "mean_token_accuracy",
     "eval_mean_token_accuracy",
+    "reward",
+    "reward_std",
+    "eval_reward",
 )
+# GRPO's mean reward of each reward function ("rewards/NAME/mean", "eval_rewards/NAME/mean").
+REWARD_KEY = re.compile(r"(eval_)?rewards/.+/mean")
 
 
 def log_sink(event: dict[str, Any]) -> None:
@@ -87,7 +93,7 @@ class ProgressCallback(TrainerCallback):
     ) -> None:
         logs = logs or {}
         event: dict[str, Any] = {"type": "metrics", "step": state.global_step}
-        event.update({k: logs[k] for k in LOG_KEYS if k in logs})
+        event.update({k: v for k, v in logs.items() if k in LOG_KEYS or REWARD_KEY.fullmatch(k)})
         now = time.monotonic()
         if state.num_input_tokens_seen > self._mark_tokens and now > self._mark:
             event["tokens_per_second"] = (state.num_input_tokens_seen - self._mark_tokens) / (now - self._mark)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,9 +15,17 @@ OPENAI_NAMES = {
     "mean_token_accuracy": "train_mean_token_accuracy",
     "eval_loss": "valid_loss",
     "eval_mean_token_accuracy": "valid_mean_token_accuracy",
+    "reward": "train_reward_mean",
+    "eval_reward": "valid_reward_mean",
 }
+# A grader's mean score (GRPO's "rewards/NAME/mean"): train_grader_NAME_mean, valid_grader_NAME_mean.
+GRADER_KEY = re.compile(r"(?P<eval>eval_)?rewards/(?P<name>.+)/mean")
 # The final evaluation on the whole validation file.
-FULL_VALID_NAMES = {"eval_loss": "full_valid_loss", "eval_mean_token_accuracy": "full_valid_mean_token_accuracy"}
+FULL_VALID_NAMES = {
+    "eval_loss": "full_valid_loss",
+    "eval_mean_token_accuracy": "full_valid_mean_token_accuracy",
+    "eval_reward": "full_valid_reward_mean",
+}
 # The columns of OpenAI's step_metrics.csv (train_accuracy is the mean token accuracy of the step's batch).
 CSV_COLUMNS = {
     "step": "step",
@@ -30,7 +39,11 @@ CSV_COLUMNS = {
 def with_openai_names(metrics: dict[str, Any]) -> dict[str, Any]:
     """`metrics` plus OpenAI's name of each trainer key it has. Trainer's end-of-training summary also calls
     its mean loss `train_loss`; a per-step `loss` wins over it."""
-    return {**metrics, **{OPENAI_NAMES[k]: v for k, v in metrics.items() if k in OPENAI_NAMES}}
+    named = {OPENAI_NAMES[k]: v for k, v in metrics.items() if k in OPENAI_NAMES}
+    for key, value in metrics.items():
+        if match := GRADER_KEY.fullmatch(key):
+            named[f"{'valid' if match['eval'] else 'train'}_grader_{match['name']}_mean"] = value
+    return {**metrics, **named}
 
 
 def full_validation(metrics: dict[str, Any]) -> dict[str, float]:

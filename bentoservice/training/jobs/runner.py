@@ -27,13 +27,17 @@ from bentoservice.training.jobs.store import JobStore, new_id, now
 if TYPE_CHECKING:
     from bentoservice.training.config import TrainingConfig
     from bentoservice.training.methods.encoder_config import EncoderConfig
-    from bentoservice.training.methods.trainers import TrainingResult
+    from bentoservice.training.methods.runs import TrainingResult
 
 log = logging.getLogger("bentoservice.runner")
 
 
 def _message(event: dict[str, Any], total: int | None) -> str:
     step = f"Step {event['step']}/{total}" if total else f"Step {event['step']}"
+    if "reward" in event:
+        return f"{step}: training reward={event['reward']:.4f}"
+    if "eval_reward" in event:
+        return f"{step}: validation reward={event['eval_reward']:.4f}"
     if "loss" in event:
         return f"{step}: training loss={event['loss']:.4f}"
     if "eval_loss" in event:
@@ -240,9 +244,9 @@ def run(job_id: str) -> int:
     full = results.full_validation(result.metrics)
     if full:
         step = max((c["step"] for c in jobs.list_checkpoints(job_id)), default=0)
-        jobs.add_event(
-            job_id, f"Full validation loss={full['full_valid_loss']:.4f}", type="metrics", data={"step": step, **full}
-        )
+        reward = "full_valid_reward_mean" in full
+        name, key = ("reward", "full_valid_reward_mean") if reward else ("loss", "full_valid_loss")
+        jobs.add_event(job_id, f"Full validation {name}={full[key]:.4f}", type="metrics", data={"step": step, **full})
     # The queue in the serving process marks the job succeeded once the model is served.
     if wandb and (runs := sorted(Path(wandb["dir"]).glob(f"wandb/*run-*-{wandb['run_id']}"))):
         jobs.add_event(job_id, f"Weights & Biases run written to {runs[-1]}", data={"wandb_run_dir": str(runs[-1])})

@@ -31,10 +31,10 @@ from bentoservice.training.config import TrainingError
 from bentoservice.training.data import formats
 from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.methods.encoder_config import EncoderConfig
-from bentoservice.training.methods.trainers import (
+from bentoservice.training.methods.runs import (
     TrainingResult,
-    _last_checkpoint,
     default_adapter_name,
+    last_checkpoint,
     train_and_evaluate,
 )
 
@@ -222,7 +222,7 @@ def train_encoder(
     }
     checkpoint = args.pop("resume_from_checkpoint", None)
     if checkpoint is None and resume:
-        checkpoint = _last_checkpoint(output_dir)
+        checkpoint = last_checkpoint(output_dir)
     training_args = TrainingArguments(**args)
     set_seed(training_args.seed)  # before loading: a fresh scoring head starts the same on every run
     tokenizer = AutoTokenizer.from_pretrained(base.path)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -18,6 +17,13 @@ from bentoservice.training.data import formats
 from bentoservice.training.data.labels import IGNORE
 from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.methods import evaluation
+from bentoservice.training.methods.runs import (
+    Run,
+    TrainingResult,
+    finish_run,
+    last_checkpoint,
+    train_and_evaluate,
+)
 from bentoservice.training.speed import plan as speed
 from bentoservice.training.speed.trainer import sft_trainer_class
 
@@ -33,19 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KIND: dict[str, formats.Kind] = {"sft": "sft", "dpo": "preference", "orpo": "preference"}
-
-
-@dataclass(frozen=True)
-class TrainingResult:
-    adapter_path: Path | None
-    """The finished adapter folder; None when the run was stopped."""
-    tag: str | None
-    """The adapter's store tag; None when the run was stopped."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    output_dir: Path | None = None
-    stopped: bool = False
-    evaluation: dict[str, Any] | None = None
-    """The before/after comparison (methods.evaluation), when the config asked for one."""
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -107,7 +100,8 @@ def tool_chat(
 
 
 def token_counter(tokenizer: PreTrainedTokenizerBase, kind: formats.Kind) -> Callable[[dict[str, Any]], int]:
-    """Tokens of a canonical row as trained: the chat, or the longer of prompt+chosen and prompt+rejected."""
+    """Tokens of a canonical row as trained: the chat, a prompt (to complete), or the longer of prompt+chosen and
+    prompt+rejected."""
     if kind == "sft":
 
         def chat_tokens(row: dict[str, Any]) -> int:
@@ -115,6 +109,8 @@ def token_counter(tokenizer: PreTrainedTokenizerBase, kind: formats.Kind) -> Cal
             return len(render(tokenizer, messages, tools=tools))
 
         return chat_tokens
+    if kind == "prompts":
+        return lambda row: len(render(tokenizer, row["prompt"], add_generation_prompt=True))
     return lambda row: max(len(render(tokenizer, row["prompt"] + row[side])) for side in ("chosen", "rejected"))
 
 
@@ -319,6 +315,10 @@ def run_training(
     """Train `config.train_file` (evaluating on `config.test_file`); see `train_on`."""
     if config.train_file is None:
         raise TrainingError("train_file is required")
+    if config.method == "grpo":
+        from bentoservice.training.methods.rl import run_reinforcement
+
+        return run_reinforcement(config, sink=sink, stop=stop, resume=resume)
     kind = KIND[config.method]
     train = formats.load_file(config.train_file, expect=kind)
     test = formats.load_file(config.test_file, expect=kind) if config.test_file else None
@@ -339,101 +339,62 @@ def train_on(
     training stops (saving a checkpoint) once `stop` is set. `resume=True` continues from the newest
     checkpoint in the output folder, when there is one (set `output_dir` in args to reuse a folder).
     """
+    run = prepare_run(config, [train] if test is None else [train, test], sink, stop, resume)
+    log.info(
+        "fine-tuning %s (%s, %s) on %s into %s",
+        run.base.name,
+        config.method,
+        config.adapter_type,
+        run.device,
+        run.output_dir,
+    )
+    model = hardware.load_model(run.base.path, run.device, config.adapter_type)
+    trainer = build_trainer(
+        config,
+        model,
+        run.tokenizer,
+        run.args,
+        hf_dataset(run.tokenizer, train),
+        hf_dataset(run.tokenizer, test) if test is not None else None,
+        run.progress,
+        run.device,
+    )
+    metrics = train_and_evaluate(trainer, run.checkpoint, run.progress, evaluate=test is not None)
+
+    def compare() -> dict[str, Any] | None:
+        if config.evaluation is None:
+            return None
+        if trainer.accelerator.num_processes > 1:
+            log.warning("the before/after evaluation runs in single-process trainings only; skipped")
+            return None
+        trainer.remove_callback(run.progress)  # the base's evaluation is no step of this run
+        assert config.evaluation is not None
+        prompts = (
+            formats.load_file(config.evaluation.prompts_file, expect=train.kind)
+            if config.evaluation.prompts_file
+            else None
+        )
+        return evaluation.before_after(trainer, run.tokenizer, test, prompts, config.evaluation, metrics)
+
+    return finish_run(config, run, trainer, metrics, compare)
+
+
+def prepare_run(
+    config: TrainingConfig, data: list[formats.Dataset], sink: Sink | None, stop: StopFlag | None, resume: bool
+) -> Run:
+    """The base and its tokenizer, `data` checked against max_seq_length (before the model loads), the output
+    folder, the TRL config's arguments and the checkpoint to resume from."""
     from bentoservice import store
 
     base = resolve_base(config.model, config.model_id)
     device = hardware.detect_device()
     check_supported(config, device)
     tokenizer = load_tokenizer(base.path)
-    for data in [train] if test is None else [train, test]:
-        formats.check_lengths(data, token_counter(tokenizer, data.kind), config.max_seq_length)
-
+    for dataset in data:
+        formats.check_lengths(dataset, token_counter(tokenizer, dataset.kind), config.max_seq_length)
     output_dir = Path(config.args.get("output_dir") or store.new_fine_tune_path(base.name, base.model_id))
     args = training_args(config, device, output_dir)
     checkpoint = args.pop("resume_from_checkpoint", None)
     if checkpoint is None and resume:
-        checkpoint = _last_checkpoint(output_dir)
-    progress = ProgressCallback(sink, stop)
-    log.info("fine-tuning %s (%s, %s) on %s into %s", base.name, config.method, config.adapter_type, device, output_dir)
-    model = hardware.load_model(base.path, device, config.adapter_type)
-    trainer = build_trainer(
-        config,
-        model,
-        tokenizer,
-        args,
-        hf_dataset(tokenizer, train),
-        hf_dataset(tokenizer, test) if test is not None else None,
-        progress,
-        device,
-    )
-    metrics = train_and_evaluate(trainer, checkpoint, progress, evaluate=test is not None)
-    if progress.stopped:
-        return TrainingResult(None, None, metrics, output_dir, stopped=True)
-    trainer.save_model(str(output_dir))  # every process of a distributed run takes part (FSDP gathers the weights)
-    if not trainer.is_world_process_zero():
-        return TrainingResult(None, None, metrics, output_dir)
-    tokenizer.save_pretrained(output_dir)
-    compared = None
-    if config.evaluation is not None:
-        if trainer.accelerator.num_processes == 1:
-            trainer.remove_callback(progress)  # the base's evaluation is no step of this run
-            prompts = (
-                formats.load_file(config.evaluation.prompts_file, expect=train.kind)
-                if config.evaluation.prompts_file
-                else None
-            )
-            compared = evaluation.before_after(trainer, tokenizer, test, prompts, config.evaluation, metrics)
-        else:
-            log.warning("the before/after evaluation runs in single-process trainings only; skipped")
-    stored = store.save_adapter(
-        config.adapter_name or default_adapter_name(base.name, config.method, output_dir),
-        output_dir,
-        base.name,
-        adapter_metadata(config, args, metrics),
-    )
-    log.info("saved adapter %s (%s)", stored.tag, output_dir)
-    return TrainingResult(output_dir, stored.tag, metrics, output_dir, evaluation=compared)
-
-
-def train_and_evaluate(
-    trainer: Trainer, checkpoint: str | None, progress: ProgressCallback, evaluate: bool
-) -> dict[str, float]:
-    """Train (from `checkpoint` when given), then evaluate unless a stop request ended training early."""
-    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
-    if trainer.state.global_step == 0 and not progress.stopped:  # an untrained adapter is never published
-        raise TrainingError(
-            "training ran 0 optimizer steps: the data is smaller than one step (batch size x "
-            "gradient accumulation) or max_steps/epochs allow none"
-        )
-    if progress.stopped:
-        log.info("stopped at step %d; resume from %s", trainer.state.global_step, trainer.args.output_dir)
-    elif evaluate:
-        metrics.update(trainer.evaluate())
-    return metrics
-
-
-def _last_checkpoint(output_dir: Path) -> str | None:
-    """The newest complete checkpoint in `output_dir`. Trainer writes `trainer_state.json` last, so a checkpoint
-    without it was cut short (the process killed while saving it) and cannot be resumed from."""
-    from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
-    steps = [
-        int(path.name.removeprefix(prefix))
-        for path in output_dir.glob(f"{prefix}*")
-        if path.name.removeprefix(prefix).isdigit() and (path / TRAINER_STATE_NAME).is_file()
-    ]
-    return str(output_dir / f"{prefix}{max(steps)}") if steps else None
-
-
-def default_adapter_name(base: str, method: str, output_dir: Path) -> str:
-    name = re.sub(r"[^a-z0-9._-]+", "-", f"{base}-{method}-{output_dir.name}".lower())
-    return name[:63].strip("-._")
-
-
-def adapter_metadata(config: TrainingConfig, args: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
-    lora = config.model_dump(include={"adapter_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias"})
-    metadata = {"method": config.method, "lora": lora, "training": args, "metrics": metrics}
-    # Store metadata must be plain JSON values.
-    return json.loads(json.dumps(metadata, default=str))
+        checkpoint = last_checkpoint(output_dir)
+    return Run(base, device, tokenizer, output_dir, args, checkpoint, ProgressCallback(sink, stop))

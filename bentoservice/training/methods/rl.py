@@ -1,0 +1,135 @@
+"""Reinforcement fine-tuning (OpenAI's method type "reinforcement"): TRL's GRPOTrainer trains a LoRA adapter on
+chat prompts, each sampled completion scored by the job's grader (training.graders).
+
+Rollouts come from TRL's own generation (`model.generate` on the model being trained), not from the serving
+engine: the engine lives in the server's process with its own copy of the weights, and TRL's `rollout_func` would
+need the adapter's weights copied into an engine slot every step and the engine's per-token logprobs back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from bentoservice.training import hardware
+from bentoservice.training.config import TrainingConfig, TrainingError
+from bentoservice.training.data import formats
+from bentoservice.training.jobs.callbacks import Sink, StopFlag
+from bentoservice.training.methods import runs, trainers
+
+if TYPE_CHECKING:
+    import datasets
+
+log = logging.getLogger(__name__)
+
+# A grader's score of each completion (a completion's text, the item it answers).
+Grade = Callable[[str, dict[str, Any]], "Scores"]
+
+
+class Scores:
+    """A completion's score and the sub-graders' scores it was made of."""
+
+    def __init__(self, score: float, sub_scores: dict[str, float] | None = None) -> None:
+        self.score, self.sub_scores = score, sub_scores or {}
+
+
+def sample(text: str) -> dict[str, Any]:
+    """A completion as graders see it: `output_json` is the text parsed as JSON, None when it does not parse."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    return {"output_text": text, "output_json": parsed}
+
+
+def _text(completion: Any) -> str:
+    """A completion's text: TRL passes chat prompts' completions as a list of assistant messages."""
+    if isinstance(completion, list):
+        return "".join(message.get("content") or "" for message in completion)
+    return str(completion)
+
+
+class GraderRewards:
+    """TRL reward functions from one grader: the grader's score (weight 1), then each named sub-grader's score
+    (weight 0: logged as `rewards/NAME/mean`, not trained on). The sub-graders read what the score just computed."""
+
+    def __init__(self, grade: Grade, name: str, sub_graders: list[str]) -> None:
+        self.grade, self.last = grade, [Scores(0.0)]
+        self.functions = [self._named(name, self._score)] + [self._named(sub, self._sub(sub)) for sub in sub_graders]
+        self.weights = [1.0] + [0.0] * len(sub_graders)
+
+    @staticmethod
+    def _named(name: str, function: Callable[..., list[float]]) -> Callable[..., list[float]]:
+        def reward(*args: Any, **kwargs: Any) -> list[float]:
+            return function(*args, **kwargs)
+
+        reward.__name__ = name  # TRL logs each reward function under its __name__
+        return reward
+
+    def _score(self, prompts: list[Any], completions: list[Any], item: list[str], **kwargs: Any) -> list[float]:
+        self.last = [self.grade(_text(c), json.loads(i)) for c, i in zip(completions, item, strict=True)]
+        return [s.score for s in self.last]
+
+    def _sub(self, name: str) -> Callable[..., list[float]]:
+        return lambda prompts, completions, **kwargs: [s.sub_scores.get(name, math.nan) for s in self.last]
+
+
+def grader_rewards(spec: dict[str, Any]) -> GraderRewards:
+    """The job's grader (OpenAI's grader object) as TRL reward functions."""
+    from bentoservice.training.graders import build_grader
+
+    grader = build_grader(spec)
+
+    def grade(text: str, item: dict[str, Any]) -> Scores:
+        result = grader.grade(sample(text), item)
+        return Scores(result.score, result.sub_scores)
+
+    subs = list(spec.get("graders", {})) if spec.get("type") == "multi" else []
+    return GraderRewards(grade, str(spec.get("name") or spec["type"]), subs)
+
+
+def hf_dataset(data: formats.Dataset) -> datasets.Dataset:
+    """Prompt rows for GRPOTrainer; each item as JSON text (items differ in their fields, an Arrow column not)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": row["prompt"], "item": json.dumps(row["item"])} for row in data.rows])
+
+
+def run_reinforcement(
+    config: TrainingConfig,
+    sink: Sink | None = None,
+    stop: StopFlag | None = None,
+    resume: bool = False,
+    rewards: GraderRewards | None = None,
+) -> runs.TrainingResult:
+    """Train `config.train_file`'s prompts against `config.grader` (or `rewards`), rewarded on
+    `config.test_file`'s prompts at each evaluation; store the adapter. As trainers.train_on for the rest."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    if config.train_file is None:
+        raise TrainingError("train_file is required")
+    if hardware.detect_device() == "hpu":
+        raise TrainingError("reinforcement fine-tuning is not supported on Intel Gaudi")
+    train = formats.load_file(config.train_file, expect="prompts")
+    test = formats.load_file(config.test_file, expect="prompts") if config.test_file else None
+    assert config.grader is not None or rewards is not None  # TrainingConfig requires a grader for grpo
+    rewards = rewards or grader_rewards(config.grader or {})
+    run = trainers.prepare_run(config, [train] if test is None else [train, test], sink, stop, resume)
+    log.info("reinforcement fine-tuning %s on %s into %s", run.base.name, run.device, run.output_dir)
+    trainer = GRPOTrainer(
+        model=hardware.load_model(run.base.path, run.device, config.adapter_type),
+        reward_funcs=rewards.functions,
+        args=GRPOConfig(**run.args, reward_weights=rewards.weights),
+        train_dataset=hf_dataset(train),
+        eval_dataset=hf_dataset(test) if test is not None else None,
+        processing_class=run.tokenizer,
+        peft_config=trainers.lora_config(config),
+        callbacks=[run.progress],
+    )
+    if test is not None and run.checkpoint is None:
+        trainer.evaluate()  # the base's held-out reward (a fresh LoRA adapter changes nothing): step 0's event
+    metrics = runs.train_and_evaluate(trainer, run.checkpoint, run.progress, evaluate=test is not None)
+    return runs.finish_run(config, run, trainer, metrics)

@@ -61,8 +61,9 @@ def train(config: Annotated[Path, typer.Argument(help="A YAML file of TrainingCo
     with user_errors(config.name):
         from bentoservice.training.config import TrainingConfig
         from bentoservice.training.jobs.callbacks import log_sink
+        from bentoservice.training.methods.rl import run_reinforcement
         from bentoservice.training.methods.trainers import run_training
 
         settings = TrainingConfig.model_validate(yaml.safe_load(config.read_text()) or {})
-        result = run_training(settings, sink=log_sink)
+        result = (run_reinforcement if settings.method == "grpo" else run_training)(settings, sink=log_sink)
         typer.echo(f"{result.tag}\t{result.adapter_path}")

@@ -9,7 +9,7 @@ from typing import Any
 from bentoservice.api.errors import APIError
 from bentoservice.api.fine_tuning.protocol import JobRequest, ReinforcementBlock
 from bentoservice.training.data import filestore, formats
-from bentoservice.training.graders import GraderError, build_grader
+from bentoservice.training.graders import GraderError, ServiceModels, build_grader
 
 PARAM = "method.reinforcement"
 # Completions sampled per prompt (TRL's num_generations) at compute_multiplier 1: GRPO's advantage is a reward
@@ -75,11 +75,9 @@ def configure(body: JobRequest, config: dict[str, Any], train: dict[str, Any], t
             "unsupported",
         )
     try:
-        grader = build_grader(block.grader)
+        grader = build_grader(block.grader, ServiceModels.from_settings())
     except GraderError as exc:
-        raise APIError(
-            400, f"invalid grader: {exc}", f"{PARAM}.grader" + (f".{exc.param}" if exc.param else ""), "invalid_grader"
-        ) from None
+        raise APIError(400, f"invalid grader: {exc.message}", f"{PARAM}.{exc.param}", "invalid_grader") from None
     fields = {ref.removeprefix("item.") for ref in grader.references()}
     _check_lines(train, "training_file", fields)
     if test is not None:

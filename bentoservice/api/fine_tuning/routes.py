@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from huggingface_hub import constants as hub_constants
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from bentoservice import store
 from bentoservice.api.errors import APIError, unknown_model
@@ -166,7 +167,8 @@ def create_job(jobs: JobStore, body: JobRequest) -> dict[str, Any]:
 
 @router.post("/fine_tuning/jobs")
 async def create(body: JobRequest, request: Request) -> dict[str, Any]:
-    return create_job(job_store(request), body)
+    # In a thread: a reinforcement job's score_model grader asks this same server whether its model exists.
+    return await run_in_threadpool(create_job, job_store(request), body)
 
 
 @router.get("/fine_tuning/jobs")

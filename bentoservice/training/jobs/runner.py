@@ -178,6 +178,10 @@ def _train(config: TrainingConfig | EncoderConfig, sink: JobSink | None, stop: P
         from bentoservice.training.methods.encoders import run_encoder_training
 
         return run_encoder_training(config, sink=sink, stop=stop, resume=True)
+    if config.method == "grpo":
+        from bentoservice.training.methods.rl import run_reinforcement
+
+        return run_reinforcement(config, sink=sink, stop=stop, resume=True)
     from bentoservice.training.methods.trainers import run_training
 
     return run_training(config, sink=sink, stop=stop, resume=True)

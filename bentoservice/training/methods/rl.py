@@ -36,15 +36,6 @@ class Scores:
         self.score, self.sub_scores = score, sub_scores or {}
 
 
-def sample(text: str) -> dict[str, Any]:
-    """A completion as graders see it: `output_json` is the text parsed as JSON, None when it does not parse."""
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    return {"output_text": text, "output_json": parsed}
-
-
 def _text(completion: Any) -> str:
     """A completion's text: TRL passes chat prompts' completions as a list of assistant messages."""
     if isinstance(completion, list):
@@ -79,12 +70,12 @@ class GraderRewards:
 
 def grader_rewards(spec: dict[str, Any]) -> GraderRewards:
     """The job's grader (OpenAI's grader object) as TRL reward functions."""
-    from bentoservice.training.graders import build_grader
+    from bentoservice.training.graders import ServiceModels, build_grader, sample_of
 
-    grader = build_grader(spec)
+    grader = build_grader(spec, ServiceModels.from_settings())
 
     def grade(text: str, item: dict[str, Any]) -> Scores:
-        result = grader.grade(sample(text), item)
+        result = grader.grade(sample_of(text), item)
         return Scores(result.score, result.sub_scores)
 
     subs = list(spec.get("graders", {})) if spec.get("type") == "multi" else []

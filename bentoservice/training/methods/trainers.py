@@ -315,10 +315,6 @@ def run_training(
     """Train `config.train_file` (evaluating on `config.test_file`); see `train_on`."""
     if config.train_file is None:
         raise TrainingError("train_file is required")
-    if config.method == "grpo":
-        from bentoservice.training.methods.rl import run_reinforcement
-
-        return run_reinforcement(config, sink=sink, stop=stop, resume=resume)
     kind = KIND[config.method]
     train = formats.load_file(config.train_file, expect=kind)
     test = formats.load_file(config.test_file, expect=kind) if config.test_file else None

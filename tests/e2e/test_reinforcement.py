@@ -1,0 +1,111 @@
+"""Reinforcement fine-tuning (OpenAI's method type "reinforcement") through the openai SDK: a string_check grader on
+the tiny model, its reward events, its adapter served at ft:...; bad grader, data and hyperparameters are 400s."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from conftest import Server
+from test_fine_tuning import jsonl, wait_for
+
+PROMPTS = [
+    {"messages": [{"role": "user", "content": f"Say the word {w}."}], "word": w}
+    for w in ("apple", "river", "candle", "pepper", "silver", "tiger")
+]
+GRADER = {
+    "type": "string_check",
+    "name": "has_word",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.word}}",
+    "operation": "ilike",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory: pytest.TempPathFactory):
+    server = Server("tiny", env={"BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("rft"))})
+    yield server
+    server.stop()
+
+
+def test_reinforcement_job_trains_an_adapter_that_answers(server: Server) -> None:
+    client = server.client()
+    train = client.files.create(file=("prompts.jsonl", jsonl(PROMPTS)), purpose="fine-tune")
+    assert train.model_extra["format"] == "openai_prompts"
+    valid = client.files.create(file=("valid.jsonl", jsonl(PROMPTS[:2])), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=train.id,
+        validation_file=valid,
+        suffix="rft",
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": GRADER,
+                "hyperparameters": {"batch_size": 2, "compute_multiplier": 0.5, "eval_interval": 2, "eval_samples": 2},
+            },
+        },
+        extra_body={"max_steps": 2, "max_completion_tokens": 8},
+    )
+    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.name == "has_word"
+    hyper = job.method.reinforcement.hyperparameters
+    assert (hyper.batch_size, hyper.compute_multiplier, hyper.eval_interval, hyper.eval_samples) == (2, 0.5, 2, 2)
+    done = wait_for(client, job.id)
+    assert done.status == "succeeded", done.error
+    events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data if e.type == "metrics"]
+    trained = [e for e in events if "train_reward_mean" in e]
+    assert sorted(e["step"] for e in trained) == [1, 2]
+    assert all(
+        0 <= e["train_reward_mean"] <= 1 and e["train_grader_has_word_mean"] == e["train_reward_mean"] for e in trained
+    )
+    valid_steps = {e["step"] for e in events if "valid_reward_mean" in e}
+    assert {0, 2} <= valid_steps  # the base's held-out reward, then after training
+    assert any("full_valid_reward_mean" in e for e in events)
+    reply = client.chat.completions.create(
+        model=done.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": "Say the word apple."}]
+    )
+    assert done.fine_tuned_model.startswith("ft:tiny:rft:") and reply.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "param"),
+    [
+        ({"grader": {**GRADER, "type": "regex"}}, {}, "method.reinforcement.grader"),
+        ({"grader": {**GRADER, "reference": "{{item.answer}}"}}, {}, "training_file"),
+        ({"grader": GRADER, "hyperparameters": {"compute_multiplier": 0}}, {}, "method.reinforcement"),
+        (
+            {"grader": GRADER, "hyperparameters": {"eval_interval": 2}},
+            {},
+            "method.reinforcement.hyperparameters.eval_interval",
+        ),
+        (
+            {"grader": GRADER, "hyperparameters": {"reasoning_effort": "high"}},
+            {},
+            "method.reinforcement.hyperparameters.reasoning_effort",
+        ),
+        ({"grader": GRADER, "response_format": {"type": "json_object"}}, {}, "method.reinforcement.response_format"),
+        ({"grader": GRADER}, {"evaluation": {"samples": 2}}, "evaluation"),
+    ],
+    ids=[
+        "unknown-grader-type",
+        "missing-item-field",
+        "compute-multiplier",
+        "eval-without-validation",
+        "reasoning",
+        "response-format",
+        "evaluation-block",
+    ],
+)
+def test_bad_reinforcement_jobs_are_400s(server: Server, method: dict, extra: dict, param: str) -> None:
+    client = server.client()
+    train = client.files.create(file=("prompts.jsonl", jsonl(PROMPTS)), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(
+            model="tiny",
+            training_file=train,
+            method={"type": "reinforcement", "reinforcement": method},
+            extra_body=extra,
+        )
+    assert err.value.body["param"].startswith(param), err.value.body
+    if param == "training_file":
+        assert "line 1" in err.value.body["message"] and "item.answer" in err.value.body["message"]

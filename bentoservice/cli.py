@@ -28,7 +28,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune open LLMs with LoRA and serve them OpenAI-compatible on BentoML.",
 )
-app.add_typer(fine_tune_app, name="fine-tune", help="Find finished fine-tunes: `get MODEL`, `list`.")
+app.add_typer(
+    fine_tune_app, name="fine-tune", help="Jobs: `follow JOB`, `get JOB`; finished fine-tunes: `get MODEL`, `list`."
+)
 app.command("train")(train)
 
 

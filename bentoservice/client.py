@@ -76,14 +76,41 @@ class FineTuning:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._openai.fine_tuning.jobs.cancel(job_id).model_dump()
 
-    def wait(self, job_id: str, timeout: float = 3600, poll: float = 1.0) -> dict[str, Any]:
-        """Poll until the job succeeds, fails or is cancelled."""
-        deadline = time.monotonic() + timeout
-        while (job := self.retrieve(job_id))["status"] not in FINAL:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
+    def follow(self, job_id: str, poll: float = 1.0) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """The job and its events since the last look (oldest first), every `poll` seconds until it succeeds,
+        fails or is cancelled."""
+        seen: set[str] = set()
+        while True:
+            job = self.retrieve(job_id)  # before the events, so that the last look sees every event of an ended job
+            page = self._openai.fine_tuning.jobs.list_events(job_id, limit=100).data
+            new = [e.model_dump() for e in reversed(page) if e.id not in seen]
+            seen.update(e["id"] for e in new)
+            yield job, new
+            if job["status"] in FINAL:
+                return
             time.sleep(poll)
+
+    def wait(self, job_id: str, timeout: float = 3600, poll: float = 1.0, progress: bool = True) -> dict[str, Any]:
+        """Wait until the job succeeds, fails or is cancelled, showing its steps, loss and ETA as a tqdm bar
+        (a widget in a notebook) unless `progress` is False."""
+        from bentoservice.training.jobs.view import StepBar
+
+        deadline = time.monotonic() + timeout
+        bar = StepBar(job_id, disable=not progress)
+        try:
+            for job, events in self.follow(job_id, poll):
+                bar.update(events)
+                if job["status"] not in FINAL and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
+        finally:
+            bar.close()
         return job
+
+    def show(self, job_id: str) -> None:
+        """Print the job: status, result files and its before/after evaluation as tables."""
+        from bentoservice.training.jobs.view import print_job
+
+        print_job(self.retrieve(job_id))
 
 
 class Events:

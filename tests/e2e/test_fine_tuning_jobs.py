@@ -7,11 +7,15 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import openai
 import pytest
+
+import bentoservice
 from conftest import Server
 from test_fine_tuning import CHATS, _job_row, jsonl, wait_for, wait_for_event
 
@@ -223,3 +227,68 @@ def test_openweights_fields(server: Server) -> None:
     params = job.model_extra["params"]
     assert (params["optim"], params["weight_decay"], params["lr_scheduler_type"]) == ("sgd", 0.01, "constant")
     assert params["meta"] == {"experiment": 3}
+
+
+def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bentoservice.cli", "fine-tune", *args, "--url", server.url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_follows_a_job_and_shows_its_evaluation(server: Server) -> None:
+    client = server.client()
+    train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={"max_steps": 3})
+    followed = _cli(server, "follow", job.id, "--poll", "0.2")
+    assert followed.returncode == 0, followed.stderr
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert followed.stdout.strip() == f"{job.id} succeeded after 3/3 steps: {done.fine_tuned_model}"
+    assert "3/3" in followed.stderr and "loss=" in followed.stderr  # the bar, on stderr
+    assert "Training completed" in followed.stderr  # the job's other events, as lines above the bar
+
+    cancelled = client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={"max_steps": 500})
+    client.fine_tuning.jobs.cancel(cancelled.id)
+    stopped = _cli(server, "follow", cancelled.id)
+    assert stopped.returncode == 1 and stopped.stdout.startswith(f"{cancelled.id} cancelled after ")
+    missing = _cli(server, "get", "ftjob-nope")
+    assert missing.returncode == 1 and "ftjob-nope" in missing.stderr
+
+    evaluated = client.fine_tuning.jobs.list(metadata={"team": "search"}).data[0]
+    shown = _cli(server, "get", evaluated.id)
+    assert shown.returncode == 0, shown.stderr
+    summary = evaluated.model_extra["evaluation"]
+    lines = shown.stdout.splitlines()
+    assert lines[0].split()[:2] == [evaluated.id, "succeeded"]
+    loss = next(line for line in lines if line.strip("│ ").startswith("loss "))
+    assert f"{summary['base']['loss']:.4f}" in loss and f"{summary['adapter']['loss']:.4f}" in loss
+    assert "Greedy generations, side by side" in shown.stdout
+    assert all(s["prompt"] in shown.stdout for s in summary["samples"])
+
+
+def test_python_client_bar_and_trackio(server: Server, capfd: pytest.CaptureFixture[str]) -> None:
+    client = bentoservice.Client(server.url)
+    train = client.files.create(jsonl(CHATS), purpose="fine-tune")["id"]
+    job = client.fine_tuning.create(
+        model="tiny",
+        training_file=train,
+        max_steps=2,
+        integrations=[{"type": "trackio", "trackio": {"project": "bentoservice-tests"}}],
+    )
+    done = client.fine_tuning.wait(job["id"], poll=0.2)
+    assert done["status"] == "succeeded", done["error"]
+    bar = capfd.readouterr().err
+    assert f"{job['id']}: 100%" in bar and "2/2" in bar
+    folder = Path(done["integrations"][0]["trackio"]["dir"])
+    assert done["integrations"][0]["type"] == "trackio" and folder.parent.name == job["id"]
+    written = [e["data"]["trackio_dir"] for e in client.events.list(job["id"]) if "trackio_dir" in e["data"]]
+    assert written == [str(folder)]
+    runs = list(folder.glob("bentoservice-tests.db"))
+    assert runs and runs[0].stat().st_size > 0
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.fine_tuning.create(
+            model="tiny", training_file=train, integrations=[{"type": "trackio", "trackio": {"project": ""}}]
+        )
+    assert empty.value.body["param"].startswith("integrations")

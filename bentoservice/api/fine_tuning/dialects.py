@@ -17,6 +17,7 @@ from bentoservice.api.fine_tuning.protocol import (
     Hyperparameters,
     JobRequest,
     LoraBlock,
+    TrackioIntegration,
     TrainingBlock,
 )
 from bentoservice.config import get_settings
@@ -275,24 +276,33 @@ def _add_evaluation(
 
 
 def _add_integrations(body: JobRequest, config: dict[str, Any], job_id: str) -> None:
-    """wandb: the runner logs through TRL's report_to into the job's folder (see training.jobs.runner)."""
+    """wandb or trackio: the runner logs through TRL's report_to into the job's folder (see training.jobs.runner)."""
     if not body.integrations:
         return
-    if importlib.util.find_spec("wandb") is None:
+    integration = body.integrations[0]
+    if importlib.util.find_spec(integration.type) is None:
         raise APIError(
             400,
-            "the wandb integration needs wandb, which is not installed on this server: "
+            f"the {integration.type} integration needs {integration.type}, which is not installed on this server: "
             "pip install 'bentoservice[tracking]'",
             "integrations",
             "integration_unavailable",
         )
-    wandb = body.integrations[0].wandb
+    folder = str(get_settings().jobs_dir / job_id / integration.type)
+    if isinstance(integration, TrackioIntegration):
+        trackio = integration.trackio
+        # No Space: the run stays in the local folder (trackio_static_space_id=False: nothing pushed at the end).
+        config["args"].update(
+            report_to=["trackio"],
+            run_name=trackio.name or job_id,
+            project=trackio.project,
+            trackio_static_space_id=False,
+        )
+        config["trackio"] = {**trackio.model_dump(exclude_none=True), "dir": folder}
+        return
+    wandb = integration.wandb
     config["args"].update(report_to=["wandb"], run_name=wandb.name or job_id)
-    config["wandb"] = {
-        **wandb.model_dump(exclude_none=True),
-        "run_id": job_id,
-        "dir": str(get_settings().jobs_dir / job_id / "wandb"),
-    }
+    config["wandb"] = {**wandb.model_dump(exclude_none=True), "run_id": job_id, "dir": folder}
 
 
 def job_config(

@@ -109,12 +109,29 @@ class WandbBlock(BaseModel):
     tags: list[str] | None = None
 
 
-class Integration(BaseModel):
+class WandbIntegration(BaseModel):
     """OpenAI's integrations entry; the run is logged through TRL's report_to (offline unless WANDB_MODE says)."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["wandb"]
     wandb: WandbBlock
+
+
+class TrackioBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str = Field(min_length=1)
+    name: str | None = None
+
+
+class TrackioIntegration(BaseModel):
+    """Beyond OpenAI: trackio, a local alternative to wandb (its runs in a SQLite file under the job's folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["trackio"]
+    trackio: TrackioBlock
+
+
+Integration = Annotated[WandbIntegration | TrackioIntegration, Field(discriminator="type")]
 
 
 class EvaluationBlock(BaseModel):

@@ -103,7 +103,7 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         "trained_tokens": job["trained_tokens"],
         "error": job["error"],
         "seed": args.get("seed"),
-        "integrations": [{"type": "wandb", "wandb": config["wandb"]}] if config.get("wandb") else [],
+        "integrations": [{"type": kind, kind: config[kind]} for kind in ("wandb", "trackio") if config.get(kind)],
         "estimated_finish": job["estimated_finish"] if job["status"] == "running" else None,
         "metadata": request.get("metadata"),
         "user_provided_suffix": request.get("suffix"),

@@ -97,6 +97,8 @@ class ProgressCallback(TrainerCallback):
         now = time.monotonic()
         if state.num_input_tokens_seen > self._mark_tokens and now > self._mark:
             event["tokens_per_second"] = (state.num_input_tokens_seen - self._mark_tokens) / (now - self._mark)
+        if state.max_steps > 0:
+            event["total_steps"] = state.max_steps  # what a progress bar counts to (epochs resolved to steps)
         done = state.global_step - self._first_step
         if done > 0 and state.max_steps > 0:
             event["eta_seconds"] = (now - self._start) / done * (state.max_steps - state.global_step)
@@ -104,7 +106,7 @@ class ProgressCallback(TrainerCallback):
         # A step's training log and its evaluation are two logs: a checkpoint of that step carries both.
         if state.global_step != self._metrics_step:
             self.last_metrics, self._metrics_step = {}, state.global_step
-        self.last_metrics.update({k: v for k, v in event.items() if k not in ("type", "step")})
+        self.last_metrics.update({k: v for k, v in event.items() if k not in ("type", "step", "total_steps")})
         self.sink(event)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

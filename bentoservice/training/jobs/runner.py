@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("bentoservice.runner")
 
 
-def _message(event: dict[str, Any], total: int | None) -> str:
+def _message(event: dict[str, Any]) -> str:
+    total = event.get("total_steps")
     step = f"Step {event['step']}/{total}" if total else f"Step {event['step']}"
     if "reward" in event:
         return f"{step}: training reward={event['reward']:.4f}"
@@ -48,8 +49,8 @@ def _message(event: dict[str, Any], total: int | None) -> str:
 class JobSink:
     """Progress events of one job, written to the job store with OpenAI's metric names beside the trainer's."""
 
-    def __init__(self, jobs: JobStore, job_id: str, total_steps: int | None) -> None:
-        self.jobs, self.job_id, self.total = jobs, job_id, total_steps
+    def __init__(self, jobs: JobStore, job_id: str) -> None:
+        self.jobs, self.job_id = jobs, job_id
 
     def __call__(self, event: dict[str, Any]) -> None:
         data = results.with_openai_names({k: v for k, v in event.items() if k != "type"})
@@ -63,7 +64,7 @@ class JobSink:
                 data={**data, "metrics": metrics},
             )
             return
-        self.jobs.add_event(self.job_id, _message(event, self.total), type="metrics", data=data)
+        self.jobs.add_event(self.job_id, _message(event), type="metrics", data=data)
         if "eta_seconds" in event:
             self.jobs.update_job(
                 self.job_id, only_if=("running",), estimated_finish=now() + round(event["eta_seconds"])
@@ -203,9 +204,12 @@ def run(job_id: str) -> int:
     options = dict(job["config"])
     merge = options.pop("merge_before_push", False)
     options.pop("scale", None)  # how the job is spread over processes: the launcher's business
-    wandb = options.pop("wandb", None)
+    wandb, trackio = options.pop("wandb", None), options.pop("trackio", None)
     if wandb:
         _wandb_environment(wandb)
+    if trackio:
+        Path(trackio["dir"]).mkdir(parents=True, exist_ok=True)
+        os.environ["TRACKIO_DIR"] = trackio["dir"]  # read when trackio is imported, by TRL's callback
     main = rank() == 0
     try:
         options.update(_local_files(options, job_id))
@@ -221,7 +225,7 @@ def run(job_id: str) -> int:
                 if checkpoints
                 else "Fine-tuning job started",
             )
-        sink = JobSink(jobs, job_id, config.args.get("max_steps")) if main else None
+        sink = JobSink(jobs, job_id) if main else None
         result = _train(config, sink, PauseFlag(jobs, job_id))
         if not main:
             return 0
@@ -254,6 +258,12 @@ def run(job_id: str) -> int:
     # The queue in the serving process marks the job succeeded once the model is served.
     if wandb and (runs := sorted(Path(wandb["dir"]).glob(f"wandb/*run-*-{wandb['run_id']}"))):
         jobs.add_event(job_id, f"Weights & Biases run written to {runs[-1]}", data={"wandb_run_dir": str(runs[-1])})
+    if trackio:
+        jobs.add_event(
+            job_id,
+            f"Trackio run written to {trackio['dir']} (`TRACKIO_DIR={trackio['dir']} trackio show`)",
+            data={"trackio_dir": trackio["dir"]},
+        )
     if result.evaluation is not None:
         jobs.add_event(job_id, _evaluation_message(result.evaluation), data={"evaluation": result.evaluation})
     if jobs.update_job(

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import openai
 import pytest
-
-import bentoservice
 from conftest import Server
 from test_fine_tuning import CHATS, _job_row, jsonl, wait_for, wait_for_event
+
+import bentoservice
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +292,9 @@ def test_python_client_bar_and_trackio(server: Server, capfd: pytest.CaptureFixt
             model="tiny", training_file=train, integrations=[{"type": "trackio", "trackio": {"project": ""}}]
         )
     assert empty.value.body["param"].startswith("integrations")
+
+    evaluated = client.openai.fine_tuning.jobs.list(metadata={"team": "search"}).data[0]
+    client.fine_tuning.show(evaluated.id)
+    shown = capfd.readouterr().out
+    assert shown.startswith(f"{evaluated.id}  succeeded") and "Held-out figures" in shown
+    assert f"{evaluated.model_extra['evaluation']['adapter']['loss']:.4f}" in shown

@@ -153,6 +153,7 @@ def test_method_trains_a_loadable_adapter(
     tmp_path: Path,
     adapters: list[str],
     caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     rows = [chat(i) for i in range(6)] if method == "sft" else [pair(i) for i in range(6)]
     # Each accepted kind of training data: a list of rows, a datasets.Dataset, a file.
@@ -169,6 +170,7 @@ def test_method_trains_a_loadable_adapter(
         )
     adapters.append(result.tag)
 
+    assert "2/2 [" in capfd.readouterr().err  # the trainer's tqdm bar (a widget in a notebook) reached the last step
     assert "training in fp32 on the CPU" in caplog.text  # fp16 downgraded, not a crash
     assert result.adapter_path is not None and result.adapter_path.parent == store.fine_tune_dir("tiny", tiny.model_id)
     assert (result.adapter_path / "adapter_model.safetensors").is_file()

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 from conftest import Server
-from test_fine_tuning import CHATS, _job_row, jsonl, wait_for, wait_for_event
+from test_fine_tuning import CHATS, PAIRS, _job_row, jsonl, wait_for, wait_for_event
 
 import bentoservice
 
@@ -168,6 +168,24 @@ def test_before_after_evaluation(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as typo:
         client.fine_tuning.jobs.create(model="tiny", training_file=train, extra_body={"evaluation": {"max_token": 3}})
     assert "max_token" in typo.value.body["param"]
+
+
+def test_dpo_evaluation_has_preference_accuracy(server: Server) -> None:
+    client = server.client()
+    pairs = client.files.create(file=("pairs.jsonl", jsonl(PAIRS)), purpose="preference").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=pairs,
+        validation_file=pairs,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}},
+        extra_body={"max_steps": 1, "evaluation": {"max_tokens": 4, "samples": 1}},
+    )
+    done = wait_for(client, job.id)
+    assert done.status == "succeeded", done.error
+    summary = done.model_extra["evaluation"]
+    assert 0 <= summary["adapter"]["preference_accuracy"] <= 1 and summary["adapter"]["loss"] > 0
+    assert summary["base"]["loss"] > 0
+    assert [s["reference"] for s in summary["samples"]] == [PAIRS[0]["chosen"][-1]["content"]]
 
 
 def test_wandb_integration(server: Server) -> None:

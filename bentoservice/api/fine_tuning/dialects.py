@@ -110,10 +110,10 @@ def _trainer_args(body: JobRequest, job_id: str, default_learning_rate: float, t
         "save_strategy": "steps" if body.save_steps else "epoch",
         "save_steps": body.save_steps,
     }
-    args = {k: v for k, v in args.items() if v is not None}
     if test:
         args.update(eval_strategy=args["save_strategy"], eval_steps=body.save_steps)
-    return args
+    # An unset value stays out: the trainer's default applies, and the adapter's store metadata takes no None.
+    return {k: v for k, v in args.items() if v is not None}
 
 
 def _lora_settings(body: JobRequest, opea_lora: LoraBlock) -> dict[str, Any]:

@@ -99,3 +99,10 @@ def test_encoder_jobs_train_in_one_process() -> None:
 def test_unknown_body_field_is_refused() -> None:
     with pytest.raises(ValueError, match="learning_rate_schedule"):
         JobRequest.model_validate({"model": "tiny", "training_file": "f", "learning_rate_schedule": "cosine"})
+
+
+def test_validation_without_save_steps_evaluates_each_epoch_with_no_unset_values() -> None:
+    request = JobRequest.model_validate({"model": "tiny", "training_file": "file-train", "validation_file": "v"})
+    made = job_config(request, "ftjob-abc123", "tiny", TRAIN, {"id": "v"}, training_method(request))
+    assert made["args"]["eval_strategy"] == made["args"]["save_strategy"] == "epoch"
+    assert None not in made["args"].values()  # the adapter's store metadata refuses None

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.errors import APIError
-from bentoservice.engine.errors import ContextOverflow, UnknownModel
+from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownModel
 
 if TYPE_CHECKING:
     from bentoservice.engine.embeddings import Encoder, EncoderRegistry, Kind
@@ -89,7 +89,7 @@ def _is_chat_model(request: Request, name: str) -> bool:
     served = getattr(request.app.state, "served", None)
     try:
         return served is not None and served.choose(name) is not None
-    except UnknownModel:
+    except (UnknownModel, AdapterError):  # AdapterError: a store model that is not an adapter (an encoder)
         return False
 
 

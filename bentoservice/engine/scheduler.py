@@ -12,6 +12,10 @@ device's work on the next. A request that finished meanwhile costs its row one w
 
 A request under a grammar (structured outputs, see grammar.py) has its rows' logits masked after each pass, before
 sampling; those rows read every pass on the host, so a batch holding one is never chained.
+
+It is one module of about 500 lines because admission, the chained decode and retirement share the engine
+thread's state (rows, KV slots, pending passes) and must change together; split, each part would reach into the
+others' fields.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ from typing import Any
 
 import openai
 import pytest
-
-from tests.conftest import Server
+from conftest import Server
 
 WEATHER: Any = {
     "type": "function",

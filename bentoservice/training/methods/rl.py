@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from bentoservice.training import hardware
 from bentoservice.training.config import TrainingConfig, TrainingError
 from bentoservice.training.data import formats
+from bentoservice.training.graders import GradeResult, ServiceModels, build_grader, sample_of
+from bentoservice.training.graders.multi import MultiGrader
 from bentoservice.training.jobs.callbacks import Sink, StopFlag
 from bentoservice.training.methods import runs, trainers
 
@@ -26,14 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A grader's score of each completion (a completion's text, the item it answers).
-Grade = Callable[[str, dict[str, Any]], "Scores"]
-
-
-class Scores:
-    """A completion's score and the sub-graders' scores it was made of."""
-
-    def __init__(self, score: float, sub_scores: dict[str, float] | None = None) -> None:
-        self.score, self.sub_scores = score, sub_scores or {}
+Grade = Callable[[str, dict[str, Any]], GradeResult]
 
 
 def _text(completion: Any) -> str:
@@ -48,7 +43,7 @@ class GraderRewards:
     (weight 0: logged as `rewards/NAME/mean`, not trained on). The sub-graders read what the score just computed."""
 
     def __init__(self, grade: Grade, name: str, sub_graders: list[str]) -> None:
-        self.grade, self.last = grade, [Scores(0.0)]
+        self.grade, self.last = grade, [GradeResult(0.0)]
         self.functions = [self._named(name, self._score)] + [self._named(sub, self._sub(sub)) for sub in sub_graders]
         self.weights = [1.0] + [0.0] * len(sub_graders)
 
@@ -70,16 +65,14 @@ class GraderRewards:
 
 def grader_rewards(spec: dict[str, Any]) -> GraderRewards:
     """The job's grader (OpenAI's grader object) as TRL reward functions."""
-    from bentoservice.training.graders import ServiceModels, build_grader, sample_of
-
     grader = build_grader(spec, ServiceModels.from_settings())
 
-    def grade(text: str, item: dict[str, Any]) -> Scores:
-        result = grader.grade(sample_of(text), item)
-        return Scores(result.score, result.sub_scores)
+    def grade(text: str, item: dict[str, Any]) -> GradeResult:
+        return grader.grade(sample_of(text), item)
 
-    subs = list(spec.get("graders", {})) if spec.get("type") == "multi" else []
-    return GraderRewards(grade, str(spec.get("name") or spec["type"]), subs)
+    # The built grader's names (a multi grader's `graders` may be one grader object, not a dict of them).
+    subs = list(grader.graders) if isinstance(grader, MultiGrader) else []
+    return GraderRewards(grade, grader.name, subs)
 
 
 def hf_dataset(data: formats.Dataset) -> datasets.Dataset:

@@ -10,6 +10,7 @@ from bentoservice.api.errors import APIError
 from bentoservice.api.fine_tuning.protocol import JobRequest, ReinforcementBlock
 from bentoservice.training.data import filestore, formats
 from bentoservice.training.graders import GraderError, ServiceModels, build_grader
+from bentoservice.training.graders.templates import item_has
 
 PARAM = "method.reinforcement"
 # Completions sampled per prompt (TRL's num_generations) at compute_multiplier 1: GRPO's advantage is a reward
@@ -31,20 +32,12 @@ def num_generations(compute_multiplier: float | None) -> int:
     return min(MAX_GENERATIONS, max(2, round(GENERATIONS_PER_COMPUTE * (compute_multiplier or 1.0))))
 
 
-def _has(item: Any, path: str) -> bool:
-    for key in path.split("."):
-        if not isinstance(item, dict) or key not in item:
-            return False
-        item = item[key]
-    return True
-
-
 def _check_lines(file: dict[str, Any], param: str, fields: set[str]) -> None:
     """Every line of `file` holds the item fields the grader reads; a 400 names the first line that does not."""
     data = b"".join(filestore.chunks(filestore.file_url(file["id"])))
     dataset = formats.parse_bytes(data, file["filename"], expect="prompts")
     for row, line in zip(dataset.rows, dataset.lines, strict=True):
-        missing = sorted(path for path in fields if not _has(row["item"], path))
+        missing = sorted(path for path in fields if not item_has(row["item"], path))
         if missing:
             raise APIError(
                 400,

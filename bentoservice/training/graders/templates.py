@@ -55,6 +55,15 @@ def _lookup(value: Any, namespace: str, parts: list[str], param: str) -> Any:
     return value
 
 
+def item_has(item: dict[str, Any], path: str) -> bool:
+    """Whether `{{item.<path>}}` resolves in `item`, as rendering would resolve it."""
+    try:
+        _lookup(item, "item", path.split("."), "item")
+    except GradingFailed:
+        return False
+    return True
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 

@@ -12,6 +12,7 @@ training data use it without torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,10 @@ _HERMES_SYSTEM = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
 )
+
+
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
+"""A function defined without `parameters` takes none: its arguments are `{}`."""
 
 
 def _call(text: str) -> Call | None:
@@ -107,6 +112,29 @@ class HermesFormat:
         arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
         body = json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
         return f"{self.open}\n{body}\n{self.close}"
+
+    # -- a reply that must call ----------------------------------------------------------------
+
+    def forced(self, functions: Sequence[tuple[str, dict[str, Any] | None]], several: bool) -> str:
+        """xgrammar's structural tag (as JSON) for a reply made of calls only, written as `render_call` writes
+        them: one call, or (`several`) one or more, a line apart; each to one of `functions` (name, JSON schema
+        of the arguments, an object; None: no arguments), its arguments valid under that function's schema (with
+        no properties beyond those it names unless it allows more, as xgrammar compiles schemas)."""
+        tags = [
+            {
+                "type": "tag",
+                "begin": f'{self.open}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": ',
+                "content": {
+                    "type": "json_schema",
+                    "json_schema": NO_ARGUMENTS if schema is None else {"type": "object", **schema},
+                    "max_whitespace_cnt": 1,  # `render_call`'s spacing, and no endless padding
+                },
+                "end": f"}}\n{self.close}",
+            }
+            for name, schema in functions
+        ]
+        calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
+        return json.dumps({"type": "structural_tag", "format": {**calls, "stop_after_first": not several}})
 
     # -- out of the model's text -------------------------------------------------------------
 

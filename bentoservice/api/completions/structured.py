@@ -1,5 +1,10 @@
-"""Structured outputs on the wire: OpenAI's `response_format` and vLLM's `structured_outputs` / `guided_*` extras
-as the engine's `Grammar`, compiled (and cached, see engine/grammar.py) before the request is queued."""
+"""Structured outputs on the wire: OpenAI's `response_format` and vLLM's `structured_outputs` / `guided_*` extras,
+or a chat's `tool_choice` that forces a call (api/completions/tools.py), as the engine's `Grammar`, compiled (and
+cached, see engine/grammar.py) before the request is queued.
+
+A forced call and a structured output of the text are not combined: the reply is calls, with no text for a
+`response_format` to shape, so asking for both is a 400 naming the structured output's field (`{"type": "text"}`
+asks for nothing and is fine)."""
 
 from __future__ import annotations
 
@@ -8,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
-from bentoservice.api.completions.protocol import ResponseFormat, StructuredOutputs
+from bentoservice.api.completions import tools
+from bentoservice.api.completions.protocol import ChatCompletionRequest, ResponseFormat, StructuredOutputs
 from bentoservice.api.errors import APIError
 from bentoservice.engine.errors import GrammarError
 from bentoservice.engine.params import Grammar
 
 if TYPE_CHECKING:
-    from bentoservice.api.completions.protocol import ChatCompletionRequest, CompletionRequest
+    from bentoservice.api.completions.protocol import CompletionRequest
     from bentoservice.engine.served import ServedModel
 
 FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -71,9 +77,17 @@ async def grammar_of(body: ChatCompletionRequest | CompletionRequest, served: Se
     given = [(name, value) for name in FIELDS if (value := getattr(body, name)) is not None]
     if len(given) > 1:
         raise APIError(400, f"give one of {', '.join(FIELDS)}, not {given[0][0]} and {given[1][0]}", given[1][0])
-    if not given:
-        return None
-    grammar, name = _of(*given[0])
+    grammar, name = _of(*given[0]) if given else (None, "")
+    forced = tools.forced(body, served) if isinstance(body, ChatCompletionRequest) else None
+    if forced is not None:
+        if grammar is not None:
+            raise APIError(
+                400,
+                f"{name} cannot be combined with a tool_choice that forces a call (the reply is the call)",
+                name,
+                "invalid_value",
+            )
+        grammar, name = forced, "tools"
     if grammar is None:
         return None
     if body.min_tokens:

@@ -2,7 +2,8 @@
 tool calls, whole or streamed as OpenAI streams them (each call's index, id and name first, then its arguments).
 
 The calls are read out of the model's text with the model card's tool format (engine/tool_parsers.py); a model
-that answers in plain text gives a plain message.
+that answers in plain text gives a plain message. `tool_choice` "required" or a named function is enforced by the
+grammar engine: the reply is then calls only, in that format, to the allowed functions, with valid arguments.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bentoservice.api.errors import APIError
+from bentoservice.engine.params import Grammar
 from bentoservice.engine.tool_parsers import Call, HermesFormat, StreamParser
 
 if TYPE_CHECKING:
@@ -106,14 +108,6 @@ def check(body: Any, served: ServedModel) -> None:
         raise APIError(400, "tool_choice needs tools", "tool_choice", "invalid_value")
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
-    if choice == "required" or isinstance(choice, NamedToolChoice):
-        raise APIError(
-            400,
-            'tool_choice "required" or a named function is not supported yet; use "auto" (the model may call a '
-            'tool) or "none"',
-            "tool_choice",
-            "unsupported_value",
-        )
     calls: set[str] = set()
     for i, message in enumerate(body.messages):
         calls.update(call.id for call in message.tool_calls or ())
@@ -126,6 +120,18 @@ def check(body: Any, served: ServedModel) -> None:
             )
     if (tools or calls) and served.tool_format is None:
         raise APIError(400, f"{served.name} has no tool format in its model card", "tools", "unsupported_value")
+
+
+def forced(body: Any, served: ServedModel) -> Grammar | None:
+    """The grammar of a reply that must call (tool_choice "required": one of the tools, or several calls unless
+    `parallel_tool_calls` is false; a named function: that one, once); None when the model may answer in text."""
+    choice = body.tool_choice
+    named = isinstance(choice, NamedToolChoice)
+    if not (named or choice == "required") or served.tool_format is None:
+        return None
+    functions = [t.function for t in body.tools if not named or t.function.name == choice.function.name]
+    several = not named and body.parallel_tool_calls is not False
+    return Grammar("structural_tag", served.tool_format.forced([(f.name, f.parameters) for f in functions], several))
 
 
 def definitions(body: Any) -> list[dict[str, Any]] | None:

@@ -1,5 +1,5 @@
 """Grammars for the served tokenizer (SmolLM2's): compiled once and cached, errors that say why, and masks applied
-only to the constrained rows of a batch, before the row's token is chosen."""
+only to the constrained rows of a batch, before the row's token is chosen; the grammar of a forced tool call."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from bentoservice.engine.errors import GrammarError
 from bentoservice.engine.grammar import Grammars, Matcher
 from bentoservice.engine.params import Grammar, SamplingParams
 from bentoservice.engine.sampling import make_generator, next_tokens
+from bentoservice.engine.tool_parsers import HermesFormat
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 
@@ -99,3 +100,38 @@ def test_a_complete_grammar_allows_only_the_end_token(grammars: Grammars, tokeni
     untouched = torch.zeros(1, len(tokenizer))
     grammars.constrain(untouched, [Row(SamplingParams(max_tokens=4), matcher)])  # a terminated row: no mask
     assert torch.isfinite(untouched).all()
+
+
+FORECAST = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"],
+}
+
+
+def _accepts(grammars: Grammars, tokenizer, grammar: Grammar, text: str) -> bool:
+    """Whether the grammar takes the whole text and then the end token."""
+    matcher = grammars.matcher(grammar)
+    return matcher.accept_string(text) and matcher.accept_token(tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_a_forced_call_is_one_of_the_functions_with_valid_arguments(
+    grammars: Grammars, tokenizer, several: bool
+) -> None:
+    hermes = HermesFormat()
+    grammar = Grammar("structural_tag", hermes.forced([("get_forecast", FORECAST), ("get_time", None)], several))
+    paris = hermes.render_call({"name": "get_forecast", "arguments": {"city": "Paris", "days": 3}})
+    now = hermes.render_call({"name": "get_time", "arguments": "{}"})
+    assert _accepts(grammars, tokenizer, grammar, paris)  # what the format renders in a history, the grammar takes
+    assert _accepts(grammars, tokenizer, grammar, now)
+    assert _accepts(grammars, tokenizer, grammar, f"{paris}\n{now}") == several
+    for wrong in (
+        "",  # no call at all
+        f"Sure. {now}",  # text before the call
+        paris.replace("get_forecast", "get_weather"),  # a function not allowed
+        paris.replace("3", "9"),  # days out of range
+        paris.replace(', "days": 3', ""),  # a required argument missing
+        now.replace("{}", '{"zone": "UTC"}'),  # an argument a function without parameters does not take
+    ):
+        assert not _accepts(grammars, tokenizer, grammar, wrong), wrong

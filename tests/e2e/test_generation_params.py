@@ -36,6 +36,10 @@ TEXT = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
         ("chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
         ("chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ("chat/completions", {"web_search_options": {}}, "web_search_options"),
+        ("chat/completions", {"function_call": "auto"}, "function_call"),
+        ("chat/completions", {"verbosity": "low"}, "verbosity"),
+        ("chat/completions", {"moderation": {"model": "m"}}, "moderation"),
+        ("chat/completions", {"prompt_cache_options": {}}, "prompt_cache_options"),
         ("chat/completions", {"frobnicate": 1}, "frobnicate"),
         ("chat/completions", {"top_k": 5}, "top_k"),  # a vLLM extra this server does not implement
         ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
@@ -60,6 +64,8 @@ TEXT = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
         ("completions", {"suffix": "end"}, "suffix"),
         ("completions", {"logprobs": 6}, "logprobs"),
         ("completions", {"echo": True, "logprobs": 1}, "logprobs"),
+        ("completions", {"tools": []}, "tools"),  # chat's fields are not completions'
+        ("completions", {"metadata": {"team": "a"}}, "metadata"),
     ],
 )
 def test_fields_not_supported_are_400_naming_them(tiny_server: Server, route: str, extra: dict, param: str) -> None:
@@ -82,12 +88,23 @@ def test_metadata_and_harmless_values_are_accepted(tiny_server: Server) -> None:
         service_tier="auto",
         safety_identifier="s",
         prompt_cache_key="k",
+        prompt_cache_retention="24h",
         modalities=["text"],
         response_format={"type": "text"},
         parallel_tool_calls=False,
         stream_options=None,
     )
     assert reply.choices[0].message.content is not None
+    chunks = client.chat.completions.create(
+        model="tiny",
+        messages=HELLO,
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},
+        extra_body={"functions": [], "audio": None},
+    )
+    [usage] = [c.usage for c in chunks if c.usage]
+    assert 1 <= usage.completion_tokens <= 3
     again = client.chat.completions.create(
         model="tiny",
         max_tokens=3,

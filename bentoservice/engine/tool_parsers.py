@@ -113,13 +113,14 @@ class HermesFormat:
         body = json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
         return f"{self.open}\n{body}\n{self.close}"
 
-    # -- a reply that must call ----------------------------------------------------------------
+    # -- calls the grammar engine enforces ------------------------------------------------------
 
-    def forced(self, functions: Sequence[tuple[str, dict[str, Any] | None]], several: bool) -> str:
-        """xgrammar's structural tag (as JSON) for a reply made of calls only, written as `render_call` writes
-        them: one call, or (`several`) one or more, a line apart; each to one of `functions` (name, JSON schema
-        of the arguments, an object; None: no arguments), its arguments valid under that function's schema (with
-        no properties beyond those it names unless it allows more, as xgrammar compiles schemas)."""
+    def calls(self, functions: Sequence[tuple[str, dict[str, Any] | None]], several: bool, text: bool) -> str:
+        """xgrammar's structural tag (as JSON) for calls written as `render_call` writes them, each to one of
+        `functions` (name, JSON schema of the arguments, an object; None: no arguments) with arguments valid under
+        that function's schema (no properties beyond those it names unless it allows more, as xgrammar compiles
+        schemas). `text`: free text in which each call the model opens must be such a call, and none is needed;
+        else the reply is calls only, at least one, a line apart. `several`: more than one call."""
         tags = [
             {
                 "type": "tag",
@@ -133,7 +134,10 @@ class HermesFormat:
             }
             for name, schema in functions
         ]
-        calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
+        if text:
+            calls: dict[str, Any] = {"type": "triggered_tags", "triggers": [self.open], "tags": tags}
+        else:
+            calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
         return json.dumps({"type": "structural_tag", "format": {**calls, "stop_after_first": not several}})
 
     # -- out of the model's text -------------------------------------------------------------

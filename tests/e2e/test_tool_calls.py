@@ -93,6 +93,7 @@ def test_parallel_tool_calls_false_keeps_one_call(smollm2_server: Server) -> Non
 JSON_OBJECT = {"type": "json_object"}
 NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
 UNCOMPILABLE = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "no"}}}}}
+STRICT: Any = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
 NAMELESS = {"type": "function", "function": {"description": "no name"}}
 STRING_ARGS = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
 LIST_ARGS = {"type": "function", "function": {"name": "f", "parameters": ["city"]}}
@@ -113,6 +114,7 @@ ASKED = {
         ({"tools": [WEATHER], "tool_choice": "required", "response_format": JSON_OBJECT}, "response_format"),
         ({"tools": [WEATHER], "tool_choice": NAMED, "extra_body": {"min_tokens": 2}}, "min_tokens"),
         ({"tools": [UNCOMPILABLE], "tool_choice": "required"}, "tools"),
+        ({"tools": [STRICT], "response_format": JSON_OBJECT}, "response_format"),  # auto, with a strict tool
         ({"tool_choice": NAMED}, "tool_choice"),
         ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
         ({"tool_choice": "auto"}, "tool_choice"),
@@ -239,3 +241,26 @@ def test_smollm2_fills_a_named_functions_arguments(smollm2_server: Server) -> No
     )
     [call] = reply.choices[0].message.tool_calls or []
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_strict_tools_make_the_calls_the_model_opens_valid(smollm2_server: Server) -> None:
+    """Under tool_choice "auto": asked to repeat a call whose arguments break the schema, SmolLM2 repeats it as it
+    is, unless the tool is strict; a plain answer stays the same text."""
+    client = smollm2_server.client()
+    for wrong in ('{"town": "Paris"}', "{}"):
+        repeat: Any = [{"role": "user", "content": f"Repeat this text exactly, with nothing else:\n{CALL}"}]
+        repeat[0]["content"] = repeat[0]["content"].replace('{"city": "Paris"}', wrong)
+        loose = client.chat.completions.create(messages=repeat, tools=[WEATHER], **GREEDY)
+        strict = client.chat.completions.create(messages=repeat, tools=[STRICT], **GREEDY)
+        assert json.loads((loose.choices[0].message.tool_calls or [])[0].function.arguments) == json.loads(wrong)
+        assert strict.choices[0].finish_reason == "tool_calls"
+        [call] = strict.choices[0].message.tool_calls or []
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    question: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = [
+        client.chat.completions.create(messages=question, tools=[tool], **GREEDY).choices[0].message
+        for tool in (WEATHER, STRICT)
+    ]
+    assert answers[0].content == answers[1].content and "Paris" in (answers[1].content or "")
+    assert answers[1].tool_calls is None

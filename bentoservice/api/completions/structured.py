@@ -1,10 +1,10 @@
 """Structured outputs on the wire: OpenAI's `response_format` and vLLM's `structured_outputs` / `guided_*` extras,
-or a chat's `tool_choice` that forces a call (api/completions/tools.py), as the engine's `Grammar`, compiled (and
-cached, see engine/grammar.py) before the request is queued.
+or a chat's tool calls that the grammar enforces (api/completions/tools.py), as the engine's `Grammar`, compiled
+(and cached, see engine/grammar.py) before the request is queued.
 
-A forced call and a structured output of the text are not combined: the reply is calls, with no text for a
-`response_format` to shape, so asking for both is a 400 naming the structured output's field (`{"type": "text"}`
-asks for nothing and is fine)."""
+Enforced calls and a structured output of the text are not combined (one grammar per reply; a forced call leaves
+no text to shape), so asking for both is a 400 naming the structured output's field (`{"type": "text"}` asks for
+nothing and is fine)."""
 
 from __future__ import annotations
 
@@ -78,16 +78,17 @@ async def grammar_of(body: ChatCompletionRequest | CompletionRequest, served: Se
     if len(given) > 1:
         raise APIError(400, f"give one of {', '.join(FIELDS)}, not {given[0][0]} and {given[1][0]}", given[1][0])
     grammar, name = _of(*given[0]) if given else (None, "")
-    forced = tools.forced(body, served) if isinstance(body, ChatCompletionRequest) else None
-    if forced is not None:
+    calls = tools.call_grammar(body, served) if isinstance(body, ChatCompletionRequest) else None
+    if calls is not None:
         if grammar is not None:
             raise APIError(
                 400,
-                f"{name} cannot be combined with a tool_choice that forces a call (the reply is the call)",
+                f"{name} cannot be combined with tool calls the grammar enforces (tool_choice required or a named "
+                "function, or strict tools)",
                 name,
                 "invalid_value",
             )
-        grammar, name = forced, "tools"
+        grammar, name = calls, "tools"
     if grammar is None:
         return None
     if body.min_tokens:

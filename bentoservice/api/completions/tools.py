@@ -3,7 +3,8 @@ tool calls, whole or streamed as OpenAI streams them (each call's index, id and 
 
 The calls are read out of the model's text with the model card's tool format (engine/tool_parsers.py); a model
 that answers in plain text gives a plain message. `tool_choice` "required" or a named function is enforced by the
-grammar engine: the reply is then calls only, in that format, to the allowed functions, with valid arguments.
+grammar engine: the reply is then calls only, in that format, to the allowed functions, with valid arguments; so
+are the calls to `strict` functions under "auto" (`call_grammar`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class FunctionDefinition(_Strict):
     parameters: dict[str, Any] | None = None
     """A JSON Schema of the arguments, an object; None: no arguments."""
     strict: bool | None = None
+    """True: a call to it follows `parameters` even under tool_choice "auto" (the grammar engine enforces it)."""
 
     @field_validator("parameters")
     @classmethod
@@ -122,16 +124,29 @@ def check(body: Any, served: ServedModel) -> None:
         raise APIError(400, f"{served.name} has no tool format in its model card", "tools", "unsupported_value")
 
 
-def forced(body: Any, served: ServedModel) -> Grammar | None:
-    """The grammar of a reply that must call (tool_choice "required": one of the tools, or several calls unless
-    `parallel_tool_calls` is false; a named function: that one, once); None when the model may answer in text."""
-    choice = body.tool_choice
-    named = isinstance(choice, NamedToolChoice)
-    if not (named or choice == "required") or served.tool_format is None:
+ANY_ARGUMENTS: dict[str, Any] = {"type": "object"}
+"""The arguments of a function not marked `strict`, where the grammar checks calls: any JSON object."""
+
+
+def call_grammar(body: Any, served: ServedModel) -> Grammar | None:
+    """The grammar the reply's calls follow, or None where nothing is enforced. tool_choice "required" (calls
+    only: one to any of the tools, or several unless `parallel_tool_calls` is false) and a named function (one call
+    to it) force a call, its arguments valid under the function's schema; under "auto", tools marked `strict` make
+    every call the model opens a valid one (the arguments of the others any object), and text stays free."""
+    choice, fmt = body.tool_choice, served.tool_format
+    if not body.tools or choice == "none" or fmt is None:
         return None
-    functions = [t.function for t in body.tools if not named or t.function.name == choice.function.name]
-    several = not named and body.parallel_tool_calls is not False
-    return Grammar("structural_tag", served.tool_format.forced([(f.name, f.parameters) for f in functions], several))
+    several = body.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        [tool] = [t for t in body.tools if t.function.name == choice.function.name]
+        return Grammar("structural_tag", fmt.calls([(tool.function.name, tool.function.parameters)], False, False))
+    functions = [t.function for t in body.tools]
+    if choice == "required":
+        return Grammar("structural_tag", fmt.calls([(f.name, f.parameters) for f in functions], several, False))
+    if not any(f.strict for f in functions):
+        return None
+    schemas = [(f.name, f.parameters if f.strict else ANY_ARGUMENTS) for f in functions]
+    return Grammar("structural_tag", fmt.calls(schemas, several, True))
 
 
 def definitions(body: Any) -> list[dict[str, Any]] | None:

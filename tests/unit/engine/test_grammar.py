@@ -120,7 +120,8 @@ def test_a_forced_call_is_one_of_the_functions_with_valid_arguments(
     grammars: Grammars, tokenizer, several: bool
 ) -> None:
     hermes = HermesFormat()
-    grammar = Grammar("structural_tag", hermes.forced([("get_forecast", FORECAST), ("get_time", None)], several))
+    functions = [("get_forecast", FORECAST), ("get_time", None)]
+    grammar = Grammar("structural_tag", hermes.calls(functions, several, text=False))
     paris = hermes.render_call({"name": "get_forecast", "arguments": {"city": "Paris", "days": 3}})
     now = hermes.render_call({"name": "get_time", "arguments": "{}"})
     assert _accepts(grammars, tokenizer, grammar, paris)  # what the format renders in a history, the grammar takes
@@ -134,4 +135,14 @@ def test_a_forced_call_is_one_of_the_functions_with_valid_arguments(
         paris.replace(', "days": 3', ""),  # a required argument missing
         now.replace("{}", '{"zone": "UTC"}'),  # an argument a function without parameters does not take
     ):
+        assert not _accepts(grammars, tokenizer, grammar, wrong), wrong
+
+
+def test_calls_in_free_text_must_be_valid_once_opened(grammars: Grammars, tokenizer) -> None:
+    hermes = HermesFormat()
+    grammar = Grammar("structural_tag", hermes.calls([("get_forecast", FORECAST)], several=False, text=True))
+    paris = hermes.render_call({"name": "get_forecast", "arguments": {"city": "Paris", "days": 3}})
+    for right in ("", "No call: a < b.", paris, f"Let me look. {paris}"):
+        assert _accepts(grammars, tokenizer, grammar, right), right
+    for wrong in (paris.replace("3", "9"), paris.replace("get_forecast", "get_time"), f"{paris}\n{paris}"):
         assert not _accepts(grammars, tokenizer, grammar, wrong), wrong

@@ -36,7 +36,7 @@ fuzz: install
 # The README's screenshots of the web console, taken by its browser test with the default model.
 screenshots: install
 	HF_HUB_OFFLINE=1 BENTOSERVICE_CONSOLE_MODEL=smollm2 BENTOSERVICE_CONSOLE_SCREENSHOTS=docs/images \
-		.ci/with-chromium $(VENV)/bin/pytest -q tests/e2e/test_console.py -k 'test_console and not api_key'
+		.ci/with-chromium $(VENV)/bin/pytest -q tests/e2e/test_console.py::test_console
 
 # ruff's lint rules, mypy's types, and ruff's formatting (configured in pyproject.toml).
 lint: install

@@ -11,10 +11,13 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import httpx
 import pytest
 from conftest import Server
+from pydantic import BaseModel, ConfigDict, Field
+from test_tool_calls import REPEAT, WEATHER
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -36,6 +39,15 @@ CHATS = [
     for i in range(8)
 ]
 TIMEOUT_MS = 300_000
+
+
+class City(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: Annotated[str, Field(max_length=8)]
+    rank: Annotated[int, Field(ge=1, le=9)]
+    kind: Literal["town", "capital"]
+
+
 MODEL = os.environ.get("BENTOSERVICE_CONSOLE_MODEL", "tiny")
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
@@ -87,14 +99,21 @@ def answer(server: Server, model: str, prompt: str) -> str:
     return reply.choices[0].message.content
 
 
-def chat(page: sync_api.Page, prompt: str, panes: int) -> list[str]:
-    """Sends one prompt from the playground; the requests are streamed; returns each pane's answer."""
+def send(page: sync_api.Page, prompt: str, max_tokens: int = 16) -> dict[str, Any]:
+    """Sends one prompt from the playground, greedy; returns the (first) request's body, which is streamed."""
     page.fill("#temperature", "0")
-    page.fill("#max-tokens", "16")
+    page.fill("#max-tokens", str(max_tokens))
     page.fill("#prompt", prompt)
     with page.expect_request("**/v1/chat/completions") as request:
         page.click("#send")
-    assert request.value.post_data_json["stream"] is True
+    body = request.value.post_data_json
+    assert body["stream"] is True
+    return body
+
+
+def chat(page: sync_api.Page, prompt: str, panes: int, max_tokens: int = 16) -> list[str]:
+    """Sends one prompt from the playground to a fresh chat; returns each pane's answer."""
+    send(page, prompt, max_tokens)
     done = page.locator(".pane:not([hidden]) .message.assistant.done")
     sync_api.expect(done).to_have_count(panes)
     return [text for text in done.all_inner_texts()]
@@ -210,3 +229,79 @@ def test_console_with_api_key(tiny, browser: sync_api.Browser, page: sync_api.Pa
         assert chat(page, "Hi", 1)[0]
     finally:
         server.stop()
+
+
+def test_playground_json_schema_and_tools(server: Server, page: sync_api.Page) -> None:
+    page.goto(f"{server.url}/ui/#/playground")
+    sync_api.expect(page.locator("#chat-model")).to_have_value(MODEL)
+    page.click("#chat-extras summary")
+    sync_api.expect(page.locator("#json-schema")).to_be_hidden()
+    page.select_option("#response-format", "json_schema")
+
+    # A schema that is not JSON is refused in the page, readably, before anything is sent.
+    page.fill("#json-schema", '{"type": "object",}')
+    page.fill("#prompt", "A city?")
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url) if "chat/completions" in request.url else None)
+    page.click("#send")
+    sync_api.expect(page.locator("#error")).to_contain_text(re.compile(r"JSON schema: not valid JSON \(.+\)"))
+    sync_api.expect(page.locator("#json-schema")).to_have_attribute("aria-invalid", "true")
+    page.fill("#json-schema", "[1]")
+    page.click("#send")
+    sync_api.expect(page.locator("#error")).to_contain_text("JSON schema: must be a JSON object")
+    assert not requests
+
+    # The grammar holds the tiny random model to the schema: the streamed reply validates.
+    page.fill("#json-schema", json.dumps(City.model_json_schema()))
+    sync_api.expect(page.locator("#json-schema")).not_to_have_attribute("aria-invalid", "true")
+    body = send(page, "A city?", max_tokens=120)
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "playground", "schema": City.model_json_schema(), "strict": True},
+    }
+    done = page.locator("#pane-a .message.assistant.done")
+    sync_api.expect(done).to_have_count(1)
+    sync_api.expect(page.locator("#error")).to_be_hidden()
+    City.model_validate_json(done.inner_text())
+
+    # Tools with tool_choice auto: the tiny model answers in text or calls; either is shown, without an error.
+    page.click("#chat-clear")
+    page.select_option("#response-format", "text")
+    page.fill("#tools", '{"type": "function"}')
+    page.fill("#prompt", "Weather?")
+    page.click("#send")
+    sync_api.expect(page.locator("#error")).to_contain_text("tools: must be a JSON array of tool objects")
+    page.fill("#tools", json.dumps([WEATHER]))
+    body = send(page, "What is the weather in Paris?")
+    assert "response_format" not in body and body["tools"] == [WEATHER] and body["tool_choice"] == "auto"
+    sync_api.expect(page.locator("#pane-a .message.assistant.done")).to_have_count(1)
+    sync_api.expect(page.locator("#pane-a .message.failed")).to_have_count(0)
+
+    # The service's own refusal of a bad tool is shown as its message, naming the field.
+    page.click("#chat-clear")
+    page.fill("#tools", json.dumps([{"type": "function", "function": {"name": "bad name"}}]))
+    send(page, "Hi")
+    sync_api.expect(page.locator("#pane-a .message.failed")).to_contain_text("tools.0.function.name")
+
+
+def test_playground_shows_streamed_tool_calls(smollm2_server: Server, page: sync_api.Page) -> None:
+    page.goto(f"{smollm2_server.url}/ui/#/playground")
+    sync_api.expect(page.locator("#chat-model")).to_have_value("smollm2")
+    page.click("#chat-extras summary")
+    page.fill("#tools", json.dumps([WEATHER], indent=2))
+    body = send(page, REPEAT[0]["content"], max_tokens=40)
+    assert body["tools"] == [WEATHER] and body["tool_choice"] == "auto"
+    call = page.locator("#pane-a .message.assistant.done .tool-call")
+    sync_api.expect(call).to_have_count(1)
+    sync_api.expect(call.locator(".name")).to_have_text("get_weather")
+    assert json.loads(call.locator("pre").inner_text()) == {"city": "Paris"}
+
+    # The next turn sends the call back in the history, as the SDK would; tool_choice none keeps replies text.
+    page.select_option("#tool-choice", "none")
+    body = send(page, "Thanks.", max_tokens=4)
+    assert body["tool_choice"] == "none"
+    [sent] = body["messages"][1]["tool_calls"]
+    assert sent["id"].startswith("call_") and sent["function"]["name"] == "get_weather"
+    assert json.loads(sent["function"]["arguments"]) == {"city": "Paris"}
+    sync_api.expect(page.locator("#pane-a .message.assistant.done")).to_have_count(2)
+    sync_api.expect(page.locator("#pane-a .message.failed")).to_have_count(0)

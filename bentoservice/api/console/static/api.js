@@ -72,8 +72,9 @@ export async function upload(path, form) {
   return (await send(path, { method: "POST", body: form })).json();
 }
 
-// POSTs a streaming completion and calls onText with each piece of text as it arrives.
-export async function stream(path, body, onText) {
+// POSTs a streaming completion and calls onChoice with each chunk's first choice as it arrives ({delta,
+// finish_reason}).
+export async function stream(path, body, onChoice) {
   const response = await send(path, { method: "POST", body: JSON.stringify({ ...body, stream: true }),
                                       headers: { "Content-Type": "application/json" } });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -92,8 +93,8 @@ export async function stream(path, body, onText) {
         if (data === "[DONE]") return;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new APIError(500, chunk);
-        const text = chunk.choices?.[0]?.delta?.content ?? chunk.choices?.[0]?.text;
-        if (text) onText(text);
+        const choice = chunk.choices?.[0];
+        if (choice) onChoice(choice);
       }
     }
   }

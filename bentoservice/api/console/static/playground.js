@@ -8,6 +8,9 @@ const panes = { a: document.getElementById("pane-a"), b: document.getElementById
 const pickers = { a: document.getElementById("chat-model"), b: document.getElementById("chat-model-b") };
 const history = { a: [], b: [] };
 const compare = document.getElementById("compare");
+const format = document.getElementById("response-format");
+const schemaBox = document.getElementById("json-schema");
+const toolsBox = document.getElementById("tools");
 
 function options(served) {
   const label = served.default ? `${served.base} (default: ${served.default})` : `${served.base} (default)`;
@@ -28,18 +31,93 @@ function label() {
   pickers.b.disabled = !compare.checked;
 }
 
-async function ask(side, prompt) {
+// A textarea's JSON, or an Error that says what is wrong with it (the box is marked until it is edited).
+function parsed(box, what, shape, fits) {
+  const fail = (message) => {
+    box.setAttribute("aria-invalid", "true");
+    return new Error(`${what}: ${message}`);
+  };
+  let value;
+  try {
+    value = JSON.parse(box.value);
+  } catch (error) {
+    throw fail(`not valid JSON (${error.message})`);
+  }
+  if (!fits(value)) throw fail(`must be ${shape}`);
+  return value;
+}
+
+const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+
+// The request's response_format, tools and tool_choice, from the page's controls.
+function extras() {
+  const body = {};
+  if (format.value === "json_object") body.response_format = { type: "json_object" };
+  if (format.value === "json_schema") {
+    const schema = parsed(schemaBox, "JSON schema", "a JSON object", isObject);
+    const strict = document.getElementById("schema-strict").checked;
+    body.response_format = { type: "json_schema", json_schema: { name: "playground", schema, strict } };
+  }
+  if (toolsBox.value.trim()) {
+    body.tools = parsed(toolsBox, "tools", "a JSON array of tool objects ({\"type\": \"function\", ...})",
+                        (value) => Array.isArray(value) && value.every(isObject));
+    body.tool_choice = document.getElementById("tool-choice").value;
+  }
+  return body;
+}
+
+// One streamed tool call: the call as the history sends it back, and its name and arguments in the transcript.
+function toolCall(answer) {
+  const view = { name: el("span", { className: "name" }), args: el("pre") };
+  answer.append(el("div", { className: "tool-call" }, view.name, view.args));
+  return { call: { id: undefined, type: "function", function: { name: "", arguments: "" } }, view };
+}
+
+// Tool-call deltas as OpenAI streams them: each call's index, id and name first, then pieces of its arguments.
+function addCalls(calls, answer, deltas) {
+  for (const delta of deltas) {
+    const { call, view } = (calls[delta.index ?? 0] ??= toolCall(answer));
+    if (delta.id) call.id = delta.id;
+    if (delta.function?.name) view.name.textContent = call.function.name = delta.function.name;
+    call.function.arguments += delta.function?.arguments ?? "";
+    view.args.textContent = call.function.arguments;
+  }
+}
+
+// The arguments indented once they are whole (JSON); as they came when they are not.
+function settle(calls) {
+  for (const { call, view } of calls) {
+    try {
+      view.args.textContent = JSON.stringify(JSON.parse(call.function.arguments), null, 2);
+    } catch {
+      // left as streamed
+    }
+  }
+}
+
+async function ask(side, prompt, options) {
   const messages = panes[side].querySelector(".messages");
   history[side].push({ role: "user", content: prompt });
-  const answer = el("div", { className: "message assistant streaming" });
+  const text = document.createTextNode("");
+  const answer = el("div", { className: "message assistant streaming" }, text);
   messages.append(el("div", { className: "message user", textContent: prompt }), answer);
+  const calls = [];
   try {
+    let finish;
     await stream("chat/completions", {
-      model: pickers[side].value, messages: history[side],
+      model: pickers[side].value, messages: history[side], ...options,
       temperature: Number(document.getElementById("temperature").value),
       max_tokens: Number(document.getElementById("max-tokens").value),
-    }, (text) => { answer.textContent += text; });
-    history[side].push({ role: "assistant", content: answer.textContent });
+    }, (choice) => {
+      if (choice.delta?.content) text.data += choice.delta.content;
+      if (choice.delta?.tool_calls) addCalls(calls, answer, choice.delta.tool_calls);
+      finish = choice.finish_reason ?? finish;
+    });
+    settle(calls);
+    if (finish) answer.dataset.finish = finish;
+    const message = { role: "assistant", content: text.data || (calls.length ? null : "") };
+    if (calls.length) message.tool_calls = calls.map(({ call }) => call);
+    history[side].push(message);
   } catch (error) {
     history[side].pop();
     answer.classList.add("failed");
@@ -54,16 +132,23 @@ export function init(guarded) {
   compare.addEventListener("change", label);
   for (const picker of Object.values(pickers)) picker.addEventListener("change", () => { clear(); label(); });
   document.getElementById("chat-clear").addEventListener("click", clear);
+  const showSchema = () => {
+    for (const node of document.querySelectorAll(".schema-only")) node.hidden = format.value !== "json_schema";
+  };
+  format.addEventListener("change", showSchema);
+  showSchema();
+  for (const box of [schemaBox, toolsBox]) box.addEventListener("input", () => box.removeAttribute("aria-invalid"));
   document.getElementById("chat-form").addEventListener("submit", guarded(async (event) => {
     event.preventDefault();
     const box = document.getElementById("prompt");
     const prompt = box.value.trim();
     if (!prompt) return;
+    const options = extras();
     box.value = "";
     const send = document.getElementById("send");
     send.disabled = true;
     try {
-      await Promise.all((compare.checked ? ["a", "b"] : ["a"]).map((side) => ask(side, prompt)));
+      await Promise.all((compare.checked ? ["a", "b"] : ["a"]).map((side) => ask(side, prompt, options)));
     } finally {
       send.disabled = false;
     }

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import httpx
+import jsonschema
 import pytest
 from conftest import Server
 from pydantic import BaseModel, ConfigDict, Field
-from test_tool_calls import REPEAT, WEATHER
+from test_tool_calls import FORECAST, WEATHER
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -277,31 +278,29 @@ def test_playground_json_schema_and_tools(server: Server, page: sync_api.Page) -
     sync_api.expect(page.locator("#pane-a .message.assistant.done")).to_have_count(1)
     sync_api.expect(page.locator("#pane-a .message.failed")).to_have_count(0)
 
+    # tool_choice required: the reply is calls (the grammar makes them), streamed into the transcript by function
+    # name and arguments; the next turn sends them back in the history, as the SDK would.
+    page.click("#chat-clear")
+    page.fill("#tools", json.dumps([FORECAST]))
+    page.select_option("#tool-choice", "required")
+    body = send(page, "What is the weather in Paris?", max_tokens=150)
+    assert body["tool_choice"] == "required"
+    calls = page.locator("#pane-a .message.assistant.done .tool-call")
+    sync_api.expect(calls.first).to_be_visible()
+    shown = [(call.locator(".name").inner_text(), json.loads(call.locator("pre").inner_text())) for call in calls.all()]
+    for name, arguments in shown:
+        assert name == "get_forecast"
+        jsonschema.validate(arguments, FORECAST["function"]["parameters"])
+    page.select_option("#tool-choice", "none")
+    body = send(page, "Thanks.", max_tokens=4)
+    sent = body["messages"][1]["tool_calls"]
+    assert all(call["id"].startswith("call_") for call in sent)
+    assert [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in sent] == shown
+    sync_api.expect(page.locator("#pane-a .message.assistant.done")).to_have_count(2)
+    sync_api.expect(page.locator("#pane-a .message.failed")).to_have_count(0)
+
     # The service's own refusal of a bad tool is shown as its message, naming the field.
     page.click("#chat-clear")
     page.fill("#tools", json.dumps([{"type": "function", "function": {"name": "bad name"}}]))
     send(page, "Hi")
     sync_api.expect(page.locator("#pane-a .message.failed")).to_contain_text("tools.0.function.name")
-
-
-def test_playground_shows_streamed_tool_calls(smollm2_server: Server, page: sync_api.Page) -> None:
-    page.goto(f"{smollm2_server.url}/ui/#/playground")
-    sync_api.expect(page.locator("#chat-model")).to_have_value("smollm2")
-    page.click("#chat-extras summary")
-    page.fill("#tools", json.dumps([WEATHER], indent=2))
-    body = send(page, REPEAT[0]["content"], max_tokens=40)
-    assert body["tools"] == [WEATHER] and body["tool_choice"] == "auto"
-    call = page.locator("#pane-a .message.assistant.done .tool-call")
-    sync_api.expect(call).to_have_count(1)
-    sync_api.expect(call.locator(".name")).to_have_text("get_weather")
-    assert json.loads(call.locator("pre").inner_text()) == {"city": "Paris"}
-
-    # The next turn sends the call back in the history, as the SDK would; tool_choice none keeps replies text.
-    page.select_option("#tool-choice", "none")
-    body = send(page, "Thanks.", max_tokens=4)
-    assert body["tool_choice"] == "none"
-    [sent] = body["messages"][1]["tool_calls"]
-    assert sent["id"].startswith("call_") and sent["function"]["name"] == "get_weather"
-    assert json.loads(sent["function"]["arguments"]) == {"city": "Paris"}
-    sync_api.expect(page.locator("#pane-a .message.assistant.done")).to_have_count(2)
-    sync_api.expect(page.locator("#pane-a .message.failed")).to_have_count(0)

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = 1024
     max_choices: int = 8
     """The most completions one request may ask for (OpenAI's `n`); at most `max_running`."""
+    max_output_tokens: int = 32768
+    """The most tokens one request may ask for (`max_tokens`, `max_completion_tokens`); a prompt plus that many
+    must still fit the model's context (a 400 that gives the numbers)."""
     prefill_token_budget: int | None = None
     """Prompt tokens one prefill pass takes before running sequences decode again; unset: 4096 on a GPU, 256 on
     a CPU, where a pass of many prompts takes seconds and early arrivals would wait for all of them."""
@@ -157,6 +160,18 @@ class Settings(BaseSettings):
     @property
     def fine_tune_root(self) -> Path:
         return cache_root() / "fine_tune"
+
+    @property
+    def choices_limit(self) -> int:
+        """The most `n` a request may ask for: the request models' bound (so the OpenAPI document's maximum)."""
+        return min(self.max_choices, self.max_running)
+
+    def body_limit(self, path: str) -> tuple[int, str]:
+        """The most bytes a request body to `path` may hold, and the setting that says so (uploads have their own):
+        what api.guard enforces and the OpenAPI document states."""
+        if path.endswith("/files"):
+            return self.max_file_bytes, "BENTOSERVICE_MAX_FILE_BYTES"
+        return self.max_request_bytes, "BENTOSERVICE_MAX_REQUEST_BYTES"
 
 
 @lru_cache

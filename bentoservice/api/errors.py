@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bentoservice.engine.errors import AdapterError, ContextOverflow, Overloaded, UnknownAdapter, UnknownModel
-from bentoservice.engine.templates import TemplateError
+from bentoservice.engine.templates import TemplateError, TemplateExists
 from bentoservice.store.adapters import ACCEPTED_FORMS
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def _from_engine(exc: Exception) -> APIError:
         return APIError(429, str(exc), None, "server_overloaded")
     if isinstance(exc, AdapterError):
         return APIError(400, str(exc), "lora_path", "invalid_adapter")
+    if isinstance(exc, TemplateExists):
+        return APIError(409, str(exc), "name", "template_exists")
     if isinstance(exc, TemplateError):
         return APIError(400, str(exc), "template", "invalid_template")
     raise exc

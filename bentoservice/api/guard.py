@@ -69,7 +69,7 @@ class Guard:
             answer = envelope(404, f"Unknown route: {scope['method']} {scope['path']!r}", None, None)
             await answer(scope, receive, send)
             return
-        limit = self.settings.max_file_bytes if scope["path"].endswith("/files") else self.settings.max_request_bytes
+        limit, _ = self.settings.body_limit(scope["path"])
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
             await _too_large(int(length), limit)(scope, receive, send)

@@ -83,7 +83,6 @@ class ServedModel:
         resolve_template(self.template_choice, self.tokenizer.chat_template)  # fail at start, not per request
         self.tool_format = tool_parsers.tool_format(tool_format) if tool_format else None
         self.default_max_tokens = settings.default_max_tokens
-        self.max_choices = min(settings.max_choices, settings.max_running)
         self.vocab_size = int(model.config.vocab_size)
         self.catalog: dict[str, str] = {}  # served adapter name -> the folder, store tag or URL it is read from
         self._lookups = threading.Lock()  # one lookup of a new name at a time: concurrent first requests find it once

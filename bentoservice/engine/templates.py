@@ -71,12 +71,16 @@ class TemplateError(ValueError):
     pass
 
 
+class TemplateExists(TemplateError):
+    """The name is taken and the request did not ask to replace it (a 409)."""
+
+
 def register_chat_template(name: str, template: str, override: bool = False) -> None:
     """Add a named Jinja chat template; replacing an existing name needs override=True."""
     check_template(template)
     with _lock:
         if name in _registry and not override:
-            raise TemplateError(f"chat template {name!r} exists; pass override=True to replace it")
+            raise TemplateExists(f"chat template {name!r} exists; pass override=True to replace it")
         _registry[name] = template
 
 

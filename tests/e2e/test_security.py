@@ -39,6 +39,8 @@ def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "BENTOSERVICE_API_KEYS_FILE": str(keys),
             "BENTOSERVICE_MAX_REQUEST_BYTES": "20000",
             "BENTOSERVICE_MAX_FILE_BYTES": "100000",
+            "BENTOSERVICE_MAX_OUTPUT_TOKENS": "40",
+            "BENTOSERVICE_MAX_CHOICES": "3",
             "BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("security-data")),
         },
     )
@@ -277,11 +279,78 @@ def test_openapi_declares_the_errors(server: Server) -> None:
     assert {"400", "401", "404", "413", "429"} <= set(chat) and "422" not in chat
     files = schema["paths"]["/files"]["post"]["responses"]
     assert {"400", "401", "403", "413"} <= set(files)
+    assert "409" in schema["paths"]["/chat_templates"]["post"]["responses"]
     assert "(100000 bytes, BENTOSERVICE_MAX_FILE_BYTES)" in files["413"]["description"]
     assert "(20000 bytes, BENTOSERVICE_MAX_REQUEST_BYTES)" in chat["413"]["description"]
-    assert schema["components"]["schemas"]["Error"]["required"] == ["error"]
+    assert schema["components"]["schemas"]["ErrorEnvelope"]["required"] == ["error"]
     seed = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["seed"]["anyOf"][0]
     assert seed["maximum"] >= 2**63 and seed["minimum"] <= -(2**63)
+
+
+def _bounds(prop: dict) -> tuple[float, float]:
+    for kind in prop.get("anyOf", [prop]):
+        if kind.get("type") == "integer":
+            return kind["minimum"], kind["maximum"]
+    raise AssertionError(prop)
+
+
+# (path, field, the body it goes in); the server's settings say 40 tokens, 3 choices.
+BOUNDS = [
+    ("/chat/completions", "max_tokens", "ChatCompletionRequest", 1, 40),
+    ("/chat/completions", "max_completion_tokens", "ChatCompletionRequest", 1, 40),
+    ("/chat/completions", "n", "ChatCompletionRequest", 1, 3),
+    ("/chat/completions", "top_logprobs", "ChatCompletionRequest", 0, 20),
+    ("/completions", "max_tokens", "CompletionRequest", 1, 40),
+    ("/completions", "n", "CompletionRequest", 1, 3),
+    ("/completions", "logprobs", "CompletionRequest", 0, 5),
+]
+
+
+@pytest.mark.parametrize(("path", "field", "model", "low", "high"), BOUNDS, ids=[f"{p} {f}" for p, f, *_ in BOUNDS])
+def test_numeric_limits_are_schema_bounds_the_server_enforces(
+    server: Server, path: str, field: str, model: str, low: int, high: int
+) -> None:
+    schema = call(server, "GET", "/v1/openapi.json").json()
+    assert _bounds(schema["components"]["schemas"][model]["properties"][field]) == (low, high)
+    body = {
+        "model": "tiny",
+        "max_tokens": 2,
+        **({"messages": CHAT["messages"]} if model.startswith("Chat") else {"prompt": "hi"}),
+    }
+    if field == "top_logprobs":
+        body["logprobs"] = True
+    for value in (low, high):
+        answer = call(server, "POST", f"/v1{path}", json={**body, field: value})
+        assert answer.status_code == 200, answer.text
+    for value in (low - 1, high + 1):
+        assert error(call(server, "POST", f"/v1{path}", json={**body, field: value}), 400)["param"] == field
+
+
+def test_the_body_limit_is_stated_and_enforced(server: Server) -> None:
+    schema = call(server, "GET", "/v1/openapi.json").json()
+    stated = {
+        p: ops["post"]["requestBody"]["x-max-bytes"]
+        for p, ops in schema["paths"].items()
+        if "post" in ops and "requestBody" in ops["post"]
+    }
+    assert stated["/chat/completions"] == 20000 and stated["/files"] == 100000
+    padded = {**CHAT, "user": "x" * (20000 - len(json.dumps({**CHAT, "user": ""})))}
+    assert len(json.dumps(padded)) == 20000
+    assert (
+        call(
+            server,
+            "POST",
+            "/v1/chat/completions",
+            content=json.dumps(padded),
+            headers={"Content-Type": "application/json"},
+        ).status_code
+        == 200
+    )
+    over = {**padded, "user": padded["user"] + "x"}
+    answer = call(
+        server, "POST", "/v1/chat/completions", content=json.dumps(over), headers={"Content-Type": "application/json"}
+    )
+    assert error(answer, 413)["code"] == "request_too_large"
 
 
 def test_a_job_of_zero_steps_fails_and_publishes_nothing(tiny, tmp_path: Path) -> None:

@@ -115,14 +115,14 @@ async def unload_adapter(body: UnloadAdapter, request: Request) -> dict[str, Any
     return await run_in_threadpool(_listing, served)
 
 
-@router.post("/load_lora_adapter")
+@router.post("/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora(body: LoadLora, request: Request) -> PlainTextResponse:
     served = served_model(request)
     await _adapter_call("lora_path", served.load_adapter_from, body.lora_path, body.lora_name, True, body.pinned)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter")
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
 async def unload_lora(body: UnloadLora, request: Request) -> PlainTextResponse:
     await _adapter_call("lora_name", served_model(request).unload_adapter, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from bentoservice.api.completions.tools import Tool, ToolCall, ToolChoice
+from bentoservice.config import get_settings
 
 
 def _encodable(text: str) -> str:
@@ -40,6 +41,10 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit integer.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+# The settings' bounds, read once: pydantic enforces them and the OpenAPI document states them as maximum/minimum.
+_settings = get_settings()
+OutputTokens = Annotated[int, Field(ge=1, le=_settings.max_output_tokens)]
+Choices = Annotated[int, Field(ge=1, le=_settings.choices_limit)]
 
 METADATA = (
     "user",
@@ -192,10 +197,10 @@ class SamplingFields(Strict):
     """LoRAX's per-request adapter: any name `model` accepts for an adapter; `model` then names the base."""
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: OutputTokens | None = None
     stop: str | list[str] | None = None
     seed: Seed | None = None
-    n: int = Field(1, ge=1)
+    n: Choices = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -241,7 +246,7 @@ class SamplingFields(Strict):
 
 class _Chat(SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: OutputTokens | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
@@ -272,7 +277,7 @@ class _Chat(SamplingFields):
 
 class _Text(SamplingFields):
     prompt: Text | list[Text] | list[Annotated[int, Field(ge=0)]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: OutputTokens | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 

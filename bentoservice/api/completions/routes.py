@@ -25,6 +25,7 @@ from bentoservice.api.completions.sampling import choices_of, request_params
 from bentoservice.api.completions.shapes import CHAT, TEXT, Shape
 from bentoservice.api.completions.tools import ToolReply
 from bentoservice.api.errors import APIError, error_type, unknown_model
+from bentoservice.api.responses import ChatCompletion, Completion, Model, listing, ok
 from bentoservice.engine.errors import AdapterError, UnknownModel
 from bentoservice.engine.params import Delta, Event, Failed, Finished, TokenLogprob
 from bentoservice.engine.templates import chat_templates, register_chat_template
@@ -67,7 +68,7 @@ def _encoder_cards(request: Request, created: int) -> list[dict[str, Any]]:
     return [_model_card(e.name, e.source, e.parent, created) for e in (encoders.all() if encoders else [])]
 
 
-@router.get("/models")
+@router.get("/models", responses=ok(listing(Model, has_more=False)))
 async def list_models(request: Request) -> dict[str, Any]:
     served = served_model(request)
     created = request.app.state.started
@@ -75,7 +76,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": listed + _encoder_cards(request, created)}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=ok(Model))
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     served = served_model(request)
     for card in await run_in_threadpool(_model_list, served, request.app.state.started):
@@ -272,7 +273,7 @@ async def _respond(
     return {**meta, "object": shape.object, "usage": _usage([done for _, _, done in results]), "choices": choices}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=ok(ChatCompletion, stream="chat.completion.chunk"))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     served = served_model(request)
     choice = await choose(served, body)
@@ -281,7 +282,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return await _respond(served, body, prompt, body.completion_budget, CHAT, choice, calls=tools.reply(body, served))
 
 
-@router.post("/completions")
+@router.post("/completions", responses=ok(Completion, stream="text_completion"))
 async def completions(body: CompletionRequest, request: Request) -> Any:
     served = served_model(request)
     choice = await choose(served, body)
@@ -320,7 +321,7 @@ async def list_chat_templates(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/chat_templates")
+@router.post("/chat_templates", responses={409: {"description": "A template of that name exists (no override)"}})
 async def add_chat_template(body: TemplateRegistration) -> dict[str, Any]:
     register_chat_template(body.name, body.template, override=body.override)
     return {"name": body.name, "template": body.template, "registered": True}

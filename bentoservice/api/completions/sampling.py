@@ -26,8 +26,6 @@ async def request_params(
                 param,
                 "invalid_value",
             )
-    if body.n > served.max_choices:
-        raise APIError(400, f"n is at most {served.max_choices} here", "n", "invalid_value")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.errors import APIError
+from bentoservice.api.responses import Embeddings, ok
 from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownModel
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def _base64(vector: list[float]) -> str:
     return base64.b64encode(floats.tobytes()).decode()
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=ok(Embeddings))
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     encoder = _encoder(request, body.model, "embedding")
     if body.dimensions is not None and body.dimensions != encoder.dimensions:

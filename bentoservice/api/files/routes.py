@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.errors import APIError
+from bentoservice.api.responses import File, FileDeleted, listing, ok
 from bentoservice.config import get_settings
 from bentoservice.training.data import filestore, formats
 from bentoservice.training.jobs.store import JobStore
@@ -74,7 +75,7 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("/files")
+@router.post("/files", responses=ok(File))
 async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -> dict[str, Any]:
     jobs = job_store(request)
     if purpose not in PURPOSES:
@@ -102,18 +103,22 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
     return file_object(row)
 
 
-@router.get("/files")
+@router.get("/files", responses=ok(listing(File)))
 async def list_files(request: Request, purpose: str | None = None) -> dict[str, Any]:
     rows = job_store(request).list_files(purpose)
     return {"object": "list", "data": [file_object(r) for r in rows], "has_more": False}
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=ok(File))
 async def retrieve(file_id: str, request: Request) -> dict[str, Any]:
     return file_object(_get(job_store(request), file_id))
 
 
-@router.get("/files/{file_id}/content")
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
 async def content(file_id: str, request: Request) -> StreamingResponse:
     row = _get(job_store(request), file_id)
     return StreamingResponse(
@@ -126,7 +131,7 @@ async def content(file_id: str, request: Request) -> StreamingResponse:
     )
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=ok(FileDeleted))
 async def delete(file_id: str, request: Request) -> dict[str, Any]:
     jobs = job_store(request)
     row = _get(jobs, file_id)

@@ -18,6 +18,7 @@ from bentoservice.api.files.routes import job_store
 from bentoservice.api.fine_tuning import reinforcement
 from bentoservice.api.fine_tuning.dialects import KIND, WANTED, default_learning_rate, job_config, training_method
 from bentoservice.api.fine_tuning.protocol import JobRef, JobRequest
+from bentoservice.api.responses import FineTuningJobCheckpoint, Job, JobEvent, listing, ok
 from bentoservice.training.jobs.queue import request_cancel, request_pause, request_resume
 from bentoservice.training.jobs.results import with_openai_names
 from bentoservice.training.jobs.store import FINAL, JobStore, new_id
@@ -165,13 +166,13 @@ def create_job(jobs: JobStore, body: JobRequest) -> dict[str, Any]:
     return job_object(job)
 
 
-@router.post("/fine_tuning/jobs")
+@router.post("/fine_tuning/jobs", responses=ok(Job))
 async def create(body: JobRequest, request: Request) -> dict[str, Any]:
     # In a thread: a reinforcement job's score_model grader asks this same server whether its model exists.
     return await run_in_threadpool(create_job, job_store(request), body)
 
 
-@router.get("/fine_tuning/jobs")
+@router.get("/fine_tuning/jobs", responses=ok(listing(Job)))
 async def list_jobs(
     request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
@@ -183,12 +184,12 @@ async def list_jobs(
     return {"object": "list", "data": [job_object(r) for r in rows], "has_more": more}
 
 
-@router.get("/fine_tuning/jobs/{job_id}")
+@router.get("/fine_tuning/jobs/{job_id}", responses=ok(Job))
 async def retrieve(job_id: str, request: Request) -> dict[str, Any]:
     return job_object(_job(job_store(request), job_id))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel")
+@router.post("/fine_tuning/jobs/{job_id}/cancel", responses=ok(Job))
 async def cancel(job_id: str, request: Request) -> dict[str, Any]:
     jobs = job_store(request)
     job = _job(jobs, job_id)
@@ -198,7 +199,7 @@ async def cancel(job_id: str, request: Request) -> dict[str, Any]:
     return job_object(_job(jobs, job_id))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/pause")
+@router.post("/fine_tuning/jobs/{job_id}/pause", responses=ok(Job))
 async def pause(job_id: str, request: Request) -> dict[str, Any]:
     """The runner saves a checkpoint and exits, freeing the device; the job waits as `paused`."""
     jobs = job_store(request)
@@ -213,7 +214,7 @@ async def pause(job_id: str, request: Request) -> dict[str, Any]:
     return job_object(_job(jobs, job_id))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/resume")
+@router.post("/fine_tuning/jobs/{job_id}/resume", responses=ok(Job))
 async def resume(job_id: str, request: Request) -> dict[str, Any]:
     """Queue a paused job; it continues from its checkpoint (same data order, optimizer and scheduler state)."""
     jobs = job_store(request)
@@ -240,7 +241,7 @@ def _event_object(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events")
+@router.get("/fine_tuning/jobs/{job_id}/events", responses=ok(listing(JobEvent)))
 async def list_events(
     job_id: str, request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20
 ) -> dict[str, Any]:
@@ -273,7 +274,7 @@ def _checkpoints(jobs: JobStore, job_id: str) -> list[dict[str, Any]]:
     return [_checkpoint_object(r, job) for r in jobs.list_checkpoints(job_id)]
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", responses=ok(listing(FineTuningJobCheckpoint)))
 async def list_checkpoints(job_id: str, request: Request) -> dict[str, Any]:
     data = _checkpoints(job_store(request), job_id)
     return {
@@ -288,12 +289,12 @@ async def list_checkpoints(job_id: str, request: Request) -> dict[str, Any]:
 # --- OPEA's calls ----------------------------------------------------------------------------
 
 
-@router.post("/fine_tuning/jobs/retrieve")
+@router.post("/fine_tuning/jobs/retrieve", responses=ok(Job))
 async def opea_retrieve(body: JobRef, request: Request) -> dict[str, Any]:
     return job_object(_job(job_store(request), body.fine_tuning_job_id))
 
 
-@router.post("/fine_tuning/jobs/cancel")
+@router.post("/fine_tuning/jobs/cancel", responses=ok(Job))
 async def opea_cancel(body: JobRef, request: Request) -> dict[str, Any]:
     return await cancel(body.fine_tuning_job_id, request)
 

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bentoservice.api.errors import APIError
 from bentoservice.api.graders.protocol import RunBody, ValidateBody
+from bentoservice.api.responses import GraderRunResponse, GraderValidateResponse, ok
 from bentoservice.training.graders import GraderError, GradingFailed, ServiceModels, sample_of
 from bentoservice.training.graders.build import from_spec, parse
 
@@ -47,7 +48,7 @@ def _invalid(exc: GraderError) -> APIError:
     return APIError(400, exc.message, exc.param, "invalid_grader")
 
 
-@router.post("/fine_tuning/alpha/graders/validate")
+@router.post("/fine_tuning/alpha/graders/validate", responses=ok(GraderValidateResponse))
 async def validate(body: ValidateBody, request: Request) -> dict[str, Any]:
     try:
         spec = parse(body.grader)
@@ -87,7 +88,7 @@ def _run(body: RunBody, models: ServiceModels) -> dict[str, Any]:
     }
 
 
-@router.post("/fine_tuning/alpha/graders/run")
+@router.post("/fine_tuning/alpha/graders/run", responses=ok(GraderRunResponse))
 async def run(body: RunBody, request: Request) -> dict[str, Any]:
     try:
         return await run_in_threadpool(_run, body, _models(request))

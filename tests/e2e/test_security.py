@@ -246,11 +246,24 @@ HYPERPARAMETERS = [
     ({"learning_rate": 1e9}, "learning_rate"),
     ({"per_device_train_batch_size": 100_000}, "per_device_train_batch_size"),
     ({"Training": {"epochs": -1}}, "Training.epochs"),
+    # Unknown keys in a hyperparameters or method block are refused too, never dropped.
+    ({"hyperparameters": {"foo": 1}}, "hyperparameters.foo"),
+    (
+        {"method": {"type": "supervised", "supervised": {"hyperparameters": {"foo": 1}}}},
+        "method.supervised.hyperparameters.foo",
+    ),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"foo": 1}}}}, "method.dpo.hyperparameters.foo"),
+    (
+        {"method": {"type": "reinforcement", "reinforcement": {"grader": {}, "hyperparameters": {"foo": 1}}}},
+        "method.reinforcement.hyperparameters.foo",
+    ),
+    ({"method": {"type": "supervised", "supervised": {}, "rerank": {}}}, "method.rerank"),
+    ({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.dpo"),
 ]
 
 
 @pytest.mark.parametrize(("fields", "param"), HYPERPARAMETERS, ids=[p for _, p in HYPERPARAMETERS])
-def test_hyperparameter_ranges(server: Server, fields: dict, param: str) -> None:
+def test_hyperparameter_ranges_and_keys(server: Server, fields: dict, param: str) -> None:
     body = {"model": "tiny", "training_file": _upload(server)["id"], **fields}
     assert error(call(server, "POST", "/v1/fine_tuning/jobs", json=body), 400)["param"] == param
 

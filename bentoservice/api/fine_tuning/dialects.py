@@ -57,7 +57,31 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None and v != "auto"), None)
 
 
+def _check_method(body: JobRequest) -> None:
+    """A method block other than the one `method.type` names, or a `loss` that names another method, would be
+    dropped: a 400 naming it instead."""
+    assert body.method is not None
+    for name in sorted(body.method.model_fields_set - {"type"}):
+        if name != body.method.type and getattr(body.method, name) is not None:
+            raise APIError(
+                400,
+                f"method.{name} is given, but method.type is {body.method.type!r}: give the block of that type",
+                f"method.{name}",
+                "invalid_method",
+            )
+    implied = METHOD_TYPES[body.method.type]
+    if body.loss and body.loss != implied and (body.loss, implied) != ("orpo", "dpo"):  # ORPO takes DPO's block
+        raise APIError(
+            400,
+            f"loss {body.loss!r} and method.type {body.method.type!r} name different methods",
+            "loss",
+            "invalid_method",
+        )
+
+
 def training_method(body: JobRequest) -> str:
+    if body.method:
+        _check_method(body)
     if body.loss:
         return body.loss
     if body.method:
@@ -78,6 +102,11 @@ def _method_hyperparameters(body: JobRequest) -> Hyperparameters:
         return Hyperparameters()
     # The epochs, batch size and learning rate every method shares.
     return Hyperparameters.model_validate(block.hyperparameters.model_dump(include=set(Hyperparameters.model_fields)))
+
+
+def _dpo_beta(body: JobRequest) -> float | str | None:
+    dpo = body.method.dpo if body.method else None
+    return dpo.hyperparameters.beta if dpo is not None else None
 
 
 def default_learning_rate(config: dict[str, Any]) -> float:
@@ -172,7 +201,6 @@ def _training_config(
     body: JobRequest, job_id: str, base_name: str, train: dict, test: dict | None, method: str
 ) -> dict[str, Any]:
     """The TrainingConfig fields the runner will use (plain data: no torch on this side)."""
-    hyper = _method_hyperparameters(body)
     opea_lora = body.General.lora_config if body.General else LoraBlock()
     if opea_lora is None:
         raise APIError(
@@ -190,7 +218,7 @@ def _training_config(
         "test_file": filestore.file_url(test["id"]) if test else None,
         "adapter_name": f"ft-{job_id.removeprefix('ftjob-')}",
         **_lora_settings(body, opea_lora),
-        "beta": _first(body.beta, hyper.beta, training.dpo_beta),
+        "beta": _first(body.beta, _dpo_beta(body), training.dpo_beta),
         "max_seq_length": _first(body.max_seq_length, dataset.max_length),
         "merge_before_push": body.merge_before_push,
         "adapter_type": "qlora" if body.load_in_4bit else "lora",
@@ -259,16 +287,21 @@ def _add_evaluation(
                 "unsupported",
             )
         return
-    if config["method"] in encoder_config.ENCODER_METHODS:
-        if body.evaluation is not None:
-            raise APIError(
-                400,
-                "evaluation compares generations: it is for LLM jobs, not rerank or embedding",
-                "evaluation",
-                "unsupported",
-            )
-        return
+    if test is None and prompts is None:
+        raise APIError(
+            400,
+            "evaluation needs a validation_file (held-out figures, samples) or evaluation.prompts_file (samples)",
+            "evaluation",
+            "missing_validation_file",
+        )
     block = body.evaluation or EvaluationBlock()
+    if config["method"] in encoder_config.ENCODER_METHODS and block.max_tokens is not None:
+        raise APIError(
+            400,
+            "evaluation.max_tokens is for generations: a rerank or embedding job's evaluation ranks passages",
+            "evaluation.max_tokens",
+            "unsupported",
+        )
     config["evaluation"] = {
         "prompts_file": filestore.file_url(prompts["id"]) if prompts else None,
         **block.model_dump(include={"max_tokens", "samples"}, exclude_none=True),

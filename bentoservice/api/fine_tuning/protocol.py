@@ -17,14 +17,26 @@ LearningRate = Annotated[float, Field(gt=0, le=1)]
 
 
 class Hyperparameters(BaseModel):
+    """OpenAI's supervised hyperparameters (also the job's top-level `hyperparameters`, OpenAI's older form)."""
+
+    model_config = ConfigDict(extra="forbid")
     n_epochs: Epochs | Auto | None = None
     batch_size: BatchSize | Auto | None = None
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto | None = None
+
+
+class DpoHyperparameters(Hyperparameters):
     beta: Annotated[float, Field(gt=0, le=100)] | Auto | None = None
 
 
-class MethodBlock(BaseModel):
+class SupervisedBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class DpoBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
 
 
 class ReinforcementHyperparameters(BaseModel):
@@ -49,9 +61,10 @@ class ReinforcementBlock(BaseModel):
 
 
 class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["supervised", "dpo", "reinforcement"]
-    supervised: MethodBlock | None = None
-    dpo: MethodBlock | None = None
+    supervised: SupervisedBlock | None = None
+    dpo: DpoBlock | None = None
     reinforcement: ReinforcementBlock | None = None
 
 

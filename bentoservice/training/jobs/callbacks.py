@@ -30,6 +30,7 @@ LOG_KEYS = (
     "epoch",
     "eval_loss",
     "eval_accuracy",
+    "eval_mrr",
     "train_loss",
     "mean_token_accuracy",
     "eval_mean_token_accuracy",

@@ -115,13 +115,22 @@ def _result_files(jobs: JobStore, job_id: str, evaluation: dict[str, Any] | None
     return files
 
 
+# The method's own held-out figure, beside the loss: DPO's and ORPO's preference accuracy, a rerank's MRR.
+METHOD_FIGURES = ("preference_accuracy", "mrr", "accuracy")
+
+
 def _evaluation_message(evaluation: dict[str, Any]) -> str:
-    if "base" in evaluation and "loss" in evaluation["base"] and "loss" in evaluation["adapter"]:
-        return (
-            f"Evaluation: held-out loss {evaluation['base']['loss']:.4f} (base) -> "
-            f"{evaluation['adapter']['loss']:.4f} (fine-tuned); {len(evaluation['samples'])} samples compared"
-        )
-    return f"Evaluation: {len(evaluation['samples'])} samples of the base and the fine-tuned model compared"
+    base, adapter = evaluation.get("base") or {}, evaluation.get("adapter") or {}
+    compared = f"{len(evaluation['samples'])} samples of the base and the fine-tuned model compared"
+    if "loss" not in base or "loss" not in adapter:
+        return f"Evaluation: {compared}"
+    figures = "".join(
+        f", {name} {base[name]:.4f} -> {adapter[name]:.4f}"
+        for name in METHOD_FIGURES
+        if name in base and name in adapter
+    )
+    loss = f"held-out loss {base['loss']:.4f} (base) -> {adapter['loss']:.4f} (fine-tuned)"
+    return f"Evaluation: {loss}{figures}; {compared}"
 
 
 def _wandb_environment(wandb: dict[str, Any]) -> None:

@@ -45,8 +45,8 @@ def _figure(value: Any) -> str:
 
 
 def held_out_table(evaluation: dict[str, Any]) -> Table | None:
-    """Each held-out figure (loss, token accuracy, and the method's own, e.g. preference accuracy) of the base and
-    of the fine-tune; None without a validation file."""
+    """Each held-out figure (loss, token accuracy, and the method's own: preference accuracy, a rerank's accuracy
+    and MRR) of the base and of the fine-tune; None without a validation file."""
     base, adapter = evaluation.get("base") or {}, evaluation.get("adapter") or {}
     names = [*base, *(name for name in adapter if name not in base)]
     if not names:
@@ -62,12 +62,17 @@ def held_out_table(evaluation: dict[str, Any]) -> Table | None:
 
 
 def samples_table(evaluation: dict[str, Any]) -> Table | None:
-    """The sample generations side by side: prompt, base, fine-tuned, reference."""
+    """The samples side by side: prompt, base, fine-tuned, reference (an LLM's greedy generations; a rerank or
+    embedding model's top passage for a query, the positive as reference)."""
     samples = evaluation.get("samples") or []
     if not samples:
         return None
-    table = Table(title="Greedy generations, side by side", show_lines=True)
-    for column in ("prompt", "base", "fine-tuned", "reference"):
+    ranking = evaluation.get("method") in ("rerank", "embedding")
+    title = "Top-ranked passages, side by side" if ranking else "Greedy generations, side by side"
+    table = Table(title=title, show_lines=True)
+    for column in (
+        ("query", "base", "fine-tuned", "positive") if ranking else ("prompt", "base", "fine-tuned", "reference")
+    ):
         table.add_column(column, overflow="fold")
     for sample in samples:
         table.add_row(sample["prompt"], sample["base"], sample["adapter"], sample.get("reference") or "-")

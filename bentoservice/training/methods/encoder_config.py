@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bentoservice.training.config import FineTuneChecks
+from bentoservice.training.methods.evaluation import Evaluation
 
 EncoderMethod = Literal["rerank", "embedding"]
 ENCODER_METHODS: tuple[str, ...] = ("rerank", "embedding")
@@ -56,6 +57,9 @@ class EncoderConfig(FineTuneChecks):
     passage_instruction: str | None = None
     temperature: float = Field(0.02, gt=0)
     """Embedding: the softmax temperature of the cosine similarities."""
+    evaluation: Evaluation | None = None
+    """Compare the model as training started with the fine-tune at the end (held-out loss, accuracy and MRR, the
+    passage each ranks first for a few queries); `prompts_file` is a path to rerank data for those queries."""
     args: dict[str, Any] = {}
 
     @property

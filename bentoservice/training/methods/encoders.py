@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from bentoservice import store
@@ -31,6 +31,7 @@ from bentoservice.training.config import TrainingError
 from bentoservice.training.data import formats
 from bentoservice.training.jobs.callbacks import ProgressCallback, Sink, StopFlag
 from bentoservice.training.methods.encoder_config import EncoderConfig
+from bentoservice.training.methods.evaluation import held_out
 from bentoservice.training.methods.runs import (
     TrainingResult,
     default_adapter_name,
@@ -68,12 +69,16 @@ class Groups(Dataset):
         picked = random.choices(others, k=count) if self.sample else [others[k % len(others)] for k in range(count)]
         return [self.rows[j]["pos"][0] for j in picked]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def group(self, i: int) -> tuple[str, list[str]]:
+        """Query i and its passages (the positive first), without the instructions."""
         row = self.rows[i]
         positive = random.choice(row["pos"]) if self.sample else row["pos"][0]
-        passages = [positive, *self._negatives(i, self.size - 1)]
+        return row["query"], [positive, *self._negatives(i, self.size - 1)]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        query, passages = self.group(i)
         return {
-            "query": self.query_instruction + row["query"],
+            "query": self.query_instruction + query,
             "passages": [self.passage_instruction + p for p in passages],
         }
 
@@ -109,7 +114,8 @@ def embedding_collator(tokenizer: PreTrainedTokenizerBase, config: EncoderConfig
 class EncoderTrainer(Trainer):
     """Rerank: softmax cross-entropy of each group's positive among its passages. Embedding: InfoNCE of each
     query against every passage of the batch (its own group's negatives and the other groups' passages).
-    Evaluation also reports `accuracy`: how often the positive scores highest within its own group."""
+    Evaluation also reports `accuracy` (how often the positive scores highest within its own group) and `mrr`
+    (the mean of 1 / the positive's rank in its group); its predictions are each group's scores."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it over gradient accumulation
 
@@ -145,8 +151,45 @@ class EncoderTrainer(Trainer):
         return loss.detach(), None if prediction_loss_only else scores.detach(), positives
 
 
-def group_accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+def group_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    scores = torch.as_tensor(prediction.predictions)
+    positive = scores[:, :1]  # the positive is first in every group
+    ranks = 1 + (scores > positive).sum(dim=1)
+    return {"accuracy": float((ranks == 1).float().mean()), "mrr": float((1 / ranks).mean())}
+
+
+# --- the before/after evaluation ---------------------------------------------------------------
+
+
+def compare_encoders(
+    trainer: EncoderTrainer,
+    base_trainer: EncoderTrainer,
+    test: Groups | None,
+    shown: Groups | None,
+    samples: int,
+    after: dict[str, Any],
+) -> dict[str, Any]:
+    """The base (`base_trainer`'s model: the model as training started) against the fine-tune: held-out loss,
+    accuracy and MRR on `test`, and for the first `samples` queries of `shown` the passage each ranks first."""
+    summary: dict[str, Any] = {"method": trainer.config.method}
+    if test is not None:
+        summary.update(
+            base=held_out(base_trainer.predict(test, metric_key_prefix="eval").metrics), adapter=held_out(after)
+        )
+    if shown is None:
+        summary["samples"] = []
+        return summary
+    picked = Subset(shown, range(min(samples, len(shown))))
+    base_top, top = (
+        torch.as_tensor(t.predict(picked).predictions).argmax(-1).tolist() for t in (base_trainer, trainer)
+    )
+    groups = [shown.group(i) for i in picked.indices]
+    summary["samples"] = [
+        {"prompt": query, "base": passages[b], "adapter": passages[a], "reference": passages[0]}
+        for (query, passages), b, a in zip(groups, base_top, top, strict=True)
+    ]
+    log.info("evaluation: %s", {k: v for k, v in summary.items() if k != "samples"})
+    return summary
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -160,7 +203,9 @@ def run_encoder_training(
         raise TrainingError("train_file is required")
     train = formats.load_file(config.train_file, expect="rerank")
     test = formats.load_file(config.test_file, expect="rerank") if config.test_file else None
-    return train_encoder(config, train, test, sink=sink, stop=stop, resume=resume)
+    shown = config.evaluation.prompts_file if config.evaluation else None
+    prompts = formats.load_file(shown, expect="rerank") if shown else None
+    return train_encoder(config, train, test, sink=sink, stop=stop, resume=resume, prompts=prompts)
 
 
 def _load(config: EncoderConfig, base: store.StoredModel) -> PreTrainedModel:
@@ -189,16 +234,18 @@ def train_encoder(
     sink: Sink | None = None,
     stop: StopFlag | None = None,
     resume: bool = False,
+    prompts: formats.Dataset | None = None,
 ) -> TrainingResult:
     """Fine-tune and store the model (kind=rerank or kind=embedding, labelled with its base).
 
-    `sink` receives progress events (with a validation set: its loss and accuracy before training too); training
-    stops, saving a checkpoint, once `stop` is set; `resume=True` continues from the output folder's newest
-    checkpoint. A LoRA fine-tune is merged before it is stored.
+    `sink` receives progress events (with a validation set: its loss, accuracy and MRR before training too);
+    training stops, saving a checkpoint, once `stop` is set; `resume=True` continues from the output folder's
+    newest checkpoint. With `config.evaluation`, the base is compared with the fine-tune at the end (on `test`;
+    the samples from `prompts`, else `test`). A LoRA fine-tune is merged before it is stored.
     """
     from transformers import AutoTokenizer, set_seed
 
-    for data in [train] if test is None else [train, test]:
+    for data in [d for d in (train, test, prompts) if d is not None]:
         if data.kind != "rerank":
             raise formats.DataFormatError(
                 f"this is {data.kind} data but a {config.method} fine-tune needs rerank data (query, pos, neg)"
@@ -236,21 +283,38 @@ def train_encoder(
         device,
         output_dir,
     )
-    trainer = EncoderTrainer(
-        model=_load(config, base),
-        args=training_args,
+    pooling = read_pooling(base.path)
+
+    def make_trainer(model: PreTrainedModel, arguments: TrainingArguments, **kwargs: Any) -> EncoderTrainer:
+        return EncoderTrainer(
+            model=model,
+            args=arguments,
+            data_collator=collator(tokenizer, config),
+            processing_class=tokenizer,
+            compute_metrics=group_metrics,
+            config=config,
+            pooling=pooling,
+            **kwargs,
+        )
+
+    test_groups = Groups(test, config, False) if test is not None else None
+    trainer = make_trainer(
+        _load(config, base),
+        training_args,
         train_dataset=Groups(train, config, True),
-        eval_dataset=Groups(test, config, False) if test is not None else None,
-        data_collator=collator(tokenizer, config),
-        processing_class=tokenizer,
+        eval_dataset=test_groups,
         callbacks=[progress],
-        compute_metrics=group_accuracy,
-        config=config,
-        pooling=read_pooling(base.path),
     )
     metrics = train_and_evaluate(trainer, checkpoint, progress, evaluate=test is not None)
     if progress.stopped:
         return TrainingResult(None, None, metrics, output_dir, stopped=True)
+    compared = None
+    if config.evaluation is not None:
+        set_seed(training_args.seed)  # the base as training started: the same fresh scoring head
+        predicting = TrainingArguments(**{**args, "report_to": "none", "eval_strategy": "no", "eval_on_start": False})
+        shown = Groups(prompts, config, False) if prompts is not None else test_groups
+        base_trainer = make_trainer(_load(config, base), predicting)
+        compared = compare_encoders(trainer, base_trainer, test_groups, shown, config.evaluation.samples, metrics)
     model = trainer.model.merge_and_unload() if config.lora is not None else trainer.model
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -273,4 +337,4 @@ def train_encoder(
         _plain(metadata),
     )
     log.info("saved %s model %s (%s)", config.method, stored.tag, output_dir)
-    return TrainingResult(output_dir, stored.tag, metrics, output_dir)
+    return TrainingResult(output_dir, stored.tag, metrics, output_dir, evaluation=compared)

@@ -61,13 +61,19 @@ def _generate(
     return replies
 
 
-def _held_out(metrics: dict[str, Any]) -> dict[str, float]:
-    figures = {
-        "loss": metrics.get("eval_loss"),
-        "mean_token_accuracy": metrics.get("eval_mean_token_accuracy"),
-        "preference_accuracy": metrics.get("eval_rewards/accuracies"),
-    }
-    return {k: float(v) for k, v in figures.items() if v is not None}
+# A trainer's evaluation keys and the summary's names for them: the loss, an LLM's token accuracy, DPO's and ORPO's
+# preference accuracy, a rerank or embedding model's accuracy and MRR (methods.encoders).
+HELD_OUT_FIGURES = {
+    "eval_loss": "loss",
+    "eval_mean_token_accuracy": "mean_token_accuracy",
+    "eval_rewards/accuracies": "preference_accuracy",
+    "eval_accuracy": "accuracy",
+    "eval_mrr": "mrr",
+}
+
+
+def held_out(metrics: dict[str, Any]) -> dict[str, float]:
+    return {name: float(metrics[key]) for key, name in HELD_OUT_FIGURES.items() if metrics.get(key) is not None}
 
 
 def before_after(
@@ -87,8 +93,8 @@ def before_after(
     summary: dict[str, Any] = {}
     if test is not None:
         with model.disable_adapter():
-            base = _held_out(trainer.evaluate(metric_key_prefix="eval"))
-        summary.update(base=base, adapter=_held_out(after))
+            base = held_out(trainer.evaluate(metric_key_prefix="eval"))
+        summary.update(base=base, adapter=held_out(after))
     source = prompts or test
     rows = source.rows[: settings.samples] if source is not None else []
     pairs = [_prompt_and_reference(row) for row in rows]

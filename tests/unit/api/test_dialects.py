@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from bentoservice.api.errors import APIError
 from bentoservice.api.fine_tuning.dialects import default_learning_rate, job_config, training_method
@@ -106,3 +107,69 @@ def test_validation_without_save_steps_evaluates_each_epoch_with_no_unset_values
     made = job_config(request, "ftjob-abc123", "tiny", TRAIN, {"id": "v"}, training_method(request))
     assert made["args"]["eval_strategy"] == made["args"]["save_strategy"] == "epoch"
     assert None not in made["args"].values()  # the adapter's store metadata refuses None
+
+
+@pytest.mark.parametrize(
+    ("method", "param"),
+    [
+        (
+            {"type": "supervised", "supervised": {"hyperparameters": {"foo": 1}}},
+            "method.supervised.hyperparameters.foo",
+        ),
+        (
+            {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}},
+            "method.supervised.hyperparameters.beta",
+        ),
+        ({"type": "dpo", "dpo": {"hyperparameters": {"n_epoch": 2}}}, "method.dpo.hyperparameters.n_epoch"),
+        ({"type": "dpo", "dpo": {"hyperparameter": {}}}, "method.dpo.hyperparameter"),
+        ({"type": "supervised", "rerank": {}}, "method.rerank"),
+        (
+            {"type": "reinforcement", "reinforcement": {"grader": {}, "hyperparameters": {"foo": 1}}},
+            "method.reinforcement.hyperparameters.foo",
+        ),
+    ],
+)
+def test_unknown_method_keys_are_refused_naming_them(method: dict, param: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        JobRequest.model_validate({"model": "tiny", "training_file": "f", "method": method})
+    assert ".".join(str(p) for p in info.value.errors()[0]["loc"]) == param
+
+
+def test_unknown_top_level_hyperparameter_is_refused() -> None:
+    with pytest.raises(ValidationError) as info:
+        JobRequest.model_validate({"model": "tiny", "training_file": "f", "hyperparameters": {"n_epochz": 2}})
+    assert info.value.errors()[0]["loc"] == ("hyperparameters", "n_epochz")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.2}}}}, "method.dpo"),
+        ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
+        ({"loss": "sft", "method": {"type": "dpo"}}, "loss"),
+    ],
+)
+def test_a_method_block_that_would_be_dropped_is_refused(body: dict, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        config(**body)
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_orpo_takes_the_dpo_block() -> None:
+    made = config(loss="orpo", method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3}}})
+    assert made["method"] == "orpo" and made["beta"] == 0.3
+
+
+def test_a_rerank_job_with_validation_is_evaluated_by_default() -> None:
+    request = JobRequest.model_validate(
+        {"model": "minilm", "training_file": "t", "validation_file": "v", "General": {"task": "rerank"}}
+    )
+    made = job_config(request, "ftjob-abc123", "minilm", TRAIN, {"id": "v"}, training_method(request))
+    assert made["evaluation"] == {"prompts_file": None}
+
+
+def test_an_evaluation_with_nothing_to_compare_is_refused() -> None:
+    for body in ({"General": {"task": "rerank"}, "evaluation": {}}, {"evaluation": {"samples": 2}}):
+        with pytest.raises(APIError) as info:
+            config(**body)
+        assert info.value.param == "evaluation"

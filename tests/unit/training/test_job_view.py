@@ -36,3 +36,19 @@ def test_tables_show_before_after_and_the_samples() -> None:
     assert rows["preference_accuracy"][:4] == ["│", "-", "│", "0.7500"]
     assert "Arr, hello!" in text and "Hello." in text
     assert held_out_table({"samples": []}) is None and samples_table({}) is None
+
+
+def test_a_rerank_evaluation_shows_mrr_and_the_top_passages() -> None:
+    evaluation = {
+        "method": "rerank",
+        "base": {"loss": 1.39, "accuracy": 0.25, "mrr": 0.5},
+        "adapter": {"loss": 0.9, "accuracy": 1.0, "mrr": 1.0},
+        "samples": [{"prompt": "Where?", "base": "Oslo.", "adapter": "Lima.", "reference": "Lima."}],
+    }
+    console = Console(width=120, record=True)
+    for table in (held_out_table(evaluation), samples_table(evaluation)):
+        console.print(table)
+    text = console.export_text()
+    rows = {line.split()[1]: line.split()[2:] for line in text.splitlines() if line.startswith("│")}
+    assert rows["mrr"] == ["│", "0.5000", "│", "1.0000", "│", "+0.5000", "│"]
+    assert "Top-ranked passages" in text and "positive" in text and "Oslo." in text

@@ -29,7 +29,9 @@ app = typer.Typer(
     help="Fine-tune open LLMs with LoRA and serve them OpenAI-compatible on BentoML.",
 )
 app.add_typer(
-    fine_tune_app, name="fine-tune", help="Jobs: `follow JOB`, `get JOB`; finished fine-tunes: `get MODEL`, `list`."
+    fine_tune_app,
+    name="fine-tune",
+    help="Jobs: `create MODEL FILE [--follow]`, `follow JOB`, `get JOB`; finished fine-tunes: `get MODEL`, `list`.",
 )
 app.command("train")(train)
 

@@ -286,6 +286,45 @@ def test_cli_follows_a_job_and_shows_its_evaluation(server: Server) -> None:
     assert all(s["prompt"] in shown.stdout for s in summary["samples"])
 
 
+def test_cli_creates_a_job_and_follows_it(server: Server, tmp_path: Path) -> None:
+    chats = tmp_path / "chats.jsonl"
+    chats.write_bytes(jsonl(CHATS))
+    created = _cli(
+        server,
+        "create",
+        "tiny",
+        str(chats),
+        "--validation-file",
+        str(chats),
+        "--batch-size",
+        "2",
+        "--suffix",
+        "cli",
+        "--seed",
+        "3",
+        "--body",
+        json.dumps({"max_steps": 3, "evaluation": {"max_tokens": 2, "samples": 1}}),
+        "--follow",
+        "--poll",
+        "0.2",
+    )
+    assert created.returncode == 0, created.stderr
+    job_id, final = created.stdout.strip().splitlines()
+    client = server.client()
+    done = client.fine_tuning.jobs.retrieve(job_id)
+    assert final == f"{job_id} succeeded after 3/3 steps: {done.fine_tuned_model}"
+    assert done.fine_tuned_model.startswith("ft:tiny:cli:") and done.seed == 3
+    assert done.hyperparameters.batch_size == 2 and done.model_extra["evaluation"]["samples"]
+    uploaded = client.files.retrieve(done.training_file)
+    assert uploaded.filename == "chats.jsonl" and done.validation_file.startswith("file-")
+    assert "3/3" in created.stderr and "loss=" in created.stderr  # the live bar, on stderr
+
+    dpo = _cli(server, "create", "tiny", done.training_file, "--method", "dpo", "--n-epochs", "0")
+    assert dpo.returncode == 1 and "method.dpo.hyperparameters.n_epochs" in dpo.stderr  # the server's 400
+    assert _cli(server, "create", "tiny", str(tmp_path / "missing.jsonl")).returncode == 2
+    assert _cli(server, "create", "tiny", done.training_file, "--body", "[1]").returncode == 2
+
+
 def test_python_client_bar_and_trackio(server: Server, capfd: pytest.CaptureFixture[str]) -> None:
     client = bentoservice.Client(server.url)
     train = client.files.create(jsonl(CHATS), purpose="fine-tune")["id"]

@@ -21,17 +21,22 @@ def test_bar_counts_to_the_total_of_the_metrics_events() -> None:
     bar.close()
 
 
+def _render(evaluation: dict) -> tuple[str, dict[str, list[str]]]:
+    """The two tables as text, and the held-out table's rows by figure."""
+    console = Console(width=120, record=True)
+    for table in (held_out_table(evaluation), samples_table(evaluation)):
+        console.print(table)
+    text = console.export_text()
+    return text, {line.split()[1]: line.split()[2:] for line in text.splitlines() if line.startswith("│")}
+
+
 def test_tables_show_before_after_and_the_samples() -> None:
     evaluation = {
         "base": {"loss": 2.0, "mean_token_accuracy": 0.25},
         "adapter": {"loss": 1.5, "mean_token_accuracy": 0.5, "preference_accuracy": 0.75},
         "samples": [{"prompt": "Hi?", "base": "Hello.", "adapter": "Arr, hello!", "reference": None}],
     }
-    console = Console(width=120, record=True)
-    for table in (held_out_table(evaluation), samples_table(evaluation)):
-        console.print(table)
-    text = console.export_text()
-    rows = {line.split()[1]: line.split()[2:] for line in text.splitlines() if line.startswith("│")}
+    text, rows = _render(evaluation)
     assert rows["loss"] == ["│", "2.0000", "│", "1.5000", "│", "-0.5000", "│"]
     assert rows["preference_accuracy"][:4] == ["│", "-", "│", "0.7500"]
     assert "Arr, hello!" in text and "Hello." in text
@@ -45,10 +50,6 @@ def test_a_rerank_evaluation_shows_mrr_and_the_top_passages() -> None:
         "adapter": {"loss": 0.9, "accuracy": 1.0, "mrr": 1.0},
         "samples": [{"prompt": "Where?", "base": "Oslo.", "adapter": "Lima.", "reference": "Lima."}],
     }
-    console = Console(width=120, record=True)
-    for table in (held_out_table(evaluation), samples_table(evaluation)):
-        console.print(table)
-    text = console.export_text()
-    rows = {line.split()[1]: line.split()[2:] for line in text.splitlines() if line.startswith("│")}
+    text, rows = _render(evaluation)
     assert rows["mrr"] == ["│", "0.5000", "│", "1.0000", "│", "+0.5000", "│"]
     assert "Top-ranked passages" in text and "positive" in text and "Oslo." in text

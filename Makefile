@@ -33,10 +33,11 @@ test: install
 fuzz: install
 	FUZZ_EXAMPLES=25 HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q tests/e2e/test_fuzz.py
 
-# The README's screenshots of the web console, taken by its browser test with the default model.
+# The web console's screenshots (README, docs/console.md), taken by its browser tests with the default model.
 screenshots: install
 	HF_HUB_OFFLINE=1 BENTOSERVICE_CONSOLE_MODEL=smollm2 BENTOSERVICE_CONSOLE_SCREENSHOTS=docs/images \
-		.ci/with-chromium $(VENV)/bin/pytest -q tests/e2e/test_console.py::test_console
+		.ci/with-chromium $(VENV)/bin/pytest -q tests/e2e/test_console.py::test_console \
+		tests/e2e/test_console.py::test_playground_json_schema_and_tools
 
 # ruff's lint rules, mypy's types, and ruff's formatting (configured in pyproject.toml).
 lint: install

@@ -232,7 +232,7 @@ def test_console_with_api_key(tiny, browser: sync_api.Browser, page: sync_api.Pa
         server.stop()
 
 
-def test_playground_json_schema_and_tools(server: Server, page: sync_api.Page) -> None:
+def test_playground_json_schema_and_tools(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
     page.goto(f"{server.url}/ui/#/playground")
     sync_api.expect(page.locator("#chat-model")).to_have_value(MODEL)
     page.click("#chat-extras summary")
@@ -291,6 +291,7 @@ def test_playground_json_schema_and_tools(server: Server, page: sync_api.Page) -
     for name, arguments in shown:
         assert name == "get_forecast"
         jsonschema.validate(arguments, FORECAST["function"]["parameters"])
+    screenshot(page, "console-tools.png", tmp_path)
     page.select_option("#tool-choice", "none")
     body = send(page, "Thanks.", max_tokens=4)
     sent = body["messages"][1]["tool_calls"]

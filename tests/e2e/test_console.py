@@ -279,7 +279,7 @@ def test_playground_json_schema_and_tools(server: Server, page: sync_api.Page, t
     sync_api.expect(page.locator("#pane-a .message.failed")).to_have_count(0)
 
     # tool_choice required: the reply is calls (the grammar makes them), streamed into the transcript by function
-    # name and arguments; the next turn sends them back in the history, as the SDK would.
+    # name and arguments.
     page.click("#chat-clear")
     page.fill("#tools", json.dumps([FORECAST]))
     page.select_option("#tool-choice", "required")
@@ -292,13 +292,31 @@ def test_playground_json_schema_and_tools(server: Server, page: sync_api.Page, t
         assert name == "get_forecast"
         jsonschema.validate(arguments, FORECAST["function"]["parameters"])
     screenshot(page, "console-tools.png", tmp_path)
+
+    # Their results, typed under each call, go back with no further prompt: the history holds the calls as the SDK
+    # would send them, then one tool message answering each.
+    for i, call in enumerate(calls.all()):
+        call.locator(".tool-result").fill(json.dumps({"celsius": 20 + i}))
     page.select_option("#tool-choice", "none")
-    body = send(page, "Thanks.", max_tokens=4)
-    sent = body["messages"][1]["tool_calls"]
-    assert all(call["id"].startswith("call_") for call in sent)
-    assert [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in sent] == shown
+    body = send(page, "", max_tokens=4)
+    assert body["tool_choice"] == "none"
+    [question, asked, *results] = body["messages"]
+    assert question == {"role": "user", "content": "What is the weather in Paris?"}
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in asked["tool_calls"]] == shown
+    assert results == [
+        {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"celsius": 20 + i})}
+        for i, call in enumerate(asked["tool_calls"])
+    ]
     sync_api.expect(page.locator("#pane-a .message.assistant.done")).to_have_count(2)
     sync_api.expect(page.locator("#pane-a .message.failed")).to_have_count(0)
+    sync_api.expect(page.locator("#pane-a .tool-result").first).to_be_disabled()
+
+    # A named function, offered for each tool in the box: one call to it.
+    page.click("#chat-clear")
+    page.select_option("#tool-choice", "function:get_forecast")
+    body = send(page, "Weather?", max_tokens=150)
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_forecast"}}
+    sync_api.expect(page.locator("#pane-a .message.assistant.done .tool-call .name")).to_have_text(["get_forecast"])
 
     # The service's own refusal of a bad tool is shown as its message, naming the field.
     page.click("#chat-clear")

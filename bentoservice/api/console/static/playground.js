@@ -7,10 +7,13 @@ import { servedModels } from "./models.js";
 const panes = { a: document.getElementById("pane-a"), b: document.getElementById("pane-b") };
 const pickers = { a: document.getElementById("chat-model"), b: document.getElementById("chat-model-b") };
 const history = { a: [], b: [] };
+// The last answer's tool calls, each with the box for its result, which goes back with the next message.
+const pending = { a: [], b: [] };
 const compare = document.getElementById("compare");
 const format = document.getElementById("response-format");
 const schemaBox = document.getElementById("json-schema");
 const toolsBox = document.getElementById("tools");
+const toolChoice = document.getElementById("tool-choice");
 
 function options(served) {
   const label = served.default ? `${served.base} (default: ${served.default})` : `${served.base} (default)`;
@@ -21,6 +24,7 @@ function options(served) {
 function clear() {
   for (const side of ["a", "b"]) {
     history[side] = [];
+    pending[side] = [];
     panes[side].querySelector(".messages").replaceChildren();
   }
 }
@@ -61,15 +65,32 @@ function extras() {
   if (toolsBox.value.trim()) {
     body.tools = parsed(toolsBox, "tools", "a JSON array of tool objects ({\"type\": \"function\", ...})",
                         (value) => Array.isArray(value) && value.every(isObject));
-    body.tool_choice = document.getElementById("tool-choice").value;
+    const [choice, name] = toolChoice.value.split(":");
+    body.tool_choice = name ? { type: "function", function: { name } } : choice;
   }
   return body;
 }
 
-// One streamed tool call: the call as the history sends it back, and its name and arguments in the transcript.
+// tool_choice's options: auto, none, required, and each function the tools box names (while it parses).
+function choices() {
+  let names = [];
+  try {
+    names = JSON.parse(toolsBox.value).map((tool) => tool?.function?.name).filter((n) => typeof n === "string");
+  } catch {
+    // not (yet) a list of tools: no named choices
+  }
+  const kept = toolChoice.value;
+  toolChoice.replaceChildren(...["auto", "none", "required"].map((c) => el("option", { value: c, textContent: c })),
+    ...names.map((n) => el("option", { value: `function:${n}`, textContent: `function ${n}` })));
+  if ([...toolChoice.options].some((o) => o.value === kept)) toolChoice.value = kept;
+}
+
+// One streamed tool call: the call as the history sends it back; in the transcript its name, its arguments and a box
+// for the tool's result.
 function toolCall(answer) {
-  const view = { name: el("span", { className: "name" }), args: el("pre") };
-  answer.append(el("div", { className: "tool-call" }, view.name, view.args));
+  const view = { name: el("span", { className: "name" }), args: el("pre"),
+                 result: el("input", { className: "tool-result", placeholder: "the result, sent with the next message" }) };
+  answer.append(el("div", { className: "tool-call" }, view.name, view.args, view.result));
   return { call: { id: undefined, type: "function", function: { name: "", arguments: "" } }, view };
 }
 
@@ -97,15 +118,22 @@ function settle(calls) {
 
 async function ask(side, prompt, options) {
   const messages = panes[side].querySelector(".messages");
-  history[side].push({ role: "user", content: prompt });
+  const answered = pending[side];
+  const turn = answered.map(({ call, view }) => {
+    view.result.disabled = true;
+    return { role: "tool", tool_call_id: call.id, content: view.result.value };
+  });
+  if (prompt) turn.push({ role: "user", content: prompt });
+  if (!turn.length) return;
   const text = document.createTextNode("");
   const answer = el("div", { className: "message assistant streaming" }, text);
-  messages.append(el("div", { className: "message user", textContent: prompt }), answer);
+  if (prompt) messages.append(el("div", { className: "message user", textContent: prompt }));
+  messages.append(answer);
   const calls = [];
   try {
     let finish;
     await stream("chat/completions", {
-      model: pickers[side].value, messages: history[side], ...options,
+      model: pickers[side].value, messages: [...history[side], ...turn], ...options,
       temperature: Number(document.getElementById("temperature").value),
       max_tokens: Number(document.getElementById("max-tokens").value),
     }, (choice) => {
@@ -117,9 +145,10 @@ async function ask(side, prompt, options) {
     if (finish) answer.dataset.finish = finish;
     const message = { role: "assistant", content: text.data || (calls.length ? null : "") };
     if (calls.length) message.tool_calls = calls.map(({ call }) => call);
-    history[side].push(message);
+    history[side].push(...turn, message);
+    pending[side] = calls;
   } catch (error) {
-    history[side].pop();
+    for (const { view } of answered) view.result.disabled = false;
     answer.classList.add("failed");
     answer.textContent = error.message;
   } finally {
@@ -138,17 +167,19 @@ export function init(guarded) {
   format.addEventListener("change", showSchema);
   showSchema();
   for (const box of [schemaBox, toolsBox]) box.addEventListener("input", () => box.removeAttribute("aria-invalid"));
+  toolsBox.addEventListener("input", choices);
   document.getElementById("chat-form").addEventListener("submit", guarded(async (event) => {
     event.preventDefault();
     const box = document.getElementById("prompt");
     const prompt = box.value.trim();
-    if (!prompt) return;
+    const sides = compare.checked ? ["a", "b"] : ["a"];
+    if (!prompt && !sides.some((side) => pending[side].length)) return;
     const options = extras();
     box.value = "";
     const send = document.getElementById("send");
     send.disabled = true;
     try {
-      await Promise.all((compare.checked ? ["a", "b"] : ["a"]).map((side) => ask(side, prompt, options)));
+      await Promise.all(sides.map((side) => ask(side, prompt, options)));
     } finally {
       send.disabled = false;
     }

@@ -19,7 +19,7 @@ from bentoservice.engine.adapters import LoadedAdapter, NoFreeSlot, PreparedAdap
 from bentoservice.engine.errors import AdapterError, ContextOverflow, UnknownAdapter, UnknownModel
 from bentoservice.engine.params import Grammar, SamplingParams
 from bentoservice.engine.scheduler import Engine, Stream
-from bentoservice.engine.templates import TemplateError, renders_tools, resolve_template
+from bentoservice.engine.templates import TemplateError, renders_tools, resolve_template, time_limited
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,10 @@ class ServedModel:
         if self.tool_format and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
             messages, tools = self.tool_format.chat(messages, tools, renders_tools(template))
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=True
-            )
+            with time_limited():  # a registered template may loop longer on a real chat than on the check's
+                return self.tokenizer.apply_chat_template(
+                    messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=True
+                )
         except jinja2.TemplateError as exc:  # the template itself raised (e.g. on a role order it refuses)
             raise TemplateError(f"the chat template {self.template_name!r} failed: {exc}") from exc
 

@@ -1,10 +1,11 @@
-"""Issue 18: stopping and killing the server. SIGTERM to the main process stops every process of the server, the
-training runner included, and the job resumes at the next start; kill -9 during an upload and as a finished job's
-adapter is handed to serving loses nothing that was accepted. (kill -9 mid-training: test_fine_tuning.py's
-test_restart_mid_job_resumes.)"""
+"""Issue 18: stopping and killing the server. SIGTERM to the main process, and SIGTERM or SIGINT (a Ctrl-C) to its
+process group, stop every process of the server, the training runner included, and the job resumes at the next
+start; kill -9 during an upload and as a finished job's adapter is handed to serving loses nothing that was
+accepted. (kill -9 mid-training: test_fine_tuning.py's test_restart_mid_job_resumes.)"""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from conftest import Server
 from test_fine_tuning import CHATS, _job_row, jsonl, training_past_a_checkpoint, wait_for
 
@@ -28,7 +30,20 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-def test_sigterm_stops_every_process_and_the_job_resumes(tiny, tmp_path: Path) -> None:
+# (how the server is stopped, whether the test restarts it to see the job resume): SIGINT to the group is a Ctrl-C
+# in the terminal that runs `bentoservice start`. Every stop leaves the job queued with no runner, which is what the
+# next start resumes; one variant restarts to show it (a restart and the rest of the job cost a minute).
+STOPS = [
+    ("SIGTERM to the main process", signal.SIGTERM, False, True),
+    ("SIGTERM to the process group", signal.SIGTERM, True, False),
+    ("SIGINT to the process group", signal.SIGINT, True, False),
+]
+
+
+@pytest.mark.parametrize(("signum", "group", "restart"), [s[1:] for s in STOPS], ids=[s[0] for s in STOPS])
+def test_a_stop_leaves_no_process_and_the_job_resumes(
+    tiny, tmp_path: Path, signum: signal.Signals, group: bool, restart: bool
+) -> None:
     env = {"BENTOSERVICE_DATA_DIR": str(tmp_path)}
     server = Server("tiny", env=env)
     try:
@@ -36,7 +51,10 @@ def test_sigterm_stops_every_process_and_the_job_resumes(tiny, tmp_path: Path) -
         uploaded, job = training_past_a_checkpoint(client)
         runner = psutil.Process(_job_row(tmp_path, job.id)["pid"])
         pids = {p.pid for p in (*server._tree(), runner, *runner.children(recursive=True))}
-        server.proc.send_signal(signal.SIGTERM)  # the main process only
+        if group:
+            os.killpg(server.proc.pid, signum)  # the server was started in a session (and group) of its own
+        else:
+            server.proc.send_signal(signum)
         server.proc.wait(60)
         deadline = time.monotonic() + 15
         while _alive(pids) and time.monotonic() < deadline:
@@ -46,6 +64,8 @@ def test_sigterm_stops_every_process_and_the_job_resumes(tiny, tmp_path: Path) -
         assert row["status"] == "queued" and row["pid"] is None, row
     finally:
         server.stop()
+    if not restart:
+        return
     server = Server("tiny", env=env)
     try:
         client = server.client()

@@ -33,6 +33,8 @@ def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "tiny",
         "--api-key",
         LEGACY,
+        "--chat-template",
+        "chatml",
         env={
             "BENTOSERVICE_ADMIN_API_KEYS": ADMIN,
             "BENTOSERVICE_INFERENCE_API_KEYS": INFERENCE,
@@ -134,6 +136,7 @@ def test_keys_are_never_printed(tmp_path: Path) -> None:
         settings.admin_keys()
 
 
+SPIN = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
 SURROGATE = b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud800"}]}'
 BAD_INPUTS = [
     ("huge seed", "/v1/chat/completions", {"json": {**CHAT, "seed": 2**70}}, "seed"),
@@ -162,6 +165,24 @@ BAD_INPUTS = [
     ),
     ("template over the size limit", "/v1/chat_templates", {"json": {"name": "big", "template": "x" * 70000}}, None),
     (
+        "template that loops without output",
+        "/v1/chat_templates",
+        {"json": {"name": "spin", "template": SPIN}},
+        "template",
+    ),
+    (
+        "template that multiplies a string past the output limit",
+        "/v1/chat_templates",
+        {"json": {"name": "huge", "template": "{{ 'x' * 10000000000 }}"}},
+        "template",
+    ),
+    (
+        "template that asks lipsum for a book",
+        "/v1/chat_templates",
+        {"json": {"name": "lorem", "template": "{{ lipsum(n=10000000) | length }}"}},
+        "template",
+    ),
+    (
         "template that renders too much",
         "/v1/chat_templates",
         {"json": {"name": "loop", "template": "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"}},
@@ -182,6 +203,25 @@ def test_bad_input_is_a_400_naming_the_field(server: Server, path: str, kwargs: 
     assert "uid=" not in answer.text and "dtype" not in answer.text
     assert call(server, "GET", "/readyz", None).status_code == 200
     assert call(server, "POST", "/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_template_that_passes_the_check_is_time_limited_when_serving(server: Server) -> None:
+    """The check renders four messages; this template spins only on more. Serving stops it at the same limit."""
+    shipped = {t["name"]: t["template"] for t in call(server, "GET", "/v1/chat_templates").json()["data"]}["chatml"]
+    trap = "{% if messages | length > 4 %}" + SPIN + "{% endif %}" + shipped
+    assert (
+        call(
+            server, "POST", "/v1/chat_templates", json={"name": "chatml", "template": trap, "override": True}
+        ).status_code
+        == 200
+    )
+    try:
+        chat = {**CHAT, "messages": CHAT["messages"] * 5}
+        assert error(call(server, "POST", "/v1/chat/completions", json=chat), 400)["code"] == "invalid_template"
+        assert call(server, "POST", "/v1/chat/completions", json=CHAT).status_code == 200
+    finally:
+        body = {"name": "chatml", "template": shipped, "override": True}
+        assert call(server, "POST", "/v1/chat_templates", json=body).status_code == 200
 
 
 def _chunks(total: int) -> Iterator[bytes]:
@@ -378,3 +418,11 @@ def test_a_job_of_zero_steps_fails_and_publishes_nothing(tiny, tmp_path: Path) -
         )
     assert {str(m.tag) for m in store.list_models("adapter")} == before
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_the_log_holds_no_key(server: Server) -> None:
+    """Run last in this module: every request above sent one of these keys."""
+    call(server, "GET", "/v1/models", "sk-wrong-key-xyz")
+    log = server.output()
+    assert "GET /v1/models" in log or "/v1/models" in log, log[-2000:]  # the requests are logged, not their keys
+    assert not [k for k in (ADMIN, INFERENCE, LEGACY, "sk-admin-2", "sk-infer-2", "sk-wrong-key-xyz") if k in log]

@@ -323,7 +323,8 @@ async def list_chat_templates(request: Request) -> dict[str, Any]:
 
 @router.post("/chat_templates", responses={409: {"description": "A template of that name exists (no override)"}})
 async def add_chat_template(body: TemplateRegistration) -> dict[str, Any]:
-    register_chat_template(body.name, body.template, override=body.override)
+    # Its trial render may take up to its time limit: off the event loop.
+    await run_in_threadpool(register_chat_template, body.name, body.template, body.override)
     return {"name": body.name, "template": body.template, "registered": True}
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import jinja2
 import pytest
 
 from bentoservice.engine.templates import (
     VICUNA_SYSTEM,
     TemplateError,
+    TemplateExists,
     chat_templates,
     check_template,
     register_chat_template,
@@ -53,7 +56,7 @@ def test_the_registry_refuses_bad_templates_and_silent_overrides() -> None:
         register_chat_template("unit-broken", "{% for m in messages %}")
     register_chat_template("unit-echo", "{{ messages[0]['content'] }}")
     assert chat_templates()["unit-echo"] == "{{ messages[0]['content'] }}"
-    with pytest.raises(TemplateError, match="override=True"):
+    with pytest.raises(TemplateExists, match="override=True"):
         register_chat_template("unit-echo", "{{ 'other' }}")
     register_chat_template("unit-echo", "{{ 'other' }}", override=True)
     assert render(resolve_template("unit-echo", None)[1]) == "other"
@@ -66,8 +69,15 @@ def test_the_registry_refuses_bad_templates_and_silent_overrides() -> None:
         ("{{ messages.append(1) }}", "refused"),
         ("x" * 70_000, "characters; the limit"),
         ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "renders more than"),
+        ("{{ 'x' * 10000000000 }}", "product of over"),
+        ("{{ [1] * 10000000000 }}", "product of over"),
+        ("{{ 2 ** 100000 }}", "power over 64"),
+        ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "takes over 2.0 s"),
+        ("{{ lipsum(n=10000000) | length }}", "takes over 2.0 s"),  # jinja2's own code is timed too
     ],
 )
 def test_templates_are_tried_in_a_sandbox_with_limits(template: str, why: str) -> None:
+    before = sys.gettrace()
     with pytest.raises(TemplateError, match=why):
         check_template(template)
+    assert sys.gettrace() is before  # the time limit's trace function is gone again

@@ -4,11 +4,14 @@ Three tiers: `max_loras` fixed slots in the model's stacks (the device), up to `
 host memory (pinned on CUDA, so a copy into a slot does not wait), and the rest on disk. A slot is rewritten in
 place, so the stacks keep their shapes (and CUDA graphs their addresses) once they reach max_loras and the
 largest rank. An adapter evicted from a slot goes to the host tier; the host tier's least recently used go.
+Each read of an adapter has its own `uid`, which keys the prefix store's entries: they stay while that read is in a
+slot or in host memory, and go (`forget`) when it leaves both or is replaced by another read.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import re
@@ -24,6 +27,7 @@ from bentoservice.engine import metrics
 from bentoservice.engine.errors import AdapterError, UnknownAdapter
 from bentoservice.engine.lora import BatchedLoraLinear, LoraBatch
 
+_UIDS = itertools.count(1)  # 0 is the bare base's
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -37,6 +41,7 @@ class PreparedAdapter:
     alpha: float
     scale: float
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    uid: int = field(default_factory=lambda: next(_UIDS))
 
     @property
     def target_modules(self) -> list[str]:
@@ -73,6 +78,7 @@ class AdapterManager:
         self._prepared: dict[str, PreparedAdapter] = {}  # the weights of each slot's adapter, to evict it to host
         self._layers: dict[str, BatchedLoraLinear] = {}
         self._pin = next(model.parameters()).device.type == "cuda"
+        self.forget: Callable[[int], None] = lambda uid: None  # a read left every tier (its uid): the engine's hook
 
     # -- reading (any thread) -----------------------------------------------------------------
 
@@ -153,6 +159,7 @@ class AdapterManager:
             raise AdapterError(f"an adapter named {adapter.name!r} is already loaded")
         used = {a.slot for a in self.loaded.values()}
         free = [s for s in range(1, self.max_loras + 1) if s not in used]
+        victim = None
         if free:
             slot = free[0]
         else:
@@ -163,16 +170,18 @@ class AdapterManager:
             if victim is None:
                 raise NoFreeSlot(f"all {self.max_loras} adapter slots hold pinned adapters or adapters in use")
             slot = victim.slot
+        self._replaced(self.host.pop(adapter.name, None), adapter)  # first, so that the victim cannot push it out
+        if victim is not None:
             self._to_host(self._prepared.pop(victim.name), in_use)
             del self.loaded[victim.name]
             metrics.EVICTIONS.labels("gpu").inc()
-        self.host.pop(adapter.name, None)
-        for layer in self._layers.values():
-            layer.clear_slot(slot)
         for path, (a, b) in adapter.weights.items():
             self._layer(path).set_slot(slot, a, b, adapter.scale)
-        for layer in self._layers.values():
-            layer.reserve(slot + 1)
+        for path, layer in self._layers.items():
+            layer.reserve(slot + 1)  # every stack to the shape the largest rank so far gave
+            if path not in adapter.weights:
+                layer.clear_slot(slot)
+        self.batch.owners[slot] = adapter.uid
         loaded = LoadedAdapter(
             adapter.name, adapter.source, slot, adapter.rank, adapter.alpha, adapter.target_modules, pinned
         )
@@ -187,12 +196,17 @@ class AdapterManager:
 
     def _to_host(self, adapter: PreparedAdapter, in_use: Callable[[str], bool]) -> None:
         """Past max_cpu_loras the least recently used go back to disk, but not one that a request waits for."""
+        self._replaced(self.host.get(adapter.name), adapter)
         self.host[adapter.name] = adapter
         self.host.move_to_end(adapter.name)
         excess = len(self.host) - self.max_cpu_loras
         for name in [name for name in self.host if not in_use(name)][: max(excess, 0)]:
-            del self.host[name]
+            self.forget(self.host.pop(name).uid)
             metrics.EVICTIONS.labels("cpu").inc()
+
+    def _replaced(self, old: PreparedAdapter | None, new: PreparedAdapter) -> None:
+        if old is not None and old is not new:
+            self.forget(old.uid)
 
     def touch(self, name: str) -> int:
         """The slot of a loaded adapter, marked as just used."""
@@ -207,11 +221,14 @@ class AdapterManager:
         """Forget an adapter in any tier; returns the slot it held."""
         hosted = self.host.pop(name, None)
         adapter = self.loaded.pop(name, None)
+        for read in (hosted, self._prepared.pop(name, None)):
+            if read is not None:
+                self.forget(read.uid)
         if adapter is None:
             if hosted is None:
                 raise UnknownAdapter(name)
             return None
-        self._prepared.pop(name, None)
+        self.batch.owners.pop(adapter.slot, None)
         for layer in self._layers.values():
             layer.clear_slot(adapter.slot)
         if self.default == name:

@@ -117,16 +117,14 @@ class Forward:
             self.cache.clear()
 
     def adapters_changed(self) -> None:
-        self.prefixes.clear()  # stored keys and values belong to the adapters as they were
         if self.lean is not None:
             self.lean.adapters_changed()
         self._drop_graphs()
         self._lora_mask = None
 
     def slot_rewritten(self, slot: int) -> None:
-        """One adapter slot was rewritten in place: its prefix entries go; captured passes stay unless the stacks
-        were reallocated (they grow until they hold max_loras slots at the largest rank, then keep their shape)."""
-        self.prefixes.drop(slot)
+        """One adapter slot was rewritten in place: captured passes stay unless the stacks were reallocated (they
+        grow until they hold max_loras slots at the largest rank, then keep their shape)."""
         if self.lean is not None:
             self.lean.slot_rewritten(slot)
         if self.lora.layout != self._layout:
@@ -185,14 +183,14 @@ class Forward:
                 **attention,
             ).last_hidden_state[0]
         for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=False)):
-            if self.prefixes.wants(slot, prompt):
-                self.prefixes.add(slot, prompt, *self.cache.copy_out(row0 + i, full[i]))
+            if self.prefixes.wants(owner := self.lora.owner(slot), prompt):
+                self.prefixes.add(owner, prompt, *self.cache.copy_out(row0 + i, full[i]))
         last = torch.tensor(ends, device=self.device) - 1
         return self._logits(hidden[last])
 
     def _reuse(self, prompt: list[int], slot: int, row: int) -> int:
         """Copy the longest stored prefix of `prompt` into `row`; how many tokens that is."""
-        entry, length = self.prefixes.match(slot, prompt)
+        entry, length = self.prefixes.match(self.lora.owner(slot), prompt)
         if entry is not None:
             self.cache.copy_in(row, entry.keys, entry.values, length)
         return length

@@ -2,7 +2,9 @@
 chat template's system prompt, an earlier turn of the same conversation) copies them instead of computing
 them again.
 
-An entry is one prompt's keys and values under one adapter slot (an adapter changes them). A match is
+An entry is one prompt's keys and values under one adapter (an adapter changes them), keyed by the adapter's
+read (`LoraBatch.owner`: 0 for the bare base), not by its slot: an adapter that moves out of its slot and back
+into another finds its entries again; they go when it leaves host memory or is unloaded (`drop`). A match is
 the longest common prefix with any entry, and always leaves the prompt's last token to compute: its
 logits give the first output token. Entries beyond a byte budget go, least recently used first.
 """
@@ -37,32 +39,32 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def match(self, slot: int, prompt: list[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest prefix with `prompt` under `slot`, and how many tokens it gives."""
+    def match(self, owner: int, prompt: list[int]) -> tuple[Entry | None, int]:
+        """The entry sharing the longest prefix with `prompt` under `owner`, and how many tokens it gives."""
         best, best_length = None, 0
         limit = len(prompt) - 1
         for key, entry in self._entries.items():
-            if key[0] == slot and (length := _common_prefix(entry.tokens, prompt, limit)) > best_length:
+            if key[0] == owner and (length := _common_prefix(entry.tokens, prompt, limit)) > best_length:
                 best, best_length = key, length
         if best is None or best_length < MIN_TOKENS:
             return None, 0
         self._entries.move_to_end(best)
         return self._entries[best], best_length
 
-    def wants(self, slot: int, tokens: list[int]) -> bool:
+    def wants(self, owner: int, tokens: list[int]) -> bool:
         """Whether these tokens' keys and values are worth reading out for `add` (an entry already held for
         them is marked as just used instead)."""
         if self.budget <= 0 or len(tokens) < MIN_TOKENS:
             return False
-        key = (slot, tuple(tokens))
+        key = (owner, tuple(tokens))
         if key in self._entries:
             self._entries.move_to_end(key)
             return False
         return True
 
-    def add(self, slot: int, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def add(self, owner: int, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Keep what `wants` asked for (a prompt twice in one pass is kept once)."""
-        key = (slot, tuple(tokens))
+        key = (owner, tuple(tokens))
         if key in self._entries:
             return
         entry = Entry(tokens, keys, values)
@@ -74,9 +76,9 @@ class PrefixStore:
             _, dropped = self._entries.popitem(last=False)
             self.used -= dropped.nbytes
 
-    def drop(self, slot: int) -> None:
-        """Forget the entries of one adapter slot (its adapter was replaced)."""
-        for key in [key for key in self._entries if key[0] == slot]:
+    def drop(self, owner: int) -> None:
+        """Forget the entries of one adapter (it left host memory, or was unloaded)."""
+        for key in [key for key in self._entries if key[0] == owner]:
             self.used -= self._entries.pop(key).nbytes
 
     def clear(self) -> None:

@@ -145,6 +145,7 @@ class Engine:
         self.forward = Forward(
             model, self.adapters.batch, max_running, cuda_graphs=device.type == "cuda", prefix_bytes=prefix_cache_bytes
         )
+        self.adapters.forget = self.forward.prefixes.drop
         if device.type == "cuda":
             # A step waits on the GPU with the GIL released; it must get it back from the HTTP thread
             # promptly (Python's default switch interval, 5 ms, is about as long as a step).

@@ -227,8 +227,7 @@ class ServedModel:
         where = self.catalog.get(name)
         if where is None:
             raise UnknownAdapter(name)
-        source = store.adapter_source(where)
-        return self.engine.adapters.prepare(name, source.folder, where)
+        return self.engine.adapters.prepare(name, store.catalogued_folder(where), where)
 
     def register(self, name: str, src: str) -> None:
         """Serve an adapter on request under `name` (e.g. a finished job's fine_tuned_model) without loading it."""

@@ -4,6 +4,7 @@ hub; confined to allowed folders over HTTP), and the folders fine-tunes write.""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Mapping
@@ -29,7 +30,11 @@ from bentoservice.store.models import (
     store_root,
 )
 
+log = logging.getLogger(__name__)
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SOURCE_STAMP = ".source.json"
+"""In a copy of an adapter at the source URL: that URL and the versions of its files when they were copied."""
 
 
 def save_adapter(name: str, folder: Path, base: str, metadata: dict[str, Any] | None = None) -> StoredModel:
@@ -146,13 +151,42 @@ def _remote_adapter(src: str) -> AdapterSource | None:
     if not all(fs.isfile(f"{remote}/{f}") for f in ADAPTER_FILES):
         return None
     local = cache_root() / "adapter_source" / src.replace("/", "--")
+    _fetch(f"{url.rstrip('/')}/{src}", local)
+    return AdapterSource(local, src, _declared_base(local))
+
+
+def _fetch(url: str, local: Path) -> None:
+    """Copy an adapter folder at `url` into `local`, unless the copy there has the versions the source has now
+    (fsspec's ukey of each file: the ETag on S3, a hash of size and mtime on a file system)."""
+    fs, remote = fsspec.url_to_fs(url)
+    # read before the copy: a file that changes during it is fetched again next time
+    versions = {file: fs.ukey(f"{remote}/{file}") for file in ADAPTER_FILES}
+    stamp = local / SOURCE_STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()).get("versions") == versions:
+        return
     local.mkdir(parents=True, exist_ok=True)
     for file in ADAPTER_FILES:
-        if not (local / file).is_file():
-            partial = local / f".{file}.part"
-            fs.get_file(f"{remote}/{file}", str(partial))
-            partial.rename(local / file)
-    return AdapterSource(local, src, _declared_base(local))
+        partial = local / f".{file}.part"
+        fs.get_file(f"{remote}/{file}", str(partial))
+        partial.rename(local / file)
+    stamp.write_text(json.dumps({"url": url, "versions": versions}))
+
+
+def catalogued_folder(where: str) -> Path:
+    """The folder to read a served adapter from, given where it was found (a folder, or a store tag). A folder is
+    read as it is (its base was checked when it was found); a copy of an adapter at the source URL is first fetched
+    again if it changed there, and read as it is if the source cannot be reached."""
+    if not looks_like_path(where):
+        return adapter_source(where).folder
+    folder = Path(where).expanduser()
+    stamp = folder / SOURCE_STAMP
+    if stamp.is_file():
+        url = json.loads(stamp.read_text())["url"]
+        try:
+            _fetch(url, folder)
+        except OSError as exc:
+            log.warning("could not check the adapter at %s (%s): serving the copy fetched before", url, exc)
+    return folder
 
 
 def adapter_source(

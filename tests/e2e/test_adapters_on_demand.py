@@ -94,7 +94,10 @@ def test_many_store_adapters_each_answer_by_name_under_concurrent_mixed_load(ser
     assert sorted(listed[name] for name in stored).count("gpu") == 2
     assert metric(server, "bentoservice_adapter_evictions_total", "gpu") >= COUNT - 2
     assert metric(server, "bentoservice_adapter_loads_total", "disk") >= COUNT
-    assert metric(server, "bentoservice_adapter_requests_total", "gpu") > 0
+    in_slot = next(name for name in stored if listed[name] == "gpu")
+    hits = metric(server, "bentoservice_adapter_requests_total", "gpu")
+    assert complete(server, in_slot) == first[in_slot]  # a hit in a slot, counted as such
+    assert metric(server, "bentoservice_adapter_requests_total", "gpu") == hits + 1
     assert "bentoservice_adapter_load_seconds_bucket" in httpx.get(f"{server.url}/metrics", timeout=10).text
 
 
@@ -178,9 +181,10 @@ def test_every_adapter_route_accepts_every_name_form(
     assert response.status_code == 400 and "store tag" in response.json()["error"]["message"]
 
 
-def test_prefix_cache_entries_go_with_an_evicted_adapter(server: Server, stored: list[str]) -> None:
+def test_prefix_cache_entries_stay_with_their_adapter_across_slots(server: Server, stored: list[str]) -> None:
     # A prompt no other test sends, long enough for the prefix cache (on by default on a CPU), whose keys and values
-    # are kept per slot: a reloaded adapter must not reuse what another adapter left in its new slot.
+    # are kept per adapter: a reloaded adapter must not reuse what another adapter left in its new slot, and reuses
+    # its own (tests/unit/engine/test_lora_slots.py checks which entries are reused and when they go).
     prompt = "Zebras vote on seventeen purple moons while the quiet engineer counts every falling leaf twice"
     idle = [name for name in stored if tiers(server)[name] != "gpu"]
     y, x, z = idle[:3]
@@ -188,6 +192,18 @@ def test_prefix_cache_entries_go_with_an_evicted_adapter(server: Server, stored:
     assert complete(server, x, prompt) != reference  # x into the other slot u, its keys and values kept under u
     complete(server, z)  # z evicts y, the least recently used, from slot t
     assert complete(server, y, prompt) == reference  # y back, evicting x from u: x's entries went with it
+
+
+def test_a_source_url_adapter_changed_at_the_source_is_fetched_again_once_back_on_disk(
+    server: Server, stored: list[str], tiny_dir: Path, folders: dict[str, Path]
+) -> None:
+    before = complete(server, "far-away")
+    make_adapter(folders["remote"] / "far-away", tiny_dir, seed=301)  # a new version at the source URL
+    assert complete(server, "far-away") == before  # in a slot: the copy read before
+    for name in stored[:6]:  # 2 slots and 3 in host memory: far-away goes back to disk
+        complete(server, name)
+    assert tiers(server)["far-away"] == "disk"
+    assert complete(server, "far-away") != before  # read again, from the new version
 
 
 def test_pinned_adapter_survives_pressure_and_busy_slots_give_429(

@@ -74,6 +74,7 @@ class LoraBatch:
         self.stacked = 0  # adapter slots held in the stacks (slots 1..stacked)
         self.rank = 0
         self.layout = 0  # counts reallocations of the stacks (captured passes read their addresses)
+        self.owners: dict[int, int] = {}  # slot -> the id of the adapter's read in it (PreparedAdapter.uid)
         self._slots: tuple[list[int], torch.dtype, torch.device] = ([], torch.float32, torch.device("cpu"))
         self._segments: Segments | None = None
         self._native: native.Pass | None = None
@@ -96,6 +97,10 @@ class LoraBatch:
             self.mask = out[: len(slots)]
             self.mask.copy_(mask.pin_memory(), non_blocking=True)
         self.single = None
+
+    def owner(self, slot: int) -> int:
+        """Who the keys and values computed under `slot` belong to: the read of its adapter; 0 for the base."""
+        return self.owners.get(slot, 0) if slot else 0
 
     @property
     def segments(self) -> Segments:

@@ -46,13 +46,15 @@ class BatchedLoraLinear(nn.Module):
         self.batch.layout += 1
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Write one adapter's A and B (scaled) into a slot, in place; ranks past its own are zeroed."""
         rank = a.shape[0]
         self.reserve(slot + 1, rank)
-        self.clear_slot(slot)
         stack_a, stack_b = self.lora_A, self.lora_B
         assert stack_a is not None and stack_b is not None  # made by reserve()
-        stack_a[:, slot - 1, :rank] = a.T.to(stack_a)
-        stack_b[slot - 1, :rank] = (b * scale).T.to(stack_b)
+        stack_a[:, slot - 1, :rank].copy_(a.T)
+        stack_b[slot - 1, :rank].copy_((b * scale).T)
+        stack_a[:, slot - 1, rank:].zero_()
+        stack_b[slot - 1, rank:].zero_()
 
     def clear_slot(self, slot: int) -> None:
         stack_a, stack_b = self.lora_A, self.lora_B

@@ -1,5 +1,6 @@
-"""The CPU pass's copy of the LoRA stacks after adapters replace each other in slots: rewriting one slot in place
-gives what reading every stack again gives."""
+"""Adapters replacing each other in slots: the CPU pass's copy of the LoRA stacks after a slot is rewritten in place
+is what reading every stack again gives, and an adapter's prefix-cache entries follow it out of its slot and back,
+until it leaves host memory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bentoservice.engine.adapters import AdapterManager, PreparedAdapter
+from bentoservice.engine.forward import Forward
 from bentoservice.engine.lean import LeanModel
 
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")
@@ -26,7 +28,7 @@ def adapter(model: LlamaForCausalLM, name: str, rank: int, targets: tuple[str, .
     return PreparedAdapter(name, name, rank, 2.0 * rank, 2.0, weights)
 
 
-def test_a_rewritten_slot_reads_as_a_full_refresh() -> None:
+def small_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=32,
@@ -36,7 +38,11 @@ def test_a_rewritten_slot_reads_as_a_full_refresh() -> None:
         num_key_value_heads=2,
         vocab_size=128,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_rewritten_slot_reads_as_a_full_refresh() -> None:
+    model = small_llama()
     manager = AdapterManager(model, max_loras=2, max_rank=8, max_cpu_loras=4)
     lean = LeanModel(model, manager.batch, 4)
     # ranks grow (the stacks reallocate), targets differ (a slot's untargeted layers must read as zero), and the
@@ -57,3 +63,34 @@ def test_a_rewritten_slot_reads_as_a_full_refresh() -> None:
             if before is not None:
                 assert torch.equal(before, group.a)
     assert sorted(manager.loaded) == ["a3", "a4"]
+
+
+@torch.no_grad()
+def test_prefix_entries_follow_their_adapter_across_slots_and_go_when_it_leaves_host_memory() -> None:
+    model = small_llama()
+    manager = AdapterManager(model, max_loras=1, max_rank=8, max_cpu_loras=1)
+    forward = Forward(model, manager.batch, 2, cuda_graphs=False, prefix_bytes=2**24)
+    manager.forget = forward.prefixes.drop
+    prompt = list(range(10, 40))
+    x, y, z = (adapter(model, name, 4, TARGETS, seed) for seed, name in enumerate("xyz"))
+
+    def into_slot(prepared: PreparedAdapter) -> int:
+        slot = manager.install(prepared).slot
+        forward.slot_rewritten(slot)
+        return slot
+
+    def answer(slot: int) -> torch.Tensor:
+        return forward.prefill([prompt], [slot], 0)
+
+    computed = answer(into_slot(x))  # x's keys and values kept under x
+    assert forward.prefixes.match(x.uid, prompt)[1] == len(prompt) - 1
+    slot = into_slot(y)  # x evicted to host memory, y into the same slot: x's entries stay, y finds none of them
+    assert forward.prefixes.match(manager.batch.owner(slot), prompt) == (None, 0)
+    assert not torch.allclose(answer(slot), computed)
+    slot = into_slot(manager.host["x"])  # x back from host memory: it reuses its own entry, with the same logits
+    assert forward.prefixes.match(manager.batch.owner(slot), prompt)[1] == len(prompt) - 1
+    torch.testing.assert_close(answer(slot), computed, rtol=1e-5, atol=1e-5)
+    into_slot(z)  # x to host memory, y (the least recently used there) out to disk: y's entries go
+    assert forward.prefixes.match(y.uid, prompt) == (None, 0) and forward.prefixes.match(x.uid, prompt)[0]
+    into_slot(adapter(model, "y", 4, TARGETS, 1))  # y read again: x leaves host memory, its entries with it
+    assert "x" not in manager.host and forward.prefixes.match(x.uid, prompt) == (None, 0)

@@ -408,14 +408,20 @@ def test_opea_rerank_flow(server: Server) -> None:
 def test_embedding_fine_tune_is_served(server: Server) -> None:
     client = server.client()
     train = client.files.create(file=("people.jsonl", jsonl(TRAIN[:16])), purpose="fine-tune")
+    held_out = client.files.create(file=("held_out.jsonl", jsonl(HELD_OUT[:8])), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         model="sentence-transformers/all-MiniLM-L6-v2",
         training_file=train.id,
-        extra_body={"General": {"task": "embedding"}, "max_steps": 2},
+        validation_file=held_out.id,
+        extra_body={"General": {"task": "embedding"}, "max_steps": 2, "evaluation": {"samples": 1}},
     )
     done = wait_for(client, job.id)
     assert done.status == "succeeded", done.error
     assert done.method.type == "embedding" and done.trained_tokens > 0
+    summary = done.model_extra["evaluation"]  # the base's own embeddings against the fine-tune's
+    assert summary["method"] == "embedding" and summary["base"]["loss"] != summary["adapter"]["loss"]
+    assert all(0 < summary[model]["accuracy"] <= summary[model]["mrr"] <= 1 for model in ("base", "adapter"))
+    assert summary["samples"][0]["prompt"] == HELD_OUT[0]["query"]
     vectors = client.embeddings.create(model=done.fine_tuned_model, input=["Where does Alice live?"]).data
     base = client.embeddings.create(model="minilm", input=["Where does Alice live?"]).data
     assert len(vectors[0].embedding) == 384 and vectors[0].embedding != pytest.approx(base[0].embedding)

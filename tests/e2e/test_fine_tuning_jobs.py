@@ -79,15 +79,16 @@ def test_openai_job_shape(server: Server) -> None:
     assert rows[1]["valid_loss"] and not rows[0]["valid_loss"]
 
 
+LONG = {"max_steps": 150, "save_steps": 1000}
+
+
 def test_pause_resume_across_a_restart(tiny, tmp_path: Path) -> None:
     env = {"BENTOSERVICE_DATA_DIR": str(tmp_path)}
     server = Server("tiny", env=env)
     try:
         client = server.client()
         train = client.files.create(file=("chats.jsonl", jsonl(CHATS)), purpose="fine-tune").id
-        job = client.fine_tuning.jobs.create(
-            model="tiny", training_file=train, extra_body={"max_steps": 150, "save_steps": 1000}
-        )
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=train, seed=11, extra_body=LONG)
         with pytest.raises(openai.BadRequestError) as early:
             client.fine_tuning.jobs.resume(job.id)
         assert early.value.body["param"] == "fine_tuning_job_id"
@@ -119,8 +120,20 @@ def test_pause_resume_across_a_restart(tiny, tmp_path: Path) -> None:
         assert done.status == "succeeded", done.error
         events = list(reversed(client.fine_tuning.jobs.list_events(job.id, limit=1000).data))
         resumed = next(i for i, e in enumerate(events) if e.message.startswith("Fine-tuning job resumed"))
-        steps_after = [e.data["step"] for e in events[resumed:] if e.type == "metrics" and "loss" in e.data]
-        assert steps_after[0] == at_pause + 1 and steps_after[-1] == 150
+        losses = {e.data["step"]: e.data["loss"] for e in events[resumed:] if e.type == "metrics" and "loss" in e.data}
+        assert min(losses) == at_pause + 1 and max(losses) == 150
+        # The same run without the pause: from the checkpoint on, the same batches, optimizer and scheduler state
+        # give the same losses.
+        straight = wait_for(
+            client, client.fine_tuning.jobs.create(model="tiny", training_file=train, seed=11, extra_body=LONG).id
+        )
+        assert straight.status == "succeeded", straight.error
+        reference = {
+            e.data["step"]: e.data["loss"]
+            for e in client.fine_tuning.jobs.list_events(straight.id, limit=1000).data
+            if e.type == "metrics" and "loss" in e.data and e.data["step"] in losses
+        }
+        assert reference == pytest.approx(losses, rel=1e-4)
         with pytest.raises(openai.BadRequestError):
             client.fine_tuning.jobs.pause(job.id)
     finally:

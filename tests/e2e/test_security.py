@@ -299,6 +299,8 @@ HYPERPARAMETERS = [
     ),
     ({"method": {"type": "supervised", "supervised": {}, "rerank": {}}}, "method.rerank"),
     ({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.dpo"),
+    ({"Training": {"epoch": 2}}, "Training.epoch"),  # OPEA's blocks: a key OPEA has not
+    ({"Dataset": {"mask_input": False}}, "Dataset.mask_input"),  # OPEA's, but not applied here
 ]
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from bentoservice.api.errors import APIError
 from bentoservice.api.fine_tuning import reinforcement
 from bentoservice.api.fine_tuning.protocol import (
+    OPEA_DEFAULTS,
     DatasetBlock,
     EmbeddingTrainingBlock,
     EvaluationBlock,
@@ -338,6 +339,31 @@ def _add_integrations(body: JobRequest, config: dict[str, Any], job_id: str) -> 
     config["wandb"] = {**wandb.model_dump(exclude_none=True), "run_id": job_id, "dir": folder}
 
 
+def _check_opea_blocks(body: JobRequest) -> None:
+    """OPEA's fields this server does not act on pass at OPEA's defaults only; a key OPEA has not is a typo."""
+    general, training = body.General, body.Training
+    blocks = {
+        "General": general,
+        "General.lora_config": general.lora_config if general else None,
+        "Dataset": body.Dataset,
+        "Training": training,
+        "Training.embedding_training_config": training.embedding_training_config if training else None,
+    }
+    for where, block in blocks.items():
+        for key, value in ((block.model_extra or {}) if block is not None else {}).items():
+            param = f"{where}.{key}"
+            if key not in OPEA_DEFAULTS[where]:
+                raise APIError(400, f"{param} is not a field of OPEA's {where} block", param, "unknown_field")
+            if value != OPEA_DEFAULTS[where][key]:
+                raise APIError(
+                    400,
+                    f"{param}={value!r} does not apply here: this server accepts only OPEA's default "
+                    f"({OPEA_DEFAULTS[where][key]!r}) for it",
+                    param,
+                    "unsupported",
+                )
+
+
 def job_config(
     body: JobRequest,
     job_id: str,
@@ -348,6 +374,7 @@ def job_config(
     prompts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The one place a job body, in any dialect, becomes the config the runner trains from."""
+    _check_opea_blocks(body)
     config = (_encoder_config if method in encoder_config.ENCODER_METHODS else _training_config)(
         body, job_id, base_name, train, test, method
     )

@@ -68,10 +68,77 @@ class Method(BaseModel):
     reinforcement: ReinforcementBlock | None = None
 
 
+# OPEA's fields (GenAIComps' finetune_config.py) that this server does not act on, with OPEA's defaults, by block: a
+# body may carry them at those values (an OPEA client sends its whole config); any other value, or a key OPEA does not
+# have either, is a 400 naming it (api.fine_tuning.dialects).
+OPEA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "General": {
+        "base_model": None,
+        "tokenizer_name": None,
+        "gaudi_config_name": None,
+        "gpt_base_model": False,
+        "output_dir": "./tmp",
+        "report_to": "none",
+        "resume_from_checkpoint": None,
+        "save_strategy": "no",
+        "config": {"trust_remote_code": False, "token": None},
+        "xtune_config": {
+            "tool": "",
+            "trainer": "",
+            "model": "",
+            "config_file": "",
+            "dataset": "",
+            "dataset_root": "",
+            "device": "",
+        },
+        "enable_gradient_checkpointing": False,
+    },
+    "General.lora_config": {"task_type": "CAUSAL_LM"},
+    "Dataset": {
+        "train_file": None,
+        "validation_file": None,
+        "validation_split_percentage": 5,
+        "group": True,
+        "block_size": 512,
+        "shuffle": False,
+        "max_source_length": 384,
+        "max_prompt_length": 512,
+        "padding_side": "right",
+        "truncation_side": "right",
+        "max_seq_length": 512,
+        "truncation": True,
+        "padding": True,
+        "pad_to_max": False,
+        "mask_input": True,
+        "mask_response": True,
+        "data_preprocess_type": "neural_chat",
+        "max_train_samples": 0,
+        "max_eval_samples": 0,
+        "reasoning_dataset_keys": ["Question", "Complex_CoT", "Response"],
+    },
+    "Training": {
+        "optimizer": "adamw_torch",
+        "device": "cpu",
+        "hpu_execution_mode": "lazy",
+        "num_training_workers": 1,
+        "resources_per_worker": {"CPU": 32, "GPU": 0, "HPU": 0},
+        "accelerate_mode": "DDP",
+        "mixed_precision": "no",
+        "deepspeed_config_file": "",
+    },
+    "Training.embedding_training_config": {
+        "negatives_cross_device": False,
+        "sentence_pooling_method": "cls",
+        "normalized": True,
+        "use_inbatch_neg": True,
+    },
+}
+
+
 class LoraBlock(BaseModel):
     """OPEA's General.lora_config."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # OPEA's other fields: checked against OPEA_DEFAULTS
     r: int | None = Field(None, gt=0)
     lora_alpha: int | None = Field(None, gt=0)
     lora_dropout: float | None = Field(None, ge=0, lt=1)
@@ -79,13 +146,13 @@ class LoraBlock(BaseModel):
 
 
 class GeneralBlock(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # OPEA's other fields: checked against OPEA_DEFAULTS
     task: str = "instruction_tuning"
     lora_config: LoraBlock | None = LoraBlock()
 
 
 class DatasetBlock(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # OPEA's other fields: checked against OPEA_DEFAULTS
     max_length: int | None = Field(None, gt=0)
     # Rerank and embedding tasks (FlagEmbedding's names).
     train_group_size: int | None = Field(None, ge=2)
@@ -96,12 +163,12 @@ class DatasetBlock(BaseModel):
 
 
 class EmbeddingTrainingBlock(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # OPEA's other fields: checked against OPEA_DEFAULTS
     temperature: float | None = Field(None, gt=0)
 
 
 class TrainingBlock(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # OPEA's other fields: checked against OPEA_DEFAULTS
     epochs: Epochs | None = None
     batch_size: BatchSize | None = None
     learning_rate: LearningRate | None = None

@@ -173,3 +173,24 @@ def test_an_evaluation_with_nothing_to_compare_is_refused() -> None:
         with pytest.raises(APIError) as info:
             config(**body)
         assert info.value.param == "evaluation"
+
+
+def test_opea_fields_at_their_defaults_pass_and_others_are_refused() -> None:
+    whole = config(
+        General={"task": "rerank", "output_dir": "./tmp", "lora_config": {"r": 4, "task_type": "CAUSAL_LM"}},
+        Dataset={"train_group_size": 4, "mask_input": True, "padding_side": "right"},
+        Training={"epochs": 2, "device": "cpu", "embedding_training_config": {"temperature": 0.05, "normalized": True}},
+    )
+    assert whole["group_size"] == 4 and whole["args"]["num_train_epochs"] == 2
+    for body, param in (
+        ({"Training": {"epoch": 2}}, "Training.epoch"),  # a typo of epochs
+        ({"Dataset": {"mask_input": False}}, "Dataset.mask_input"),  # OPEA's field, not at its default
+        ({"General": {"lora_config": {"r": 4, "task": "x"}}}, "General.lora_config.task"),
+        (
+            {"Training": {"embedding_training_config": {"normalized": False}}},
+            "Training.embedding_training_config.normalized",
+        ),
+    ):
+        with pytest.raises(APIError) as info:
+            config(**body)
+        assert (info.value.status, info.value.param) == (400, param)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -194,3 +195,18 @@ def test_opea_fields_at_their_defaults_pass_and_others_are_refused() -> None:
         with pytest.raises(APIError) as info:
             config(**body)
         assert (info.value.status, info.value.param) == (400, param)
+
+
+@pytest.mark.parametrize(
+    "integration",
+    [{"type": "wandb", "wandb": {"project": "p"}}, {"type": "trackio", "trackio": {"project": "p"}}],
+    ids=["wandb", "trackio"],
+)
+def test_an_integration_whose_package_is_missing_is_a_400(integration: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules is how Python marks a module as not importable: find_spec answers None, as when it is
+    # not installed.
+    monkeypatch.setitem(sys.modules, integration["type"], None)
+    with pytest.raises(APIError) as info:
+        config(integrations=[integration])
+    assert (info.value.status, info.value.param, info.value.code) == (400, "integrations", "integration_unavailable")
+    assert f"needs {integration['type']}" in info.value.message

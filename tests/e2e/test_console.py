@@ -52,6 +52,8 @@ class City(BaseModel):
 MODEL = os.environ.get("BENTOSERVICE_CONSOLE_MODEL", "tiny")
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
+# Replies are waited for: SmolLM2 (`make screenshots`) can take longer than expect's default 5 s on a busy CPU.
+sync_api.expect.set_options(timeout=60_000)
 if not CHROMIUM.exists():
     pytest.skip(
         "no /usr/bin/chromium: run the tests through .ci/with-chromium (as root it installs Debian's)",
@@ -158,6 +160,7 @@ def test_console(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
     form.locator("[name=learning_rate]").fill("0.001")
     form.locator("[name=per_device_train_batch_size]").fill("2")
     form.locator("[name=suffix]").fill("ui")
+    page.select_option("#job-valid", index=1)  # the same file: the job evaluates the base against the fine-tune
     page.click("#job-launch")
     page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
     job_id = page.url.rsplit("/", 1)[1]
@@ -174,8 +177,22 @@ def test_console(server: Server, page: sync_api.Page, tmp_path: Path) -> None:
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job_id).data
     sync_api.expect(page.locator("#job-checkpoints tbody tr")).to_have_count(len(checkpoints))
     sync_api.expect(page.locator("#job-eval")).to_contain_text("train_loss")
-    fine_tuned = client.fine_tuning.jobs.retrieve(job_id).fine_tuned_model
+    done = client.fine_tuning.jobs.retrieve(job_id)
+    fine_tuned = done.fine_tuned_model
     sync_api.expect(page.locator("#job-facts")).to_contain_text(fine_tuned)
+    # The validation curve, and the evaluation as tables: held-out figures, then the generations side by side.
+    valid = sorted({e.data["step"]: e.data["valid_loss"] for e in events if "valid_loss" in e.data}.items())
+    points = page.evaluate("Chart.getChart('loss-chart').data.datasets[1].data.map(p => [p.x, p.y])")
+    assert valid and [tuple(p) for p in points] == valid
+    evaluation = done.model_extra["evaluation"]
+    held_out = page.locator("#job-held-out tbody tr")
+    sync_api.expect(held_out).to_have_count(len(evaluation["base"]))
+    sync_api.expect(held_out.first).to_contain_text(next(iter(evaluation["base"])))
+    rows = page.locator("#job-samples tbody tr")
+    sync_api.expect(rows).to_have_count(len(evaluation["samples"]))
+    for row, sample in zip(rows.all(), evaluation["samples"], strict=True):
+        cells = [c.strip() for c in row.locator("td").all_inner_texts()]
+        assert cells == [sample["prompt"], sample["base"].strip(), sample["adapter"].strip(), sample["reference"]]
     screenshot(page, "console-job.png", tmp_path)
 
     page.click("nav a[data-tab=jobs]")

@@ -187,15 +187,41 @@ function render(job, events, checkpoints, pausable) {
     Object.entries(c.metrics ?? {}).filter(([k]) => k !== "step")
       .map(([k, v]) => `${k}=${typeof v === "number" ? +v.toPrecision(4) : v}`).join(" ")]));
 
-  // The evaluation summary: the final metrics of "Training completed", the last validation numbers, or an
-  // `evaluation` field where the server gives one.
+  // The evaluation summary: the final metrics of "Training completed", the last validation numbers, and the
+  // job's `evaluation` (the base against the fine-tune: held-out figures and samples side by side, as tables).
   const final = live.events.map((e) => e.data?.metrics).filter(Boolean).pop();
   const lastValid = [...metrics].reverse().find((d) => first(d, VALID_KEYS) !== undefined);
+  const { base, adapter, samples, ...evaluation } = job.evaluation ?? {};
   const summary = { ...(lastValid ? Object.fromEntries(Object.entries(lastValid)
-    .filter(([k]) => k.startsWith("eval_") || k.startsWith("valid_"))) : {}), ...(final ?? {}),
-                    ...(job.evaluation ?? {}) };
+    .filter(([k]) => k.startsWith("eval_") || k.startsWith("valid_"))) : {}), ...(final ?? {}), ...evaluation };
   const box = document.getElementById("job-eval");
-  box.hidden = !Object.keys(summary).length;
-  facts(box.querySelector("dl"), Object.fromEntries(Object.entries(summary).map(([k, v]) => [
-    k, typeof v === "number" ? +v.toPrecision(5) : v])));
+  box.hidden = !Object.keys(summary).length && !base && !samples;
+  facts(box.querySelector("dl"), Object.fromEntries(Object.entries(summary).map(([k, v]) => [k, figure(v)])));
+  heldOut(base ?? {}, adapter ?? {});
+  sideBySide(samples ?? [], ["rerank", "embedding"].includes(evaluation.method));
+}
+
+function figure(value) {
+  return typeof value === "number" ? +value.toPrecision(5) : value;
+}
+
+function heldOut(base, adapter) {
+  const names = [...new Set([...Object.keys(base), ...Object.keys(adapter)])];
+  const table = document.getElementById("job-held-out");
+  table.hidden = !names.length;
+  fill(table.querySelector("tbody"), names.map((name) => {
+    const [before, after] = [base[name], adapter[name]];
+    const change = typeof before === "number" && typeof after === "number" ? after - before : undefined;
+    const signed = change === undefined ? "" : `${change >= 0 ? "+" : ""}${figure(change)}`;
+    return [name, figure(before), figure(after), signed];
+  }));
+}
+
+// An LLM's greedy generations (or a rerank/embedding model's top passage for a query), base and fine-tune.
+function sideBySide(samples, ranking) {
+  const table = document.getElementById("job-samples");
+  table.hidden = !samples.length;
+  const heads = ranking ? ["query", "base", "fine-tuned", "positive"] : ["prompt", "base", "fine-tuned", "reference"];
+  table.querySelector("thead tr").replaceChildren(...heads.map((h) => el("th", { textContent: h })));
+  fill(table.querySelector("tbody"), samples.map((s) => [s.prompt, s.base, s.adapter, s.reference ?? ""]));
 }

@@ -301,6 +301,15 @@ HYPERPARAMETERS = [
     ({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.dpo"),
     ({"Training": {"epoch": 2}}, "Training.epoch"),  # OPEA's blocks: a key OPEA has not
     ({"Dataset": {"mask_input": False}}, "Dataset.mask_input"),  # OPEA's, but not applied here
+    # Values the runner would fail on, or an adapter this server could not serve.
+    ({"seed": 2**70}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"weight_decay": -1}, "weight_decay"),
+    ({"eval_batch_size": 0}, "eval_batch_size"),
+    ({"test_file_eval_steps": 0}, "test_file_eval_steps"),
+    ({"r": 100_000}, "r"),
+    ({"General": {"lora_config": {"r": 100_000}}}, "General.lora_config.r"),
+    ({"max_steps": 0}, "max_steps"),
 ]
 
 

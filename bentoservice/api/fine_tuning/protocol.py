@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bentoservice.config import get_settings
+
 Auto = Literal["auto"]
 
 
@@ -14,6 +16,10 @@ Auto = Literal["auto"]
 Epochs = Annotated[int, Field(ge=1, le=50)]
 BatchSize = Annotated[int, Field(ge=1, le=256)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]
+# transformers.set_seed seeds numpy too, which takes 0..2**32-1.
+JobSeed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# An adapter of a higher rank could not be served here (BENTOSERVICE_MAX_LORA_RANK).
+Rank = Annotated[int, Field(gt=0, le=get_settings().max_lora_rank)]
 
 
 class Hyperparameters(BaseModel):
@@ -139,7 +145,7 @@ class LoraBlock(BaseModel):
     """OPEA's General.lora_config."""
 
     model_config = ConfigDict(extra="allow")  # OPEA's other fields: checked against OPEA_DEFAULTS
-    r: int | None = Field(None, gt=0)
+    r: Rank | None = None
     lora_alpha: int | None = Field(None, gt=0)
     lora_dropout: float | None = Field(None, ge=0, lt=1)
     target_modules: list[str] | str | None = None
@@ -232,7 +238,7 @@ class JobRequest(BaseModel):
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
     suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int | None = None
+    seed: JobSeed | None = None
     metadata: dict[str, str] | None = None
     integrations: list[Integration] | None = Field(None, max_length=1)
     evaluation: EvaluationBlock | None = None
@@ -241,7 +247,7 @@ class JobRequest(BaseModel):
     epochs: Epochs | None = None
     learning_rate: LearningRate | None = None
     beta: float | None = Field(None, gt=0)
-    r: int | None = Field(None, gt=0)
+    r: Rank | None = None
     lora_alpha: int | None = Field(None, gt=0)
     lora_dropout: float | None = Field(None, ge=0, lt=1)
     target_modules: list[str] | str | None = None
@@ -258,10 +264,10 @@ class JobRequest(BaseModel):
     lora_bias: Literal["all", "none"] | None = None
     use_rslora: bool = False
     optim: Literal["adamw", "adamw_8bit", "adam", "sgd"] | None = None
-    weight_decay: float | None = None
+    weight_decay: float | None = Field(None, ge=0)
     lr_scheduler_type: str | None = None
-    eval_batch_size: int | None = None
-    test_file_eval_steps: int | float | None = None
+    eval_batch_size: BatchSize | None = None
+    test_file_eval_steps: int | float | None = Field(None, gt=0)
     test_file_eval_strategy: Literal["no", "steps", "epoch"] | None = None
     packing: bool | None = None
     max_completion_tokens: int | None = Field(None, gt=0, le=8192)  # reinforcement: a sampled completion's tokens

@@ -5,6 +5,7 @@ the errors. One real server with all three kinds of key."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -335,6 +336,21 @@ def test_405_says_what_is_allowed(server: Server) -> None:
     answer = call(server, "PUT", "/v1/models")
     assert error(answer, 405) and answer.headers["allow"] == "GET"
     assert set(call(server, "DELETE", "/v1/chat/completions").headers["allow"].split(", ")) == {"POST"}
+
+
+def test_every_path_answers_an_undeclared_method_with_405_and_allow(server: Server) -> None:
+    """Each path of the OpenAPI document, with a method it does not declare: a 405 whose Allow lists the methods of
+    every documented path that URL matches (/fine_tuning/jobs/retrieve is also GET /fine_tuning/jobs/{job_id})."""
+    paths = call(server, "GET", "/v1/openapi.json").json()["paths"]
+    patterns = {path: re.compile(re.sub(r"\{[^}]+\}", "[^/]+", path) + "$") for path in paths}
+    wrong = []
+    for path in paths:
+        url = re.sub(r"\{[^}]+\}", "x", path)
+        declared = {m.upper() for other, ops in paths.items() if patterns[other].match(url) for m in ops}
+        answer = call(server, "PATCH", f"/v1{url}")
+        if answer.status_code != 405 or set(answer.headers.get("allow", "").split(", ")) != declared:
+            wrong.append(f"PATCH {url}: {answer.status_code} Allow={answer.headers.get('allow')} (declared {declared})")
+    assert len(paths) >= 25 and not wrong, wrong
 
 
 def test_openapi_declares_the_errors(server: Server) -> None:

@@ -46,8 +46,19 @@ def smollm2() -> store.StoredModel:
     return store.ensure_base("smollm2")
 
 
-def make_tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
-    """A random-weight Llama with the real SmolLM2 tokenizer: fast, and its output is deterministic."""
+def make_tiny_model(
+    folder: Path,
+    tokenizer_dir: Path,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    leaning: dict[str, float] | None = None,
+) -> Path:
+    """A random-weight Llama with the real SmolLM2 tokenizer: fast, and its output is deterministic.
+
+    `leaning` {token: weight}: an untied output layer whose rows for those single-token words are `weight` times one
+    random direction (negative: the opposite way), so the model samples them often and an adapter can learn to
+    say one of them (a random model's near-uniform output over 49k tokens gives a reward nothing to learn from)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -60,13 +71,19 @@ def make_tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, layers: in
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=leaning is None,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if leaning:
+        direction = torch.nn.functional.normalize(torch.randn(hidden), dim=0)
+        with torch.no_grad():
+            for word, weight in leaning.items():
+                (token,) = tokenizer.encode(word)
+                model.lm_head.weight[token] = weight * direction
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -1,12 +1,20 @@
 """Reinforcement fine-tuning (OpenAI's method type "reinforcement") through the openai SDK: a string_check grader on
-the tiny model, its reward events, its adapter served at ft:...; bad grader, data and hyperparameters are 400s."""
+a tiny model, its reward events, its adapter served at ft:... with a higher held-out reward than the base; bad
+grader, data and hyperparameters are 400s.
+
+The tiny model leans towards two answers, "Yes" and "No" (conftest's make_tiny_model): its samples say "Yes" about a
+third of the time, so a grader rewarding "Yes" gives GRPO something to learn from in a few steps."""
 
 from __future__ import annotations
 
+import statistics
+
 import openai
 import pytest
-from conftest import Server
+from conftest import Server, make_tiny_model
 from test_fine_tuning import jsonl, wait_for
+
+from bentoservice import store
 
 PROMPTS = [
     {"messages": [{"role": "user", "content": f"Say the word {w}."}], "word": w}
@@ -21,9 +29,29 @@ GRADER = {
 }
 
 
+MODEL = "tiny-yes"
+SAYS_YES = {
+    "type": "string_check",
+    "name": "says_yes",
+    "input": "{{sample.output_text}}",
+    "reference": "Yes",
+    "operation": "like",
+}
+
+
+def fruit(word: str) -> dict:
+    return {"messages": [{"role": "user", "content": f"Is {word} a fruit?"}]}
+
+
+TRAIN = [fruit(w) for w in ("apple", "river", "candle", "pepper", "silver", "tiger", "garden", "window")]
+HELD_OUT = [fruit(w) for w in ("cloud", "stone", "horse", "paper")]
+
+
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory: pytest.TempPathFactory):
-    server = Server("tiny", env={"BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("rft"))})
+def server(smollm2: store.StoredModel, tmp_path_factory: pytest.TempPathFactory):
+    folder = make_tiny_model(tmp_path_factory.mktemp(MODEL), smollm2.path, leaning={"Yes": 8.0, "No": -8.0})
+    store.import_model(MODEL, str(folder))
+    server = Server(MODEL, env={"BENTOSERVICE_DATA_DIR": str(tmp_path_factory.mktemp("rft"))})
     yield server
     server.stop()
 
@@ -34,7 +62,7 @@ def test_reinforcement_job_trains_an_adapter_that_answers(server: Server) -> Non
     assert train.model_extra["format"] == "openai_prompts"
     valid = client.files.create(file=("valid.jsonl", jsonl(PROMPTS[:2])), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
-        model="tiny",
+        model=MODEL,
         training_file=train.id,
         validation_file=valid,
         suffix="rft",
@@ -64,7 +92,47 @@ def test_reinforcement_job_trains_an_adapter_that_answers(server: Server) -> Non
     reply = client.chat.completions.create(
         model=done.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": "Say the word apple."}]
     )
-    assert done.fine_tuned_model.startswith("ft:tiny:rft:") and reply.choices[0].message.content is not None
+    assert done.fine_tuned_model.startswith(f"ft:{MODEL}:rft:") and reply.choices[0].message.content is not None
+
+
+def held_out_reward(client: openai.OpenAI, model: str) -> float:
+    """The mean reward of `model`'s sampled answers to the held-out prompts (4 each, each with a seed of its own: the
+    random model's answers to the prompts differ little, so one seed would sample them alike), graded by the server."""
+    rewards = []
+    for i, prompt in enumerate(HELD_OUT):
+        for seed in range(4 * i, 4 * i + 4):
+            reply = client.chat.completions.create(
+                model=model, messages=prompt["messages"], max_tokens=4, temperature=1.0, seed=seed
+            )
+            sample = reply.choices[0].message.content or ""
+            rewards.append(client.fine_tuning.alpha.graders.run(grader=SAYS_YES, model_sample=sample).reward)
+    return statistics.mean(rewards)
+
+
+def test_reinforcement_raises_the_held_out_reward(server: Server) -> None:
+    client = server.client()
+    before = held_out_reward(client, MODEL)
+    train = client.files.create(file=("train.jsonl", jsonl(TRAIN)), purpose="fine-tune").id
+    valid = client.files.create(file=("held-out.jsonl", jsonl(HELD_OUT)), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=train,
+        validation_file=valid,
+        seed=0,
+        suffix="yes",
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": SAYS_YES, "hyperparameters": {"batch_size": 4}},
+        },
+        extra_body={"max_steps": 3, "max_completion_tokens": 4, "learning_rate": 5e-3},
+    )
+    done = wait_for(client, job.id)
+    assert done.status == "succeeded", done.error
+    events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data if e.type == "metrics"]
+    base = next(e["valid_reward_mean"] for e in events if e["step"] == 0 and "valid_reward_mean" in e)
+    final = next(e["full_valid_reward_mean"] for e in events if "full_valid_reward_mean" in e)
+    after = held_out_reward(client, done.fine_tuned_model)
+    assert final > base and after > before, (base, final, before, after)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +169,7 @@ def test_bad_reinforcement_jobs_are_400s(server: Server, method: dict, extra: di
     train = client.files.create(file=("prompts.jsonl", jsonl(PROMPTS)), purpose="fine-tune").id
     with pytest.raises(openai.BadRequestError) as err:
         client.fine_tuning.jobs.create(
-            model="tiny",
+            model=MODEL,
             training_file=train,
             method={"type": "reinforcement", "reinforcement": method},
             extra_body=extra,

@@ -7,12 +7,15 @@ third of the time, so a grader rewarding "Yes" gives GRPO something to learn fro
 
 from __future__ import annotations
 
+import csv
+import io
 import statistics
+import time
 
 import openai
 import pytest
 from conftest import Server, make_tiny_model
-from test_fine_tuning import jsonl, wait_for
+from test_fine_tuning import jsonl, wait_for, wait_for_event
 
 from bentoservice import store
 
@@ -93,6 +96,16 @@ def test_reinforcement_job_trains_an_adapter_that_answers(server: Server) -> Non
         model=done.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": "Say the word apple."}]
     )
     assert done.fine_tuned_model.startswith(f"ft:{MODEL}:rft:") and reply.choices[0].message.content is not None
+    assert all(e["grader_errors"] == 0 for e in events if "reward" in e or "eval_reward" in e)
+    rows = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[0]).text)))
+    assert list(rows[0]) == [
+        *("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"),
+        *("train_reward_mean", "valid_reward_mean", "grader_errors"),
+        *("train_grader_has_word_mean", "valid_grader_has_word_mean"),
+    ]
+    by_step = {int(r["step"]): r for r in rows}
+    assert float(by_step[1]["train_reward_mean"]) == next(e["train_reward_mean"] for e in trained if e["step"] == 1)
+    assert by_step[0]["valid_reward_mean"] and not by_step[0]["train_reward_mean"]
 
 
 def held_out_reward(client: openai.OpenAI, model: str) -> float:
@@ -133,6 +146,59 @@ def test_reinforcement_raises_the_held_out_reward(server: Server) -> None:
     final = next(e["full_valid_reward_mean"] for e in events if "full_valid_reward_mean" in e)
     after = held_out_reward(client, done.fine_tuned_model)
     assert final > base and after > before, (base, final, before, after)
+
+
+def python_grader(body: str) -> dict:
+    return {"type": "python", "name": "py", "source": f"def grade(sample, item):\n    {body}"}
+
+
+def reinforce(client: openai.OpenAI, grader: dict, **extra: object):
+    """A job over all the prompts in one step, 2 completions each."""
+    train = client.files.create(file=("prompts.jsonl", jsonl(PROMPTS)), purpose="fine-tune").id
+    return client.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=train,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 6, "compute_multiplier": 0.5}},
+        },
+        extra_body={"max_completion_tokens": 4, **extra},
+    )
+
+
+def test_a_failed_grade_scores_0_and_is_counted(server: Server) -> None:
+    client = server.client()
+    grader = python_grader(
+        "if item['word'] in ('apple', 'river'):\n        raise ValueError('no fruit')\n    return 1.0"
+    )
+    done = wait_for(client, reinforce(client, grader, max_steps=1).id)
+    assert done.status == "succeeded", done.error
+    (step,) = [e.data for e in client.fine_tuning.jobs.list_events(done.id).data if "reward" in (e.data or {})]
+    # 2 of the 6 prompts' grades fail, each of their 2 completions scored 0; the other 8 score 1
+    assert step["grader_errors"] == 4 and step["train_reward_mean"] == pytest.approx(8 / 12)
+
+
+def test_pause_resume_and_cancel_a_reinforcement_job(server: Server) -> None:
+    client = server.client()
+    job = reinforce(client, GRADER, max_steps=500, save_steps=1000)
+    wait_for_event(client, job.id, "metrics")
+    client.fine_tuning.jobs.pause(job.id)
+    assert wait_for(client, job.id, ("paused", "succeeded", "failed"), timeout=60).status == "paused"
+    at_pause = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        steps = [
+            e.data["step"]
+            for e in client.fine_tuning.jobs.list_events(job.id, limit=20).data
+            if "reward" in (e.data or {})
+        ]
+        if max(steps) > at_pause:
+            break
+        time.sleep(0.5)
+    assert max(steps) > at_pause, "the resumed job trained no further step"
+    client.fine_tuning.jobs.cancel(job.id)
+    assert wait_for(client, job.id, timeout=60).status == "cancelled"
 
 
 @pytest.mark.parametrize(

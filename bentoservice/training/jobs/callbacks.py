@@ -37,6 +37,7 @@ LOG_KEYS = (
     "reward",
     "reward_std",
     "eval_reward",
+    "grader_errors",
 )
 # GRPO's mean reward of each reward function ("rewards/NAME/mean", "eval_rewards/NAME/mean").
 REWARD_KEY = re.compile(r"(eval_)?rewards/.+/mean")

@@ -51,18 +51,29 @@ def full_validation(metrics: dict[str, Any]) -> dict[str, float]:
     return {name: metrics[key] for key, name in FULL_VALID_NAMES.items() if key in metrics}
 
 
+# A reinforcement job's columns after those: the rewards, then each grader's mean (train_grader_NAME_mean, ...).
+REWARD_COLUMNS = ("train_reward_mean", "valid_reward_mean", "grader_errors")
+GRADER_COLUMN = re.compile(r"(train|valid)_grader_.+_mean")
+
+
 def step_metrics_csv(events: Iterable[dict[str, Any]]) -> tuple[bytes, int]:
     """The CSV of a job's metrics events (oldest first), one row a step, and how many rows. A step logged twice
     (a resumed job repeats the steps after its checkpoint) keeps its latest values."""
     rows: dict[int, dict[str, Any]] = {}
+    graders: set[str] = set()
     for data in events:
-        if "step" not in data or not ({"loss", "eval_loss"} & set(data)):
+        if "step" not in data or not ({"loss", "eval_loss", "reward", "eval_reward"} & set(data)):
             continue
         named = with_openai_names(data)
         row = rows.setdefault(int(data["step"]), {})
         row.update({column: named[key] for column, key in CSV_COLUMNS.items() if key in named})
+        row.update({key: named[key] for key in REWARD_COLUMNS if key in named})
+        row.update({key: value for key, value in named.items() if GRADER_COLUMN.fullmatch(key)})
+        graders.update(key for key in named if GRADER_COLUMN.fullmatch(key))
+    rewards = any("train_reward_mean" in row or "valid_reward_mean" in row for row in rows.values())
+    columns = list(CSV_COLUMNS) + ([*REWARD_COLUMNS, *sorted(graders)] if rewards else [])
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows[step] for step in sorted(rows))
     return out.getvalue().encode(), len(rows)

@@ -14,10 +14,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
 from bentoservice.training import hardware
 from bentoservice.training.config import TrainingConfig, TrainingError
 from bentoservice.training.data import formats
-from bentoservice.training.graders import GradeResult, ServiceModels, build_grader, sample_of
+from bentoservice.training.graders import GradeResult, GradingFailed, ServiceModels, build_grader, sample_of
 from bentoservice.training.graders.multi import MultiGrader
 from bentoservice.training.jobs.callbacks import Sink, StopFlag
 from bentoservice.training.methods import runs, trainers
@@ -40,10 +42,14 @@ def _text(completion: Any) -> str:
 
 class GraderRewards:
     """TRL reward functions from one grader: the grader's score (weight 1), then each named sub-grader's score
-    (weight 0: logged as `rewards/NAME/mean`, not trained on). The sub-graders read what the score just computed."""
+    (weight 0: logged as `rewards/NAME/mean`, not trained on). The sub-graders read what the score just computed.
+
+    A sample whose grade fails (GradingFailed: a python grader raising, a score model's unparsable reply) scores 0,
+    as OpenAI's graders/run scores it, and counts in `errors` (the `grader_errors` of the next log); a batch whose
+    every grade fails stops the run: that grader cannot teach anything."""
 
     def __init__(self, grade: Grade, name: str, sub_graders: list[str]) -> None:
-        self.grade, self.last = grade, [GradeResult(0.0)]
+        self.grade, self.last, self.errors = grade, [GradeResult(0.0)], 0
         self.functions = [self._named(name, self._score)] + [self._named(sub, self._sub(sub)) for sub in sub_graders]
         self.weights = [1.0] + [0.0] * len(sub_graders)
 
@@ -56,11 +62,45 @@ class GraderRewards:
         return reward
 
     def _score(self, prompts: list[Any], completions: list[Any], item: list[str], **kwargs: Any) -> list[float]:
-        self.last = [self.grade(_text(c), json.loads(i)) for c, i in zip(completions, item, strict=True)]
+        self.last, failures = [], list[GradingFailed]()
+        for completion, line in zip(completions, item, strict=True):
+            try:
+                self.last.append(self.grade(_text(completion), json.loads(line)))
+            except GradingFailed as exc:
+                failures.append(exc)
+                self.last.append(GradeResult(0.0))  # no sub-scores: each sub-grader's mean leaves it out
+        if failures and len(failures) == len(self.last):
+            lines = failures[0].message.strip().splitlines()  # a python grader's ends with its exception's line
+            reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+            raise TrainingError(f"the grader failed on all {len(failures)} samples of a batch: {reason}")
+        if failures:
+            log.warning(
+                "the grader failed on %d of %d samples, scored 0: %s", len(failures), len(self.last), failures[0]
+            )
+        self.errors += len(failures)
         return [s.score for s in self.last]
 
     def _sub(self, name: str) -> Callable[..., list[float]]:
         return lambda prompts, completions, **kwargs: [s.sub_scores.get(name, math.nan) for s in self.last]
+
+
+class GraderErrors(TrainerCallback):
+    """Puts the failed grades since the last log into each log (train and eval) as `grader_errors`; it must come
+    before the callback that reports the logs."""
+
+    def __init__(self, rewards: GraderRewards) -> None:
+        self.rewards = rewards
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs is not None:
+            logs["grader_errors"], self.rewards.errors = self.rewards.errors, 0
 
 
 def grader_rewards(spec: dict[str, Any]) -> GraderRewards:
@@ -111,7 +151,7 @@ def run_reinforcement(
         eval_dataset=hf_dataset(test) if test is not None else None,
         processing_class=run.tokenizer,
         peft_config=trainers.lora_config(config),
-        callbacks=[run.progress],
+        callbacks=[GraderErrors(rewards), run.progress],
     )
     if test is not None and run.checkpoint is None:
         trainer.evaluate()  # the base's held-out reward (a fresh LoRA adapter changes nothing): step 0's event

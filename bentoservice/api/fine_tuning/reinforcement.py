@@ -54,8 +54,8 @@ def configure(body: JobRequest, config: dict[str, Any], train: dict[str, Any], t
     if block.response_format is not None:
         raise APIError(
             400,
-            "response_format is not supported yet: sampled completions are not constrained (this server has no "
-            "structured-output engine); grade the JSON with {{sample.output_json}} instead",
+            "response_format is not supported yet: rollouts come from TRL's generation, which takes no grammar "
+            "(docs/fine-tuning.md); grade the JSON with {{sample.output_json}} instead",
             f"{PARAM}.response_format",
             "unsupported",
         )

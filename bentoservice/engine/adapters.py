@@ -146,6 +146,9 @@ class AdapterManager:
                 f"the base layer ({module.out_features}, {module.in_features}): "
                 "an adapter for a different base model"
             )
+        # On a GPU every row's update multiplies all slots' products by a 0/1 mask: one NaN there reaches every row.
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{path}: the adapter's weights hold NaN or inf (a diverged fine-tune?)")
         return a, b
 
     # -- mutation (engine thread) -------------------------------------------------------------

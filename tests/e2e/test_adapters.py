@@ -170,6 +170,13 @@ def _broken_adapters(root: Path, outside: Path, adapters: dict[str, Path], tiny_
     save_file(
         {k.replace("q_proj", "qkv_proj"): v for k, v in weights.items()}, str(renamed / "adapter_model.safetensors")
     )
+    diverged = root / "diverged"  # a fine-tune whose loss went NaN: its B holds NaN
+    diverged.mkdir(exist_ok=True)
+    (diverged / "adapter_config.json").write_text((adapters["a1"] / "adapter_config.json").read_text())
+    save_file(
+        {k: v * float("nan") if "lora_B" in k else v for k, v in weights.items()},
+        str(diverged / "adapter_model.safetensors"),
+    )
     make_adapter(outside / "elsewhere", tiny_dir, seed=6)
     link = root / "link-out"
     if not link.exists():
@@ -183,6 +190,7 @@ def _broken_adapters(root: Path, outside: Path, adapters: dict[str, Path], tiny_
         "symlink out": str(link),
         "outside": str(outside / "elsewhere"),
         "no such folder": str(root / "nope"),
+        "diverged": str(diverged),
     }
 
 
@@ -199,6 +207,7 @@ def test_refusals(
         "symlink out": "outside",
         "outside": "outside",
         "no such folder": "no adapter folder",
+        "diverged": "NaN or inf",
     }
     for case, path in _broken_adapters(adapter_root, tmp_path, adapters, tiny_dir).items():
         response = post(server, "/load_lora_adapter", {"lora_name": case.replace(" ", "-"), "lora_path": path})

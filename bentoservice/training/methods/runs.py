@@ -64,6 +64,7 @@ def finish_run(
     trainer.save_model(str(run.output_dir))  # every process of a distributed run takes part (FSDP gathers them)
     if not trainer.is_world_process_zero():
         return TrainingResult(None, None, metrics, run.output_dir)
+    refuse_diverged(trainer.model)
     run.tokenizer.save_pretrained(run.output_dir)
     compared = compare()
     stored = store.save_adapter(
@@ -74,6 +75,19 @@ def finish_run(
     )
     log.info("saved adapter %s (%s)", stored.tag, run.output_dir)
     return TrainingResult(run.output_dir, stored.tag, metrics, run.output_dir, evaluation=compared)
+
+
+def refuse_diverged(model: Any) -> None:
+    """A diverged run (loss NaN) leaves NaN or inf in the trained weights: never publish those (seen on a GPU with
+    a random bf16 base: served beside other adapters, such an adapter's NaN reached every row of the batch)."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(
+            f"training diverged: {len(bad)} trained tensors hold NaN or inf (first: {bad[0]}); "
+            "lower the learning rate (learning_rate_multiplier) or check the data"
+        )
 
 
 def train_and_evaluate(
